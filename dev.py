@@ -1,0 +1,63 @@
+#!/usr/bin/env python3
+"""The two commands of the README, needing only Python 3.11+:
+
+    python3 dev.py demo   # set up .venv, then run the demo (workers, a SIGKILL, tasks back)
+    python3 dev.py test   # set up .venv, then run lint, types and the whole test suite
+
+Setting up creates ``.venv`` and installs the package with its dev extra (only when
+pyproject.toml changed since the last install). Extra arguments go to pytest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
+PY = BIN / "python"
+
+
+def run(*cmd: str | Path) -> None:
+    print("+", " ".join(str(c) for c in cmd), flush=True)
+    subprocess.run([str(c) for c in cmd], cwd=ROOT, check=True)
+
+
+def setup() -> None:
+    if sys.version_info < (3, 11):
+        sys.exit(f"relier_celery needs Python 3.11+, this is {sys.version.split()[0]}")
+    if not PY.exists():
+        print(f"creating {VENV}", flush=True)
+        venv.EnvBuilder(with_pip=True).create(VENV)
+    stamp = VENV / ".relier-installed"
+    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    if not stamp.exists() or stamp.read_text() != digest:
+        run(PY, "-m", "pip", "install", "--quiet", "--upgrade", "pip")
+        run(PY, "-m", "pip", "install", "--quiet", "-e", ".[dev]")
+        stamp.write_text(digest)
+
+
+def main() -> None:
+    args = sys.argv[1:]
+    if not args or args[0] not in ("demo", "test", "setup"):
+        sys.exit(__doc__)
+    setup()
+    try:
+        if args[0] == "demo":
+            run(PY, "examples/demo.py", *args[1:])
+        elif args[0] == "test":
+            run(PY, "-m", "ruff", "check", "relier_celery", "tests", "integration", "examples",
+                "benchmarks")
+            run(PY, "-m", "mypy")
+            run(PY, "-m", "pytest", "tests", "integration", *args[1:])
+    except subprocess.CalledProcessError as exc:
+        sys.exit(exc.returncode)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""The Celery app the integration tests run in real worker processes.
+
+Relier is enabled by configuration only (``imports``). Every task records its executions in
+Redis, so a test counts side effects from outside the workers.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import redis
+from celery import Celery
+
+REDIS_URL = os.environ.get("RELIER_TEST_REDIS", "redis://127.0.0.1:6379/15")
+
+app = Celery("chaos_app", broker=REDIS_URL)
+app.conf.update(
+    imports=("relier_celery",),
+    task_acks_late=os.environ.get("RELIER_TEST_ACKS_LATE") == "1",
+    worker_prefetch_multiplier=int(os.environ.get("RELIER_TEST_PREFETCH", "4")),
+    broker_transport_options={
+        "visibility_timeout": float(os.environ.get("RELIER_TEST_VISIBILITY", "3600")),
+    },
+    worker_hijack_root_logger=False,
+    relier_lease_ttl=float(os.environ.get("RELIER_TEST_LEASE_TTL", "3")),
+    relier_heartbeat_interval=0.5,
+    relier_scan_interval=0.5,
+    relier_max_resurrections=int(os.environ.get("RELIER_TEST_MAX_RESURRECTIONS", "3")),
+)
+if os.environ.get("RELIER_TEST_NO_SCANNER") == "1":
+    app.conf.relier_scanner_enabled = False
+
+_r: redis.Redis | None = None
+
+
+def r() -> redis.Redis:
+    global _r
+    if _r is None:
+        _r = redis.Redis.from_url(REDIS_URL)
+    return _r
+
+
+@app.task(name="chaos.work")
+def work(n: int, seconds: float = 0.0) -> int:
+    """Sleep, then record one completed execution of ``n``."""
+    r().incr(f"test:started:{n}")
+    time.sleep(seconds)
+    r().incr(f"test:runs:{n}")
+    r().sadd("test:done", n)
+    return n
+
+
+@app.task(name="chaos.poison", max_resurrections=2)
+def poison(tag: str) -> None:
+    """Kill the worker running it (the main process, then itself), every time."""
+    r().incr(f"test:poison:{tag}")
+    if os.environ.get("RELIER_TEST_POOL", "prefork") == "prefork":
+        os.kill(os.getppid(), signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@app.task(name="chaos.kill_child")
+def kill_child(n: int) -> int:
+    """Kill its own pool process the first time it runs (WorkerLostError), succeed after."""
+    if r().incr(f"test:kill_child:{n}") == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    r().sadd("test:done", n)
+    return n

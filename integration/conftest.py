@@ -1,0 +1,45 @@
+"""Integration fixtures: a fresh redis-server per test and real ``celery worker`` processes
+running ``chaos_app``, started as subprocesses and cleaned up by PID."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from celery import Celery
+from fleet import Fleet
+
+from relier_celery.testing import RedisServer
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    server = RedisServer()
+    yield server.start()
+    server.stop()
+
+
+@pytest.fixture
+def r(redis_url: str) -> redis.Redis:
+    return redis.Redis.from_url(redis_url, decode_responses=True)
+
+
+@pytest.fixture
+def fleet(redis_url: str, tmp_path: Path) -> Iterator[Fleet]:
+    f = Fleet(redis_url, tmp_path)
+    yield f
+    f.stop_all()
+
+
+@pytest.fixture
+def publisher(redis_url: str) -> Iterator[Celery]:
+    app = Celery("publisher", broker=redis_url)
+    yield app
+    app.close()

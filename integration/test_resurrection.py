@@ -1,0 +1,125 @@
+"""G1/G2/G5: real workers SIGKILLed; every task completes or lands in the DLQ."""
+
+from __future__ import annotations
+
+import base64
+import json
+import random
+import signal
+import time
+
+import pytest
+from fleet import (
+    dlq_entries,
+    done,
+    held_records,
+    send_work,
+    wait_all_done,
+)
+
+from relier_celery.testing import wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def test_a_sigkilled_workers_tasks_run_again_on_a_live_worker(fleet, publisher, r) -> None:
+    # Given two workers, the first of which takes every task
+    victim = fleet.start(concurrency=2)
+    send_work(publisher, range(6), seconds=3.0)
+    wait_for(lambda: all(r.get(f"test:started:{n}") for n in range(2)), 10, what="tasks to start")
+    survivor = fleet.start(concurrency=2)
+    # When the first worker is SIGKILLed mid-task (main process and its pool)
+    victim.kill(signal.SIGKILL)
+    killed_at = time.monotonic()
+    # Then every task completes on the survivor
+    wait_all_done(r, set(range(6)), 40, fleet)
+    assert time.monotonic() - killed_at < 30
+    assert "task.resurrected" in survivor.log()
+    wait_for(lambda: held_records(r) == 0, 10, what="records to be removed")
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("pool", ["prefork", "threads"])
+def test_chaos_main_process_kills_lose_nothing(fleet, publisher, r, pool) -> None:
+    # Given two workers and 300 tasks of random duration
+    rng = random.Random(1234)
+    for _ in range(2):
+        fleet.start(pool=pool, concurrency=3)
+    expected = set(range(300))
+    send_work(publisher, range(300), seconds=lambda n: rng.uniform(0.0, 0.3))
+    # When workers are SIGKILLed (main process) repeatedly and replaced
+    kills = 0
+    deadline = time.monotonic() + 60
+    while kills < 4 and time.monotonic() < deadline and done(r) != expected:
+        time.sleep(rng.uniform(1.0, 2.0))
+        fleet.kill_random(rng)
+        kills += 1
+        fleet.start(pool=pool, concurrency=3)
+    # Then every task id completes
+    wait_all_done(r, expected, 90, fleet)
+    assert kills >= 2, "the run ended before the chaos: make it longer"
+    wait_for(lambda: held_records(r) == 0, 20, what="every record to be removed")
+
+
+@pytest.mark.timeout(240)
+def test_chaos_pool_child_kills_lose_nothing(fleet, publisher, r) -> None:
+    # Given two prefork workers and 200 tasks
+    rng = random.Random(99)
+    workers = [fleet.start(concurrency=3) for _ in range(2)]
+    expected = set(range(200))
+    send_work(publisher, range(200), seconds=lambda n: rng.uniform(0.05, 0.3))
+    # When pool children are SIGKILLed repeatedly (the main process lives: WorkerLostError)
+    kills = 0
+    deadline = time.monotonic() + 40
+    while kills < 8 and time.monotonic() < deadline and done(r) != expected:
+        time.sleep(rng.uniform(0.3, 0.8))
+        children = [pid for w in workers for pid in w.children()]
+        if children:
+            try:
+                import os
+
+                os.kill(rng.choice(children), signal.SIGKILL)
+                kills += 1
+            except ProcessLookupError:
+                pass
+    # Then every task completes, resurrected at once by the main process
+    wait_all_done(r, expected, 90, fleet)
+    assert kills >= 3
+    assert any("its pool process died (WorkerLostError)" in w.log() for w in workers)
+    wait_for(lambda: held_records(r) == 0, 20, what="every record to be removed")
+
+
+def test_a_killed_pool_child_is_resurrected_at_once_not_failed(fleet, publisher, r) -> None:
+    worker = fleet.start(concurrency=2)
+    publisher.send_task("chaos.kill_child", args=(7,))
+    wait_for(lambda: 7 in done(r), 20, what="the task to run again after its child died")
+    assert "its pool process died (WorkerLostError)" in worker.log()
+    assert int(r.get("test:kill_child:7")) == 2
+
+
+@pytest.mark.timeout(180)
+def test_a_poison_pill_ends_in_the_dlq_and_the_fleet_keeps_serving(fleet, publisher, r) -> None:
+    # Given a task that kills whichever worker runs it (max_resurrections=2)
+    fleet.start(concurrency=1)
+    fleet.start(concurrency=1)
+    poison_id = publisher.send_task("chaos.poison", args=("p1",)).id
+    # When workers keep dying, and are replaced
+    deadline = time.monotonic() + 120
+    while not dlq_entries(r) and time.monotonic() < deadline:
+        while len(fleet.alive()) < 2:
+            fleet.start(concurrency=1)
+        time.sleep(0.2)
+    # Then it is quarantined after 1 + 2 runs, with its payload intact
+    entries = dlq_entries(r)
+    assert len(entries) == 1, fleet.logs()
+    entry = entries[0]
+    assert entry["task_id"] == poison_id and entry["reason"] == "max_resurrections"
+    assert entry["resurrections"] == 2 and entry["worker"]
+    body = json.loads(base64.b64decode(entry["message"]["body"]))
+    assert body[0] == ["p1"]
+    assert int(r.get("test:poison:p1")) == 3
+    # And the fleet still serves other tasks
+    while len(fleet.alive()) < 1:
+        fleet.start(concurrency=1)
+    send_work(publisher, range(5))
+    wait_all_done(r, set(range(5)), 30, fleet)

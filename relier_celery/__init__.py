@@ -1,0 +1,24 @@
+"""relier_celery: when your worker dies, your tasks come back.
+
+Enable it by configuration alone: add ``"relier_celery"`` to the app's ``imports`` and set
+``relier_*`` keys. Publishers that never load ``imports`` call :func:`install` once.
+"""
+
+from __future__ import annotations
+
+from .errors import ConfigError, RecordRefused, RelierError, StoreUnavailable
+from .plugin import install
+from .signals import connect as _connect
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConfigError",
+    "RecordRefused",
+    "RelierError",
+    "StoreUnavailable",
+    "__version__",
+    "install",
+]
+
+_connect()

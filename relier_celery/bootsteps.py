@@ -1,0 +1,238 @@
+"""Wiring into Celery's worker: the only module, with ``signals.py``, that touches Celery
+internals.
+
+``RelierWorker`` (worker blueprint) validates the configuration, takes the lease and starts
+the heartbeat and the scanner. ``RelierConsumer`` (consumer blueprint) wraps the consumer's
+message handler, so every task message is recorded before Celery sees it, and each request's
+callbacks, so every final state removes its record. Both survive a consumer restart: the
+wrapping is done once per consumer object, and a restart republishes what Celery forgot.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import bootsteps
+from celery.exceptions import WorkerLostError
+from celery.worker import state as worker_state
+
+from . import events
+from .config import validate_task_options
+from .inflight import Inflight, Key
+from .lease import Lease
+from .plugin import install, new_worker_id
+from .resurrect import Resurrector
+
+__all__ = ["RelierConsumer", "RelierWorker", "WorkerRuntime"]
+
+logger = logging.getLogger("relier_celery")
+
+
+class WorkerRuntime:
+    """Relier's state in one worker process."""
+
+    current: WorkerRuntime | None = None
+
+    def __init__(self, app: Any, hostname: str) -> None:
+        relier = install(app)
+        validate_task_options(app)
+        self.app = app
+        self.config = relier.config
+        self.store = relier.store
+        self.worker_id = new_worker_id(hostname)
+        self.resurrector = Resurrector(
+            app, self.config, self.store, name=f"scanner@{self.worker_id}"
+        )
+        self.inflight = Inflight(self.config, self.store, self.worker_id, self.resurrector)
+        self.lease = Lease(self.config, self.store, self.worker_id, on_renewed=self.inflight.flush)
+        self.started = False
+
+    def start(self) -> None:
+        for warning in self.store.self_check():
+            events.emit("config.warning", warning)
+        self.lease.acquire()
+        if self.config.scanner_enabled:
+            self.resurrector.start()
+        self.started = True
+        WorkerRuntime.current = self
+        events.emit(
+            "worker.started",
+            f"lease {self.worker_id} taken (Redis "
+            f"{self.config.describe()['relier_redis_url']}, prefix "
+            f"{self.config.prefix!r})",
+            worker=self.worker_id,
+        )
+
+    def stop(self) -> None:
+        if not self.started:
+            return
+        self.started = False
+        self.resurrector.stop()
+        try:
+            self.inflight.flush()
+            left = self.lease.release()
+        except Exception as exc:
+            events.emit(
+                "store.unavailable",
+                f"could not retire the lease: {exc}; it will "
+                "expire by itself and any record left is resurrected",
+                worker=self.worker_id,
+            )
+            return
+        events.emit(
+            "worker.stopped",
+            f"lease {self.worker_id} retired; {left} record(s) left for resurrection",
+            worker=self.worker_id,
+            left=left,
+        )
+
+
+class RelierWorker(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Worker step: configuration check, lease, heartbeat and scanner."""
+
+    label = "relier"
+    requires = ("celery.worker.components:Timer",)
+
+    def __init__(self, w: Any, **kwargs: Any) -> None:
+        super().__init__(w, **kwargs)
+        # Raises ConfigError on a bad setting: the worker refuses to start.
+        w.relier = WorkerRuntime(w.app, w.hostname)
+
+    def start(self, w: Any) -> None:
+        # Raises StoreUnavailable when Redis is down: Celery logs it and exits non-zero.
+        w.relier.start()
+
+    # Stopping happens on the worker_shutdown signal, after the pool finished its tasks:
+    # retiring the lease any earlier would let a scanner resurrect tasks still running here.
+
+
+class RelierConsumer(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Consumer step: record on receipt, forget on completion, recover after a restart."""
+
+    label = "relier consumer"
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def __init__(self, c: Any, **kwargs: Any) -> None:
+        super().__init__(c, **kwargs)
+        self.runtime: WorkerRuntime | None = getattr(c.controller, "relier", None)
+        self.first_start = True
+        if self.runtime is not None and not getattr(c, "_relier_wrapped", False):
+            _wrap_consumer(c, self.runtime.inflight)
+            c._relier_wrapped = True
+
+    def start(self, c: Any) -> None:
+        if self.runtime is None:
+            return
+        if self.first_start:
+            self.first_start = False
+            return
+        running = {r.id for r in worker_state.active_requests}
+        count = self.runtime.inflight.recover_after_restart(running)
+        if count:
+            logger.warning(
+                "relier: consumer restarted; republished %d reserved task(s) that Celery forgot",
+                count,
+            )
+
+
+def _wrap_consumer(c: Any, inflight: Inflight) -> None:
+    create_task_handler = c.create_task_handler
+    on_task_request = c.on_task_request
+    on_invalid_task = c.on_invalid_task
+
+    def relier_create_task_handler(*args: Any, **kwargs: Any) -> Any:
+        handler = create_task_handler(*args, **kwargs)
+        restart = c.restart_count
+
+        def on_task_received(message: Any) -> None:
+            try:
+                verdict = inflight.receive(message, c.strategies)
+            except Exception:
+                # Contained: relier must never crash the consumer. The task still runs.
+                logger.exception("relier: could not record a message; running it unprotected")
+                verdict = "run"
+            if verdict == "run":
+                handler(message)
+            elif verdict == "duplicate":
+                message.ack_log_error(logger, c.connection_errors)
+            elif verdict == "parked":
+                _park(message)
+
+        def _park(message: Any) -> None:
+            def retry() -> None:
+                if c.restart_count != restart:
+                    return  # that channel is gone; the broker gives the message back
+                on_task_received(message)
+
+            c.timer.call_after(1.0, retry)
+
+        return on_task_received
+
+    def relier_on_task_request(req: Any) -> Any:
+        key = inflight.key_of(req.message)
+        if inflight.holds(key):
+            assert key is not None
+            _wrap_request(req, key, inflight)
+        return on_task_request(req)
+
+    def relier_on_invalid_task(body: Any, message: Any, exc: Exception) -> Any:
+        key = inflight.key_of(message)
+        if inflight.holds(key):
+            assert key is not None
+            inflight.quarantine_held(key, "invalid_task", repr(exc))
+        return on_invalid_task(body, message, exc)
+
+    c.create_task_handler = relier_create_task_handler
+    c.on_task_request = relier_on_task_request
+    c.on_invalid_task = relier_on_invalid_task
+
+
+def _wrap_request(req: Any, key: Key, inflight: Inflight) -> None:
+    """Hook a request's final callbacks (instance attributes win over Celery's methods)."""
+    on_success = req.on_success
+    on_failure = req.on_failure
+    reject = req.reject
+
+    def relier_on_success(failed__retval__runtime: Any, **kwargs: Any) -> Any:
+        if not failed__retval__runtime[0]:
+            inflight.finish(key)
+        # A failure is routed by Celery to req.on_failure, our wrapper below.
+        return on_success(failed__retval__runtime, **kwargs)
+
+    def relier_on_failure(
+        exc_info: Any, send_failed_event: bool = True, return_ok: bool = False
+    ) -> Any:
+        exc = getattr(exc_info.exception, "exc", exc_info.exception)
+        lost = isinstance(exc, WorkerLostError) or (
+            isinstance(exc, SystemExit | KeyboardInterrupt)
+            and not req._already_cancelled
+            and not req._already_revoked
+        )
+        if lost:
+            try:
+                inflight.worker_lost(key)
+            except Exception:
+                logger.exception(
+                    "relier: could not resurrect %s[%s] after its pool process "
+                    "died; Celery handles the failure",
+                    req.name,
+                    req.id,
+                )
+            else:
+                worker_state.task_ready(req)
+                if not req.acknowledged:
+                    req.acknowledge()
+                return None
+        inflight.finish(key)
+        return on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
+
+    def relier_reject(requeue: bool = False) -> Any:
+        if requeue:
+            # The broker gets the message back: its next delivery must not be a duplicate.
+            inflight.requeued(key)
+        return reject(requeue=requeue)
+
+    req.on_success = relier_on_success
+    req.on_failure = relier_on_failure
+    req.reject = relier_reject

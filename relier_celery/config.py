@@ -1,0 +1,215 @@
+"""Relier's settings: ``relier_*`` keys of the Celery config, parsed once into a frozen dataclass.
+
+Every field has a default and a docstring. An unknown ``relier_*`` key, a wrong type or an
+inconsistent pair (a lease that does not outlive the heartbeat) raises :class:`ConfigError`
+naming the key and the fix, so a typo stops the worker instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+from collections.abc import Mapping
+from datetime import timedelta
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from .errors import ConfigError
+
+__all__ = [
+    "TASK_OPTIONS",
+    "RelierConfig",
+    "mask_url",
+    "validate_task_options",
+]
+
+# Defaults are chosen to meet G2 (p99 recovery under 10 s): a dead worker's lease runs out
+# within LEASE_TTL, and a scanner looks every SCAN_INTERVAL.
+HEARTBEAT_INTERVAL = 1.0
+LEASE_TTL = 6.0
+SCAN_INTERVAL = 1.0
+# A scanner that claimed a dead worker's tasks and died before republishing them leaves the
+# claim to run out after this long; another scanner then takes the tasks again.
+CLAIM_TTL = 30.0
+MAX_RESURRECTIONS = 3
+# Kept longer than the Redis transport's default visibility timeout (3600 s), so a late broker
+# redelivery of a finished task is still recognised.
+COMPLETED_TTL = 3900.0
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class RelierConfig:
+    """The effective relier settings of one Celery app."""
+
+    redis_url: str
+    """Where relier keeps its state. Defaults to the broker URL when the broker is Redis."""
+
+    prefix: str = "rl"
+    """Prefix (and Redis Cluster hash tag) of every relier key."""
+
+    heartbeat_interval: float = HEARTBEAT_INTERVAL
+    """Seconds between two renewals of a worker's lease."""
+
+    lease_ttl: float = LEASE_TTL
+    """Seconds a lease lives without renewal. A live worker paused longer than this (GC,
+    swap, SIGSTOP) is taken for dead and its tasks run again elsewhere."""
+
+    scan_interval: float = SCAN_INTERVAL
+    """Seconds between two scans for dead workers by each worker's scanner."""
+
+    scanner_enabled: bool = True
+    """Whether each worker runs a scanner. Turn off only if a standalone resurrector runs."""
+
+    claim_ttl: float = CLAIM_TTL
+    """Seconds a scanner's claim on a dead worker's tasks lasts before another may retake it."""
+
+    max_resurrections: int = MAX_RESURRECTIONS
+    """Resurrections a task gets before it is quarantined in the dead letter queue."""
+
+    completed_ttl: float = COMPLETED_TTL
+    """Seconds a completion record is kept to recognise late broker redeliveries. Keep it
+    above the broker's visibility timeout."""
+
+    max_message_bytes: int = MAX_MESSAGE_BYTES
+    """Largest message body relier records. A larger one runs unprotected, with an error log."""
+
+    @classmethod
+    def from_app(cls, app: Any) -> RelierConfig:
+        """Read and validate the ``relier_*`` settings of a Celery app."""
+        conf = app.conf
+        settings = {k: conf[k] for k in conf if isinstance(k, str) and k.startswith("relier_")}
+        broker = conf.broker_url or ""
+        return cls.from_mapping(settings, broker_url=broker)
+
+    @classmethod
+    def from_mapping(cls, settings: Mapping[str, Any], broker_url: str = "") -> RelierConfig:
+        """Build a config from ``relier_*`` keys; raise :class:`ConfigError` on any problem."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        values: dict[str, Any] = {}
+        for key, raw in settings.items():
+            name = key.removeprefix("relier_")
+            if name not in fields:
+                known = [f"relier_{n}" for n in fields]
+                hint = difflib.get_close_matches(key, known, n=1)
+                fix = f"did you mean {hint[0]!r}?" if hint else f"known keys: {', '.join(known)}"
+                raise ConfigError(f"unknown setting {key!r}: {fix}")
+            values[name] = _coerce(key, fields[name], raw)
+        if "redis_url" not in values or values["redis_url"] is None:
+            if not broker_url.startswith(("redis://", "rediss://", "unix://")):
+                raise ConfigError(
+                    "relier_redis_url is not set and the broker is not Redis "
+                    f"({mask_url(broker_url) or 'unset'}): set relier_redis_url = 'redis://host:6379/0'"
+                )
+            values["redis_url"] = broker_url
+        config = cls(**values)
+        config._check()
+        return config
+
+    def _check(self) -> None:
+        for name in (
+            "heartbeat_interval",
+            "lease_ttl",
+            "scan_interval",
+            "claim_ttl",
+            "completed_ttl",
+        ):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"relier_{name} must be above 0, got {getattr(self, name)!r}")
+        if self.lease_ttl <= self.heartbeat_interval:
+            raise ConfigError(
+                f"relier_lease_ttl ({self.lease_ttl} s) must be above relier_heartbeat_interval "
+                f"({self.heartbeat_interval} s), or every worker looks dead between heartbeats: "
+                f"raise relier_lease_ttl to at least {3 * self.heartbeat_interval} s"
+            )
+        if self.max_resurrections < 0:
+            raise ConfigError(
+                f"relier_max_resurrections must be 0 or more, got {self.max_resurrections}"
+            )
+        if self.max_message_bytes <= 0:
+            raise ConfigError(
+                f"relier_max_message_bytes must be above 0, got {self.max_message_bytes}"
+            )
+        if not re.fullmatch(r"[A-Za-z0-9_.\-]+", self.prefix):
+            raise ConfigError(
+                f"relier_prefix {self.prefix!r} may hold only letters, digits, '_', '.' and '-'"
+            )
+
+    def describe(self) -> dict[str, Any]:
+        """The effective settings as ``relier_*`` keys, passwords masked, for printing."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f"relier_{f.name}"] = mask_url(value) if f.name == "redis_url" else value
+        return out
+
+
+def _coerce(key: str, field: dataclasses.Field[Any], raw: Any) -> Any:
+    """Turn a raw config value into the field's type, or raise naming the key."""
+    kind = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", "")
+    if kind == "float":
+        if isinstance(raw, timedelta):
+            return raw.total_seconds()
+        if isinstance(raw, bool) or not isinstance(raw, int | float):
+            raise ConfigError(f"{key} must be a number of seconds or a timedelta, got {raw!r}")
+        return float(raw)
+    if kind == "int":
+        if isinstance(raw, bool) or not isinstance(raw, int):
+            raise ConfigError(f"{key} must be an integer, got {raw!r}")
+        return raw
+    if kind == "bool":
+        if not isinstance(raw, bool):
+            raise ConfigError(f"{key} must be True or False, got {raw!r}")
+        return raw
+    if not isinstance(raw, str) or not raw:
+        raise ConfigError(f"{key} must be a non-empty string, got {raw!r}")
+    return raw
+
+
+def mask_url(url: str) -> str:
+    """Hide the password of a URL so it can be printed or logged."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparsable url>"
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+# Task options relier reads. Celery turns unknown task options into task attributes, so a
+# typo would be silently ignored; validate_task_options catches relier-looking ones.
+TASK_OPTIONS = {"max_resurrections"}
+_RELIER_LOOKING = re.compile(r"^(rl_|relier_)|resurrect|resurect")
+
+
+def _looks_like_relier(attr: str) -> bool:
+    return bool(_RELIER_LOOKING.search(attr)) or bool(
+        difflib.get_close_matches(attr, sorted(TASK_OPTIONS), n=1, cutoff=0.85)
+    )
+
+
+def validate_task_options(app: Any) -> None:
+    """Raise :class:`ConfigError` for a bad or mistyped relier option on any registered task."""
+    from celery.app.task import Task
+
+    celery_attrs = set(dir(Task))
+    for name, task in sorted(app.tasks.items()):
+        for attr in vars(type(task)):
+            if attr in TASK_OPTIONS or attr in celery_attrs or not _looks_like_relier(attr):
+                continue
+            hint = difflib.get_close_matches(attr, sorted(TASK_OPTIONS), n=1)
+            fix = (
+                f"did you mean {hint[0]!r}?" if hint else f"relier options: {sorted(TASK_OPTIONS)}"
+            )
+            raise ConfigError(f"task {name!r} has unknown relier option {attr!r}: {fix}")
+        value = getattr(task, "max_resurrections", None)
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 0
+        ):
+            raise ConfigError(
+                f"task {name!r}: max_resurrections must be an integer >= 0, got {value!r}"
+            )

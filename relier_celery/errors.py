@@ -1,0 +1,21 @@
+"""Every error relier raises derives from :class:`RelierError`, so callers can catch one type."""
+
+from __future__ import annotations
+
+__all__ = ["ConfigError", "RecordRefused", "RelierError", "StoreUnavailable"]
+
+
+class RelierError(Exception):
+    """Base class of every relier error."""
+
+
+class ConfigError(RelierError):
+    """A ``relier_*`` setting or a relier task option is missing, unknown or invalid."""
+
+
+class StoreUnavailable(RelierError):
+    """Redis could not be reached, so relier could not record or read its state."""
+
+
+class RecordRefused(RelierError):
+    """A message could not be recorded (for example, larger than ``relier_max_message_bytes``)."""

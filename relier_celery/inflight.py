@@ -1,0 +1,225 @@
+"""The inflight registry, seen from the worker's main process.
+
+Every task message is recorded in Redis under this worker's lease before Celery sees it (so
+before it can be acked), and its record is removed when the delivery reaches a final state.
+A delivery already held or finished is a duplicate: it is acked and dropped, never run twice
+(G4). If Redis cannot be reached, the message is parked unacked and retried: it stays with
+the broker, nothing is lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from . import events
+from .config import RelierConfig
+from .dlq import quarantine
+from .errors import StoreUnavailable
+from .record import Generation, TaskRecord
+from .resurrect import Resurrector
+from .store import Store
+
+__all__ = ["Inflight", "Verdict"]
+
+logger = logging.getLogger("relier_celery")
+
+Verdict = Literal["run", "duplicate", "parked", "quarantined"]
+Key = tuple[str, Generation]
+
+
+@dataclass
+class _Pending:
+    key: Key
+    finished: bool
+
+
+class Inflight:
+    """Records received deliveries and forgets finished ones, for one worker."""
+
+    def __init__(
+        self, config: RelierConfig, store: Store, worker: str, resurrector: Resurrector
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.worker = worker
+        self.resurrector = resurrector
+        self.local: dict[Key, TaskRecord] = {}
+        self._lock = threading.Lock()
+        self._pending: deque[_Pending] = deque()
+        self._store_down = False
+
+    # -- receipt ------------------------------------------------------------------------
+    def receive(self, message: Any, known_tasks: Any) -> Verdict:
+        """Decide what happens to one incoming message."""
+        headers = message.headers
+        if not isinstance(headers, dict) or "id" not in headers or "task" not in headers:
+            # Not protocol 2: Celery decodes it and routes it (or reports it) itself.
+            return "run"
+        record = TaskRecord.from_message(message, self.worker)
+        if record.task_name not in known_tasks:
+            self._quarantine_unrecorded(
+                record,
+                "unknown_task",
+                f"no task named {record.task_name!r} is registered on worker {self.worker}",
+            )
+            return "run"  # Celery then rejects it and marks the result as failed, as usual
+        if len(record.body) > self.config.max_message_bytes:
+            events.emit(
+                "task.unprotected",
+                f"{record.task_name}[{record.task_id}] body is {len(record.body)} bytes, "
+                f"above relier_max_message_bytes={self.config.max_message_bytes}: it runs "
+                "without a record and will NOT be resurrected if this worker dies",
+                task_id=record.task_id,
+                task_name=record.task_name,
+                worker=self.worker,
+            )
+            return "run"
+        gen = record.generation
+        try:
+            receipt = self.store.record(record.task_id, self.worker, gen, record.dumps())
+        except StoreUnavailable as exc:
+            self._mark_store_down(exc)
+            return "parked"
+        self._mark_store_up()
+        if not receipt.recorded:
+            events.emit(
+                "task.duplicate_dropped",
+                f"{record.task_name}[{record.task_id}] delivery {gen.retries}|"
+                f"{gen.resurrections} is not newer than the one {receipt.reason} "
+                f"({receipt.detail}); acked without running",
+                task_id=record.task_id,
+                task_name=record.task_name,
+                worker=self.worker,
+                reason=receipt.reason,
+            )
+            return "duplicate"
+        with self._lock:
+            self.local[(record.task_id, gen)] = record
+        return "run"
+
+    def _quarantine_unrecorded(self, record: TaskRecord, reason: str, error: str) -> None:
+        try:
+            quarantine(self.store, record, reason, error, done_ttl=self.config.completed_ttl)
+        except StoreUnavailable as exc:
+            logger.error(
+                "relier: could not quarantine %s[%s] (%s): %s",
+                record.task_name,
+                record.task_id,
+                reason,
+                exc,
+            )
+
+    # -- final states -------------------------------------------------------------------
+    @staticmethod
+    def key_of(message: Any) -> Key | None:
+        headers = getattr(message, "headers", None)
+        if not isinstance(headers, dict) or "id" not in headers:
+            return None
+        return str(headers["id"]), Generation.from_headers(headers)
+
+    def holds(self, key: Key | None) -> bool:
+        return key is not None and key in self.local
+
+    def finish(self, key: Key, finished: bool = True) -> None:
+        """Remove a delivery's record; on a Redis error keep it queued for the heartbeat."""
+        with self._lock:
+            if self.local.pop(key, None) is None:
+                return
+        try:
+            self.store.complete(key[0], self.worker, key[1], self.config.completed_ttl, finished)
+        except StoreUnavailable as exc:
+            self._mark_store_down(exc)
+            self._pending.append(_Pending(key, finished))
+
+    def requeued(self, key: Key) -> None:
+        """Celery gives the message back to the broker (Reject(requeue=True)): forget the
+        delivery without marking it finished, so its next delivery runs."""
+        with self._lock:
+            self.local.pop(key, None)
+        try:
+            self.store.complete(key[0], self.worker, key[1], self.config.completed_ttl, False)
+        except StoreUnavailable as exc:
+            self._mark_store_down(exc)
+            self._pending.append(_Pending(key, False))
+
+    def finish_task(self, task_id: str) -> None:
+        """Remove every delivery of a task id this worker holds (a revoke names only the id)."""
+        for key in [k for k in list(self.local) if k[0] == task_id]:
+            self.finish(key)
+
+    def flush(self) -> None:
+        """Retry completions that failed while Redis was unreachable (called by the heartbeat)."""
+        while self._pending:
+            item = self._pending[0]
+            self.store.complete(
+                item.key[0], self.worker, item.key[1], self.config.completed_ttl, item.finished
+            )
+            self._pending.popleft()
+
+    def worker_lost(self, key: Key) -> str:
+        """A pool child died running this delivery: resurrect it now from its record."""
+        with self._lock:
+            record = self.local.pop(key, None)
+        if record is None:
+            return "unknown"
+        return self.resurrector.resurrect(
+            record,
+            self.worker,
+            record.generation.field(key[0]),
+            "its pool process died (WorkerLostError)",
+        )
+
+    def quarantine_held(self, key: Key, reason: str, error: str) -> bool:
+        """Move a held delivery that cannot run to the DLQ."""
+        with self._lock:
+            record = self.local.pop(key, None)
+        if record is None:
+            return False
+        quarantine(
+            self.store,
+            record,
+            reason,
+            error,
+            done_ttl=self.config.completed_ttl,
+            held_by=self.worker,
+            field=key[1].field(key[0]),
+        )
+        return True
+
+    def recover_after_restart(self, running: set[str]) -> int:
+        """After a consumer restart Celery forgets reserved messages: republish them now.
+
+        ``running`` holds the ids of tasks still executing in the pool; those keep their
+        records and finish as usual."""
+        count = 0
+        for field, raw in self.store.held(self.worker).items():
+            task_id = field.split("|", 1)[0]
+            if task_id in running:
+                continue
+            record = TaskRecord.loads(raw)
+            with self._lock:
+                self.local.pop((task_id, record.generation), None)
+            self.resurrector.resurrect(
+                record, self.worker, field, "the consumer restarted and forgot it"
+            )
+            count += 1
+        return count
+
+    # -- Redis health -------------------------------------------------------------------
+    def _mark_store_down(self, exc: Exception) -> None:
+        if not self._store_down:
+            self._store_down = True
+            events.emit(
+                "store.unavailable",
+                f"{exc}. Messages stay unacked with the broker until Redis is back",
+                worker=self.worker,
+            )
+
+    def _mark_store_up(self) -> None:
+        if self._store_down:
+            self._store_down = False
+            events.emit("store.recovered", "Redis is reachable again", worker=self.worker)

@@ -1,0 +1,60 @@
+"""Every Redis key relier uses, built in one place.
+
+All keys carry the same hash tag, ``{<prefix>}``, so every Lua script touches keys of a single
+Redis Cluster slot. Relier's own load is small (a few commands per task), so one slot is
+enough; the trade-off is written down in docs/design.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["Keys"]
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Key names under one prefix."""
+
+    prefix: str = "rl"
+
+    @property
+    def _base(self) -> str:
+        return f"{self.prefix}:{{{self.prefix}}}"
+
+    @property
+    def leases(self) -> str:
+        """ZSET: worker id -> lease deadline (ms since the epoch)."""
+        return f"{self._base}:leases"
+
+    @property
+    def owners(self) -> str:
+        """HASH: task id -> ``worker|retries|resurrections`` of the delivery that holds it."""
+        return f"{self._base}:owners"
+
+    def held(self, worker: str) -> str:
+        """HASH: ``task_id|retries|resurrections`` -> the message record, per worker."""
+        return f"{self._base}:held:{worker}"
+
+    def claim(self, worker: str) -> str:
+        """STRING with a TTL: a scanner's claim on a dead worker's tasks."""
+        return f"{self._base}:claim:{worker}"
+
+    def done(self, task_id: str) -> str:
+        """STRING with a TTL: newest finished generation of a task, ``retries|resurrections``."""
+        return f"{self._base}:done:{task_id}"
+
+    @property
+    def dlq(self) -> str:
+        """HASH: DLQ entry id -> entry (JSON)."""
+        return f"{self._base}:dlq"
+
+    @property
+    def dlq_index(self) -> str:
+        """ZSET: DLQ entry id -> quarantine time (ms), oldest first."""
+        return f"{self._base}:dlq:index"
+
+    @property
+    def scan_stamp(self) -> str:
+        """STRING: time (ms) of the last completed resurrection scan, for visibility."""
+        return f"{self._base}:scan"

@@ -1,0 +1,60 @@
+"""``install(app)``: one idempotent call that gives an app relier's settings and store.
+
+Workers call it through the ``worker_init`` signal (so adding ``relier_celery`` to
+``imports`` is enough); publishers that never load ``imports`` call it themselves.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import uuid
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+from .config import RelierConfig
+from .keys import Keys
+from .store import Store
+
+__all__ = ["Relier", "get", "install", "new_worker_id"]
+
+_installed: weakref.WeakKeyDictionary[Any, Relier] = weakref.WeakKeyDictionary()
+_lock = threading.Lock()
+
+
+@dataclass(frozen=True)
+class Relier:
+    """What relier knows about one Celery app."""
+
+    app: Any
+    config: RelierConfig
+    store: Store
+
+
+def install(app: Any) -> Relier:
+    """Read and validate ``app``'s relier settings once; later calls return the same object.
+
+    Raises :class:`~relier_celery.errors.ConfigError` on a bad setting."""
+    with _lock:
+        relier = _installed.get(app)
+        if relier is None:
+            config = RelierConfig.from_app(app)
+            relier = Relier(app, config, Store(config.redis_url, Keys(config.prefix)))
+            _installed[app] = relier
+            from .tasks import register_tasks
+
+            register_tasks(app)
+        return relier
+
+
+def get(app: Any) -> Relier | None:
+    """The installed relier of an app, if any."""
+    return _installed.get(app)
+
+
+def new_worker_id(hostname: str) -> str:
+    """A lease id unique to one worker process incarnation: a restarted worker with the same
+    hostname must not renew the dead one's lease, or its tasks would never be resurrected."""
+    return f"{hostname or socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"

@@ -1,0 +1,163 @@
+"""The exact message as a worker received it, and how to publish it again unchanged.
+
+Resurrection and hand-off republish this record, so nothing about the task changes but the
+``rl_resurrections`` header: same body bytes, content type and encoding, headers, properties,
+exchange and routing key (and so the same trace context, which travels in the headers).
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["RESURRECTIONS_HEADER", "Generation", "TaskRecord"]
+
+RESURRECTIONS_HEADER = "rl_resurrections"
+
+# AMQP message properties worth carrying over; the rest (delivery_tag, delivery_info,
+# body_encoding) belong to one delivery by one transport and must not be copied.
+_KEPT_PROPERTIES = (
+    "correlation_id",
+    "reply_to",
+    "priority",
+    "delivery_mode",
+    "expiration",
+    "message_id",
+    "timestamp",
+    "type",
+    "user_id",
+    "app_id",
+)
+
+
+@dataclass(frozen=True, order=True)
+class Generation:
+    """Which delivery of a task id this is. Celery retries raise ``retries``; relier's
+    resurrections raise ``resurrections``. A delivery older than or equal to one already
+    held or finished is a duplicate."""
+
+    retries: int = 0
+    resurrections: int = 0
+
+    def field(self, task_id: str) -> str:
+        return f"{task_id}|{self.retries}|{self.resurrections}"
+
+    @classmethod
+    def from_headers(cls, headers: dict[str, Any]) -> Generation:
+        return cls(_as_int(headers.get("retries")), _as_int(headers.get(RESURRECTIONS_HEADER)))
+
+
+def _as_int(value: Any) -> int:
+    try:
+        return max(int(value or 0), 0)
+    except (TypeError, ValueError):
+        return 0
+
+
+@dataclass
+class TaskRecord:
+    """One received task message, kept in Redis while the task is in flight."""
+
+    task_id: str
+    task_name: str
+    body: bytes
+    content_type: str | None
+    content_encoding: str | None
+    headers: dict[str, Any]
+    properties: dict[str, Any]
+    exchange: str
+    routing_key: str
+    worker: str
+    received_at: float = field(default_factory=time.time)
+
+    @property
+    def generation(self) -> Generation:
+        return Generation.from_headers(self.headers)
+
+    @classmethod
+    def from_message(cls, message: Any, worker: str) -> TaskRecord:
+        """Capture a kombu message (protocol 2) before Celery or kombu touch it."""
+        headers = dict(message.headers or {})
+        info = message.delivery_info or {}
+        body = message.body
+        if isinstance(body, str):
+            body = body.encode(message.content_encoding or "utf-8")
+        props = {
+            k: message.properties[k]
+            for k in _KEPT_PROPERTIES
+            if message.properties.get(k) is not None
+        }
+        return cls(
+            task_id=str(headers.get("id")),
+            task_name=str(headers.get("task")),
+            body=bytes(body),
+            content_type=message.content_type,
+            content_encoding=message.content_encoding,
+            headers=headers,
+            properties=props,
+            exchange=str(info.get("exchange") or ""),
+            routing_key=str(info.get("routing_key") or ""),
+            worker=worker,
+        )
+
+    def dumps(self) -> str:
+        return json.dumps(
+            {
+                "v": 1,
+                "task_id": self.task_id,
+                "task_name": self.task_name,
+                "body": base64.b64encode(self.body).decode("ascii"),
+                "content_type": self.content_type,
+                "content_encoding": self.content_encoding,
+                "headers": self.headers,
+                "properties": self.properties,
+                "exchange": self.exchange,
+                "routing_key": self.routing_key,
+                "worker": self.worker,
+                "received_at": self.received_at,
+            },
+            default=str,
+            separators=(",", ":"),
+        )
+
+    @classmethod
+    def loads(cls, raw: str | bytes) -> TaskRecord:
+        data = json.loads(raw)
+        return cls(
+            task_id=data["task_id"],
+            task_name=data["task_name"],
+            body=base64.b64decode(data["body"]),
+            content_type=data["content_type"],
+            content_encoding=data["content_encoding"],
+            headers=data["headers"],
+            properties=data["properties"],
+            exchange=data["exchange"],
+            routing_key=data["routing_key"],
+            worker=data["worker"],
+            received_at=data["received_at"],
+        )
+
+    def next_generation(self) -> TaskRecord:
+        """The same message with its resurrection count raised by one."""
+        headers = copy.deepcopy(self.headers)
+        headers[RESURRECTIONS_HEADER] = self.generation.resurrections + 1
+        return TaskRecord(**{**self.__dict__, "headers": headers})
+
+    def publish(self, producer: Any) -> None:
+        """Publish this exact message with a kombu producer (copies: kombu mutates headers)."""
+        producer.publish(
+            self.body,
+            exchange=self.exchange,
+            routing_key=self.routing_key,
+            content_type=self.content_type,
+            content_encoding=self.content_encoding,
+            headers=copy.deepcopy(self.headers),
+            declare=None,
+            retry=True,
+            retry_policy={"max_retries": 5, "interval_start": 0.2, "interval_step": 0.5},
+            **copy.deepcopy(self.properties),
+        )

@@ -1,0 +1,128 @@
+"""Phoenix resurrection: a dead worker's tasks run again on a live one.
+
+A scanner lists workers whose lease ran out (one ZRANGEBYSCORE), claims each one's records
+atomically (so racing scanners never resurrect a task twice), and republishes every message
+exactly as received with ``rl_resurrections`` raised by one; past ``max_resurrections`` the
+task goes to the dead letter queue instead. A record is removed only after its republish
+succeeded: a scanner that dies midway leaves its claim to expire and the rest to be taken
+again (at least once, never zero times).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from typing import Any
+
+from . import events
+from .config import RelierConfig
+from .dlq import quarantine
+from .errors import RelierError
+from .record import TaskRecord
+from .store import Store
+
+__all__ = ["Resurrector"]
+
+logger = logging.getLogger("relier_celery")
+
+
+class Resurrector:
+    """Scans for dead workers and resurrects their tasks."""
+
+    def __init__(self, app: Any, config: RelierConfig, store: Store, name: str = "") -> None:
+        self.app = app
+        self.config = config
+        self.store = store
+        self.name = name or f"scanner-{uuid.uuid4().hex[:8]}"
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def max_resurrections(self, task_name: str) -> int:
+        task = self.app.tasks.get(task_name)
+        value = getattr(task, "max_resurrections", None) if task is not None else None
+        return self.config.max_resurrections if value is None else int(value)
+
+    def resurrect(self, record: TaskRecord, held_by: str, field: str, why: str) -> str:
+        """Republish one record (or quarantine it), then drop it; return what was done."""
+        limit = self.max_resurrections(record.task_name)
+        count = record.generation.resurrections
+        if count >= limit:
+            quarantine(
+                self.store,
+                record,
+                "max_resurrections",
+                f"worker {held_by} was lost while running this task ({why}); it had "
+                f"already been resurrected {count} times (max_resurrections={limit})",
+                done_ttl=self.config.completed_ttl,
+                held_by=held_by,
+                field=field,
+            )
+            return "quarantined"
+        nxt = record.next_generation()
+        with self.app.producer_pool.acquire(block=True, timeout=10) as producer:
+            nxt.publish(producer)
+        self.store.take(held_by, field)
+        events.emit(
+            "task.resurrected",
+            f"{record.task_name}[{record.task_id}] republished after {why}",
+            task_id=record.task_id,
+            task_name=record.task_name,
+            worker=held_by,
+            resurrections=count + 1,
+            reason=why,
+        )
+        return "resurrected"
+
+    def scan_once(self) -> int:
+        """One scan over every expired lease; return how many tasks were resurrected or
+        quarantined."""
+        handled = 0
+        for dead in self.store.expired_workers():
+            claimed = self.store.claim(dead, self.name, self.config.claim_ttl)
+            if not claimed:
+                continue
+            events.emit(
+                "scan.claimed",
+                f"worker {dead} is dead; taking {len(claimed)} task(s)",
+                worker=dead,
+                count=len(claimed),
+                scanner=self.name,
+            )
+            try:
+                for field, raw in claimed.items():
+                    try:
+                        record = TaskRecord.loads(raw)
+                    except (ValueError, KeyError) as exc:
+                        logger.error("relier: unreadable record %s of %s: %r", field, dead, exc)
+                        continue
+                    self.resurrect(record, dead, field, "its worker's lease expired")
+                    handled += 1
+            finally:
+                self.store.claim_finish(dead, self.name)
+        self.store.mark_scan()
+        return handled
+
+    # -- background thread --------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="relier-scanner", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def run_forever(self) -> None:
+        """Scan until stopped (the standalone resurrector)."""
+        self._loop()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.scan_once()
+            except RelierError as exc:
+                events.emit("store.unavailable", f"resurrection scan failed: {exc}")
+            except Exception:
+                logger.exception("relier: resurrection scan failed; retrying")
+            self._stop.wait(self.config.scan_interval)

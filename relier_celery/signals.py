@@ -1,0 +1,52 @@
+"""Signal handlers, connected when ``relier_celery`` is imported (``weak=False``).
+
+``worker_init`` fires in every worker (also under ``celery.contrib.testing``) after the loader
+imported the app's ``imports`` and before the blueprints are built: that is where relier adds
+its bootsteps. ``worker_shutdown`` fires after the pool finished its tasks: that is where the
+lease is retired.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import signals
+
+__all__ = ["connect"]
+
+
+def on_worker_init(sender: Any = None, **_: Any) -> None:
+    from .bootsteps import RelierConsumer, RelierWorker
+
+    app = sender.app
+    app.steps["worker"].add(RelierWorker)
+    app.steps["consumer"].add(RelierConsumer)
+
+
+def on_worker_shutdown(sender: Any = None, **_: Any) -> None:
+    runtime = getattr(sender, "relier", None)
+    if runtime is not None:
+        runtime.stop()
+
+
+def on_task_revoked(request: Any = None, **_: Any) -> None:
+    from .bootsteps import WorkerRuntime
+
+    runtime = WorkerRuntime.current
+    task_id = getattr(request, "id", None)
+    if runtime is not None and task_id:
+        runtime.inflight.finish_task(str(task_id))
+
+
+_connected = False
+
+
+def connect() -> None:
+    """Connect relier's handlers once per process."""
+    global _connected
+    if _connected:
+        return
+    _connected = True
+    signals.worker_init.connect(on_worker_init, weak=False)
+    signals.worker_shutdown.connect(on_worker_shutdown, weak=False)
+    signals.task_revoked.connect(on_task_revoked, weak=False)

@@ -1,0 +1,251 @@
+"""The one module that talks to Redis.
+
+Every Lua script under ``scripts/`` is loaded once per process and called by SHA (redis-py's
+``Script`` reloads it on NOSCRIPT, for instance after a Redis restart). Connection problems
+surface as :class:`StoreUnavailable`, never as a silent no-op.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, TypeVar, cast
+
+import redis
+from redis.commands.core import Script
+
+from .errors import StoreUnavailable
+from .keys import Keys
+from .record import Generation
+
+__all__ = ["Receipt", "Store"]
+
+_SCRIPTS = ("lease_renew", "receipt", "complete", "claim", "claim_finish", "dlq_put", "retire")
+# Fail fast: a hung Redis call in the consumer would stall every task of the worker.
+SOCKET_TIMEOUT = 5.0
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """What the receipt script decided for one delivery."""
+
+    recorded: bool
+    reason: str = ""
+    detail: str = ""
+
+
+@functools.cache
+def _script_text(name: str) -> str:
+    return resources.files("relier_celery").joinpath(f"scripts/{name}.lua").read_text()
+
+
+def _ms(seconds: float) -> int:
+    return max(int(seconds * 1000), 1)
+
+
+class Store:
+    """Relier's state in Redis, under one key prefix."""
+
+    def __init__(self, url: str, keys: Keys) -> None:
+        self.url = url
+        self.keys = keys
+        self._lock = threading.Lock()
+        self._pid = -1
+        self._client: redis.Redis | None = None
+        self._scripts: dict[str, Script] = {}
+
+    @property
+    def client(self) -> redis.Redis:
+        """A client of this process (a forked pool child never reuses its parent's sockets)."""
+        if self._pid != os.getpid() or self._client is None:
+            with self._lock:
+                if self._pid != os.getpid() or self._client is None:
+                    client = redis.Redis.from_url(
+                        self.url,
+                        decode_responses=True,
+                        socket_timeout=SOCKET_TIMEOUT,
+                        socket_connect_timeout=SOCKET_TIMEOUT,
+                        health_check_interval=30,
+                    )
+                    self._scripts = {n: client.register_script(_script_text(n)) for n in _SCRIPTS}
+                    self._client = client
+                    self._pid = os.getpid()
+        return self._client
+
+    def _run(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        client = self.client
+        with self._errors():
+            return self._scripts[name](keys=keys, args=args, client=client)
+
+    @contextmanager
+    def _errors(self) -> Iterator[None]:
+        try:
+            yield
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise StoreUnavailable(f"relier cannot reach Redis at {self._masked}: {exc}") from exc
+
+    @property
+    def _masked(self) -> str:
+        from .config import mask_url
+
+        return mask_url(self.url)
+
+    def call(self, fn: Callable[[redis.Redis], T]) -> T:
+        """Run a plain command with the same error mapping as the scripts."""
+        client = self.client
+        with self._errors():
+            return fn(client)
+
+    # -- leases -------------------------------------------------------------------------
+    def renew_lease(self, worker: str, ttl: float) -> tuple[int, int]:
+        """Renew a lease; return (previous deadline ms or -1, server time ms)."""
+        prev, now = self._run("lease_renew", [self.keys.leases], [worker, _ms(ttl)])
+        return int(prev), int(now)
+
+    def retire(self, worker: str) -> int:
+        """A worker stops: forget it, or expire its lease at once if it still holds records."""
+        return int(self._run("retire", [self.keys.leases, self.keys.held(worker)], [worker]))
+
+    def expired_workers(self) -> list[str]:
+        """Workers whose lease deadline has passed, by the Redis server's clock."""
+
+        def scan(c: redis.Redis) -> list[str]:
+            secs, micros = c.time()
+            now = secs * 1000 + micros // 1000
+            return cast(list[str], c.zrangebyscore(self.keys.leases, "-inf", f"({now}"))
+
+        return self.call(scan)
+
+    def leases(self) -> dict[str, float]:
+        """Every known worker with its lease deadline in ms."""
+        pairs = self.call(lambda c: c.zrange(self.keys.leases, 0, -1, withscores=True))
+        return dict(cast(list[tuple[str, float]], pairs))
+
+    # -- the inflight registry ----------------------------------------------------------
+    def record(self, task_id: str, worker: str, gen: Generation, record: str) -> Receipt:
+        """Record a received delivery under ``worker``, unless it is a duplicate."""
+        k = self.keys
+        out = self._run(
+            "receipt",
+            [k.owners, k.done(task_id), k.held(worker)],
+            [task_id, worker, gen.retries, gen.resurrections, record],
+        )
+        if int(out[0]) == 1:
+            return Receipt(True)
+        return Receipt(False, str(out[1]), str(out[2]))
+
+    def complete(
+        self, task_id: str, worker: str, gen: Generation, done_ttl: float, finished: bool = True
+    ) -> bool:
+        """Remove a delivery's record; return whether it was still held. ``finished=False``
+        when the broker gets the message back (so its redelivery is not a duplicate)."""
+        k = self.keys
+        removed = self._run(
+            "complete",
+            [k.owners, k.done(task_id), k.held(worker)],
+            [
+                task_id,
+                worker,
+                gen.retries,
+                gen.resurrections,
+                _ms(done_ttl),
+                "1" if finished else "0",
+            ],
+        )
+        return bool(removed)
+
+    def held(self, worker: str) -> dict[str, str]:
+        """Every record a worker holds, by ``task_id|retries|resurrections``."""
+        return cast(dict[str, str], self.call(lambda c: c.hgetall(self.keys.held(worker))))
+
+    # -- resurrection -------------------------------------------------------------------
+    def claim(self, dead: str, scanner: str, ttl: float) -> dict[str, str]:
+        """Claim a dead worker's records for one scanner; empty if alive or already claimed."""
+        k = self.keys
+        flat = self._run(
+            "claim", [k.leases, k.held(dead), k.claim(dead)], [dead, scanner, _ms(ttl)]
+        )
+        return dict(zip(flat[::2], flat[1::2], strict=True))
+
+    def take(self, worker: str, field: str) -> bool:
+        """Remove one record after it was republished."""
+        return bool(self.call(lambda c: c.hdel(self.keys.held(worker), field)))
+
+    def claim_finish(self, dead: str, scanner: str) -> int:
+        """End a claim; return how many records are left."""
+        k = self.keys
+        return int(
+            self._run("claim_finish", [k.leases, k.held(dead), k.claim(dead)], [dead, scanner])
+        )
+
+    def mark_scan(self) -> None:
+        self.call(lambda c: c.set(self.keys.scan_stamp, c.time()[0]))
+
+    # -- dead letter queue --------------------------------------------------------------
+    def dlq_put(
+        self,
+        entry_id: str,
+        entry: str,
+        at_ms: int,
+        task_id: str,
+        gen: Generation,
+        done_ttl: float,
+        worker: str | None = None,
+        field: str | None = None,
+    ) -> None:
+        """Write a DLQ entry and, in the same step, drop the record it came from."""
+        k = self.keys
+        self._run(
+            "dlq_put",
+            [k.dlq, k.dlq_index, k.held(worker or "-"), k.done(task_id)],
+            [
+                entry_id,
+                entry,
+                at_ms,
+                field or "",
+                f"{gen.retries}|{gen.resurrections}",
+                _ms(done_ttl),
+            ],
+        )
+
+    def dlq_entries(self) -> dict[str, str]:
+        return cast(dict[str, str], self.call(lambda c: c.hgetall(self.keys.dlq)))
+
+    # -- startup ------------------------------------------------------------------------
+    def self_check(self) -> list[str]:
+        """Ping Redis (raising StoreUnavailable) and return warnings about its configuration."""
+        warnings: list[str] = []
+        self.call(lambda c: c.ping())
+        try:
+            conf = self.call(
+                lambda c: (
+                    c.config_get("maxmemory-policy")
+                    | c.config_get("appendonly")
+                    | c.config_get("save")
+                )
+            )
+        except redis.ResponseError:
+            return [
+                "relier could not read the Redis config (CONFIG GET refused); check by hand "
+                "that maxmemory-policy is noeviction and persistence is on"
+            ]
+        policy = conf.get("maxmemory-policy", "")
+        if policy and policy != "noeviction":
+            warnings.append(
+                f"Redis maxmemory-policy is {policy!r}: under memory pressure Redis may evict "
+                "relier's records and lose in-flight tasks. Set maxmemory-policy noeviction."
+            )
+        if conf.get("appendonly") != "yes":
+            warnings.append(
+                "Redis runs without AOF (appendonly no): a Redis restart loses relier's records "
+                "(and the broker's queues if they share it). For the guarantees to survive a "
+                "Redis restart, set appendonly yes and appendfsync everysec."
+            )
+        return warnings
