@@ -29,7 +29,7 @@ def run(*cmd: str | Path) -> None:
 
 
 def setup() -> None:
-    if sys.version_info < (3, 11):
+    if sys.version_info < (3, 11):  # noqa: UP036 - dev.py runs on whatever python3 is
         sys.exit(f"relier_celery needs Python 3.11+, this is {sys.version.split()[0]}")
     if not PY.exists():
         print(f"creating {VENV}", flush=True)
@@ -51,8 +51,17 @@ def main() -> None:
         if args[0] == "demo":
             run(PY, "examples/demo.py", *args[1:])
         elif args[0] == "test":
-            run(PY, "-m", "ruff", "check", "relier_celery", "tests", "integration", "examples",
-                "benchmarks")
+            run(
+                PY,
+                "-m",
+                "ruff",
+                "check",
+                "relier_celery",
+                "tests",
+                "integration",
+                "examples",
+                "benchmarks",
+            )
             run(PY, "-m", "mypy")
             run(PY, "-m", "pytest", "tests", "integration", *args[1:])
     except subprocess.CalledProcessError as exc:

@@ -6,6 +6,7 @@ It starts its own throwaway redis-server, so it touches nothing of yours.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -29,10 +30,14 @@ def say(text: str) -> None:
 def main() -> int:
     with RedisServer() as url:
         r = redis.Redis.from_url(url, decode_responses=True)
-        env = {"DEMO_REDIS": url,
-               "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
-        workers = [WorkerProcess("demo_app", concurrency=2, hostname=f"{name}@%h", env=env,
-                                 cwd=str(HERE)) for name in ("alpha", "bravo")]
+        env = {
+            "DEMO_REDIS": url,
+            "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
+        }
+        workers = [
+            WorkerProcess("demo_app", concurrency=2, hostname=f"{name}@%h", env=env, cwd=str(HERE))
+            for name in ("alpha", "bravo")
+        ]
         try:
             return run(r, url, workers)
         finally:
@@ -45,8 +50,10 @@ def run(r: redis.Redis, url: str, workers: list[WorkerProcess]) -> int:
     say(f"redis-server started at {url}")
     alpha.start().wait_ready()
     bravo.start().wait_ready()
-    say(f"two workers up: alpha (pid {alpha.pid}) and bravo (pid {bravo.pid}), "
-        "relier enabled by `imports = ('relier_celery',)`")
+    say(
+        f"two workers up: alpha (pid {alpha.pid}) and bravo (pid {bravo.pid}), "
+        "relier enabled by `imports = ('relier_celery',)`"
+    )
     publisher = Celery("publisher", broker=url)
     rng = random.Random(7)
     for order in range(ORDERS):
@@ -57,8 +64,10 @@ def run(r: redis.Redis, url: str, workers: list[WorkerProcess]) -> int:
     say(f"alpha holds {held} task(s) in flight; sending SIGKILL to alpha (pid {alpha.pid})")
     alpha.kill(signal.SIGKILL)
     killed = time.monotonic()
-    say("alpha is dead. Its lease runs out within relier_lease_ttl (6 s); bravo's scanner "
-        "then republishes alpha's tasks...")
+    say(
+        "alpha is dead. Its lease runs out within relier_lease_ttl (4 s); bravo's scanner "
+        "then republishes alpha's tasks..."
+    )
     seen = 0
 
     def progress() -> bool:
@@ -70,10 +79,8 @@ def run(r: redis.Redis, url: str, workers: list[WorkerProcess]) -> int:
         seen = len(lines)
         return r.scard("demo:completed") >= ORDERS
 
-    try:
+    with contextlib.suppress(TimeoutError):
         wait_for(progress, 60, interval=0.2, what="every order to complete")
-    except TimeoutError:
-        pass
     completed = r.scard("demo:completed")
     lost = ORDERS - completed
     say(f"sent={ORDERS} completed={completed} resurrected={seen} lost={lost}")

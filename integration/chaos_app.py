@@ -6,6 +6,7 @@ Redis, so a test counts side effects from outside the workers.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -14,6 +15,8 @@ import redis
 from celery import Celery
 
 REDIS_URL = os.environ.get("RELIER_TEST_REDIS", "redis://127.0.0.1:6379/15")
+# Where tasks count their executions; apart from the broker when a test restarts the broker.
+RESULTS_URL = os.environ.get("RELIER_TEST_RESULTS", REDIS_URL)
 
 app = Celery("chaos_app", broker=REDIS_URL)
 app.conf.update(
@@ -22,6 +25,10 @@ app.conf.update(
     worker_prefetch_multiplier=int(os.environ.get("RELIER_TEST_PREFETCH", "4")),
     broker_transport_options={
         "visibility_timeout": float(os.environ.get("RELIER_TEST_VISIBILITY", "3600")),
+        # Sweep for "expired" unacked messages every second, so a tiny visibility timeout
+        # really redelivers within a test.
+        "unacked_restore_interval": 1,
+        "unacked_restore_throttle": 1,
     },
     worker_hijack_root_logger=False,
     relier_lease_ttl=float(os.environ.get("RELIER_TEST_LEASE_TTL", "3")),
@@ -31,6 +38,8 @@ app.conf.update(
 )
 if os.environ.get("RELIER_TEST_NO_SCANNER") == "1":
     app.conf.relier_scanner_enabled = False
+# Any further settings a test needs, including deliberately bad ones.
+app.conf.update(json.loads(os.environ.get("RELIER_TEST_CONF", "{}")))
 
 _r: redis.Redis | None = None
 
@@ -38,12 +47,12 @@ _r: redis.Redis | None = None
 def r() -> redis.Redis:
     global _r
     if _r is None:
-        _r = redis.Redis.from_url(REDIS_URL)
+        _r = redis.Redis.from_url(RESULTS_URL)
     return _r
 
 
 @app.task(name="chaos.work")
-def work(n: int, seconds: float = 0.0) -> int:
+def work(n: int, seconds: float = 0.0, pad: str = "") -> int:
     """Sleep, then record one completed execution of ``n``."""
     r().incr(f"test:started:{n}")
     time.sleep(seconds)

@@ -66,9 +66,9 @@ def wait_for(predicate: Any, timeout: float, interval: float = 0.05, what: str =
 class RedisServer:
     """A throwaway ``redis-server`` on a free loopback port, in a temporary directory."""
 
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, port: int = 0) -> None:
         self.args = args
-        self.port = 0
+        self.port = port
         self.proc: subprocess.Popen[bytes] | None = None
         self._dir: tempfile.TemporaryDirectory[str] | None = None
 
@@ -78,7 +78,7 @@ class RedisServer:
 
     def start(self) -> str:
         self._dir = tempfile.TemporaryDirectory(prefix="relier-redis-")
-        self.port = free_port()
+        self.port = self.port or free_port()
         self.proc = subprocess.Popen(
             [
                 find_redis_server(),

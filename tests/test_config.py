@@ -16,7 +16,7 @@ def test_defaults_take_the_broker_url_when_it_is_redis() -> None:
     config = RelierConfig.from_mapping({}, broker_url=REDIS)
     # Then relier uses the broker's Redis and the documented defaults
     assert config.redis_url == REDIS
-    assert (config.heartbeat_interval, config.lease_ttl, config.scan_interval) == (1.0, 6.0, 1.0)
+    assert (config.heartbeat_interval, config.lease_ttl, config.scan_interval) == (1.0, 4.0, 1.0)
     assert config.max_resurrections == 3
 
 

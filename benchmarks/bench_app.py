@@ -1,0 +1,41 @@
+"""The benchmark's Celery app; relier is enabled only when BENCH_RELIER=1, so vanilla Celery
+and Celery + relier run the same tasks on the same Redis."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import redis
+from celery import Celery
+
+REDIS_URL = os.environ.get("BENCH_REDIS", "redis://127.0.0.1:6379/0")
+
+app = Celery("bench_app", broker=REDIS_URL)
+app.conf.update(worker_hijack_root_logger=False, task_ignore_result=True)
+if os.environ.get("BENCH_RELIER") == "1":
+    app.conf.imports = ("relier_celery",)
+
+_r = redis.Redis.from_url(REDIS_URL)
+
+
+@app.task(name="bench.noop")
+def noop() -> None:
+    """Count one execution; remember when the first and the last ran."""
+    now = time.time()
+    pipe = _r.pipeline(transaction=False)
+    pipe.set("bench:first", now, nx=True).set("bench:last", now).incr("bench:count")
+    pipe.execute()
+
+
+@app.task(name="bench.echo")
+def echo(sent_at: float) -> None:
+    """Report the end-to-end latency of one task."""
+    _r.rpush("bench:latency", time.time() - sent_at)
+
+
+@app.task(name="bench.hold", bind=True)
+def hold(self, n: int, seconds: float) -> None:  # type: ignore[no-untyped-def]
+    """Record each start of ``n`` and the worker it ran on, then hold the worker a while."""
+    _r.rpush(f"bench:starts:{n}", f"{time.time()}|{self.request.hostname}")
+    time.sleep(seconds)

@@ -1,0 +1,142 @@
+"""Bad configuration, Redis faults, duplicate deliveries (G4) and oversized messages."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import redis
+from fleet import done, held_records, send_work, wait_all_done
+
+from relier_celery.testing import RedisServer, free_port, wait_for
+
+
+def _refused(fleet, **env: str) -> str:
+    w = fleet.start(wait=False, **env)
+    assert w.proc is not None
+    w.proc.wait(60)
+    assert w.proc.returncode != 0, w.log()
+    return w.log()
+
+
+def test_a_mistyped_setting_stops_the_worker_naming_the_key(fleet) -> None:
+    log = _refused(fleet, RELIER_TEST_CONF=json.dumps({"relier_lease_tll": 5}))
+    assert "unknown setting 'relier_lease_tll': did you mean 'relier_lease_ttl'?" in log
+
+
+def test_a_lease_not_above_the_heartbeat_stops_the_worker(fleet) -> None:
+    log = _refused(fleet, RELIER_TEST_CONF=json.dumps({"relier_lease_ttl": 0.5}))
+    assert "relier_lease_ttl (0.5 s) must be above relier_heartbeat_interval" in log
+
+
+def test_unreachable_redis_at_startup_stops_the_worker_clearly(fleet) -> None:
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    log = _refused(fleet, RELIER_TEST_CONF=json.dumps({"relier_redis_url": dead}))
+    assert "relier cannot reach Redis at" in log
+
+
+@pytest.mark.timeout(120)
+def test_no_task_runs_twice_while_its_worker_lives_despite_visibility_redelivery(
+    fleet, publisher, r
+) -> None:
+    # Given acks_late and a 1 s visibility timeout: the Redis transport redelivers every
+    # unacked message after 1 s, while our tasks take 4 s
+    env = {"RELIER_TEST_ACKS_LATE": "1", "RELIER_TEST_VISIBILITY": "1", "RELIER_TEST_PREFETCH": "1"}
+    workers = [fleet.start(concurrency=2, **env) for _ in range(2)]
+    # When 4 long tasks run
+    send_work(publisher, range(4), seconds=4.0)
+    wait_all_done(r, set(range(4)), 60, fleet)
+    time.sleep(2)  # let any late duplicate start, if one were going to
+    # Then each ran exactly once, and redeliveries were dropped as duplicates
+    assert [int(r.get(f"test:started:{n}") or 0) for n in range(4)] == [1, 1, 1, 1]
+    assert any("task.duplicate_dropped" in w.log() for w in workers), fleet.logs()
+
+
+@pytest.mark.timeout(120)
+def test_relier_redis_down_leaves_messages_with_the_broker_until_it_returns(
+    fleet, publisher, r, tmp_path
+) -> None:
+    # Given relier on its own Redis, apart from the broker
+    store = RedisServer()
+    store.start()
+    try:
+        w = fleet.start(concurrency=2, RELIER_TEST_CONF=json.dumps({"relier_redis_url": store.url}))
+        # When relier's Redis goes away and tasks arrive
+        store.stop()
+        send_work(publisher, range(10), seconds=0.1)
+        # Then nothing runs unrecorded, and the worker says so loudly
+        wait_for(lambda: "store.unavailable" in w.log(), 20, what="a loud error")
+        time.sleep(1.5)
+        assert done(r) == set()
+        # And when it returns, every task runs and completes
+        store.start()
+        wait_all_done(r, set(range(10)), 40, fleet)
+        assert "store.recovered" in w.log()
+        wait_for(
+            lambda: held_records(redis.Redis.from_url(store.url)) == 0,
+            10,
+            what="records to be removed",
+        )
+    finally:
+        store.stop()
+
+
+@pytest.mark.timeout(150)
+def test_a_broker_restart_does_not_strand_prefetched_tasks(fleet, redis_url, tmp_path) -> None:
+    # Given relier's Redis apart from the broker's, and a broker that loses everything on
+    # restart (no persistence): a worker has prefetched tasks it has not started
+    from celery import Celery
+
+    store = RedisServer()
+    store.start()
+    broker = RedisServer()
+    broker.start()
+    try:
+        results = redis.Redis.from_url(store.url, decode_responses=True)
+        conf = json.dumps({"relier_redis_url": store.url})
+        env = {
+            "concurrency": 1,
+            "RELIER_TEST_REDIS": broker.url,
+            "RELIER_TEST_CONF": conf,
+            "RELIER_TEST_RESULTS": store.url,
+            "RELIER_TEST_PREFETCH": "8",
+        }
+        w = fleet.start(**env)
+        app = Celery("pub", broker=broker.url)
+        for n in range(6):
+            app.send_task("chaos.work", args=(n, 1.0))
+        app.close()
+        # (messages still queued in the broker are lost with it: only relier's records, of
+        # received messages, can come back)
+        wait_for(
+            lambda: w.log().count("] received") == 6, 20, what="the worker to receive every task"
+        )
+        # When the broker restarts (Celery restarts its consumer and forgets reserved tasks;
+        # kombu 5.7 sometimes crashes the worker instead, in restore_unacked, and a supervisor
+        # starts a new one, whose scanner takes over)
+        broker.stop()
+        time.sleep(1)
+        broker.start()
+
+        def all_done() -> bool:
+            if not fleet.alive():
+                fleet.start(**env)
+            return {int(x) for x in results.smembers("test:done")} >= set(range(6))
+
+        # Then relier republishes them from its records and every task completes
+        wait_for(all_done, 90, interval=0.2, what=f"every task to complete\n{fleet.logs()}")
+        assert "task.resurrected" in fleet.logs()
+    finally:
+        broker.stop()
+        store.stop()
+
+
+def test_a_message_too_large_to_record_runs_with_a_loud_error(fleet, publisher, r) -> None:
+    w = fleet.start(concurrency=1, RELIER_TEST_CONF=json.dumps({"relier_max_message_bytes": 200}))
+    # Given a 200-byte limit, When a small and a large task arrive
+    publisher.send_task("chaos.work", args=(1, 0.0))
+    publisher.send_task("chaos.work", args=(2, 0.0), kwargs={"pad": "y" * 1000})
+    # Then both run, and the large one is reported as running without protection
+    wait_all_done(r, {1, 2}, 30, fleet)
+    assert w.log().count("task.unprotected") == 1

@@ -1,0 +1,140 @@
+"""The resurrector against a real Redis used as both relier store and Celery broker: racing
+scanners, the standalone command and the beat task."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import redis
+from celery import Celery
+
+from relier_celery.config import RelierConfig
+from relier_celery.keys import Keys
+from relier_celery.plugin import install
+from relier_celery.record import TaskRecord
+from relier_celery.resurrect import Resurrector
+from relier_celery.store import Store
+
+
+def _dead_worker_with(store: Store, n: int, resurrections: int = 0) -> list[str]:
+    """Records of ``n`` messages held by worker 'dead', whose lease has run out."""
+    store.renew_lease("dead", ttl=0.01)
+    ids = []
+    for i in range(n):
+        rec = TaskRecord(
+            task_id=f"t{i}",
+            task_name="jobs.x",
+            body=json.dumps([[i], {}, {}]).encode(),
+            content_type="application/json",
+            content_encoding="utf-8",
+            headers={
+                "id": f"t{i}",
+                "task": "jobs.x",
+                "rl_resurrections": resurrections,
+                "traceparent": "00-trace-span-01",
+            },
+            properties={"correlation_id": f"t{i}"},
+            exchange="",
+            routing_key="celery",
+            worker="dead",
+        )
+        assert store.record(rec.task_id, "dead", rec.generation, rec.dumps()).recorded
+        ids.append(rec.task_id)
+    time.sleep(0.05)
+    return ids
+
+
+def _queued(client: redis.Redis) -> list[dict]:
+    return [json.loads(m) for m in client.lrange("celery", 0, -1)]
+
+
+def test_racing_scanners_resurrect_each_task_exactly_once(redis_url: str) -> None:
+    # Given a dead worker holding 40 tasks
+    app = Celery("race", broker=redis_url)
+    relier = install(app)
+    ids = _dead_worker_with(relier.store, 40)
+    # When four scanners, each with its own connections, scan at the same moment
+    barrier = threading.Barrier(4)
+    counts: list[int] = []
+
+    def scan(n: int) -> None:
+        scanner = Resurrector(app, relier.config, Store(redis_url, Keys("rl")), name=f"s{n}")
+        barrier.wait()
+        counts.append(scanner.scan_once())
+
+    threads = [threading.Thread(target=scan, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # Then each task was republished once, with its exact message and a raised count
+    client = redis.Redis.from_url(redis_url)
+    queued = _queued(client)
+    assert sum(counts) == 40
+    assert sorted(m["headers"]["id"] for m in queued) == sorted(ids)
+    first = next(m for m in queued if m["headers"]["id"] == "t0")
+    assert first["headers"]["rl_resurrections"] == 1
+    assert first["headers"]["traceparent"] == "00-trace-span-01"
+    assert first["properties"]["correlation_id"] == "t0"
+    assert client.hlen(Keys("rl").held("dead")) == 0
+    assert client.zscore(Keys("rl").leases, "dead") is None
+
+
+def test_past_max_resurrections_a_task_goes_to_the_dlq_not_the_queue(redis_url: str) -> None:
+    app = Celery("dlq", broker=redis_url)
+    app.conf.relier_max_resurrections = 2
+    relier = install(app)
+    _dead_worker_with(relier.store, 1, resurrections=2)
+    Resurrector(app, relier.config, relier.store).scan_once()
+    client = redis.Redis.from_url(redis_url)
+    assert _queued(client) == []
+    (entry,) = [json.loads(v) for v in client.hvals(Keys("rl").dlq)]
+    assert entry["reason"] == "max_resurrections" and entry["worker"] == "dead"
+    assert entry["message"]["headers"]["id"] == "t0"
+
+
+def test_the_beat_task_scans_too(redis_url: str) -> None:
+    app = Celery("beat", broker=redis_url)
+    relier = install(app)
+    _dead_worker_with(relier.store, 3)
+    assert app.tasks["relier.resurrect"].apply().get() == 3
+
+
+def test_the_standalone_resurrector_command(redis_url: str, tmp_path: Path) -> None:
+    (tmp_path / "standalone_app.py").write_text(
+        textwrap.dedent(f"""
+        from celery import Celery
+        app = Celery("standalone_app", broker="{redis_url}")
+        app.conf.imports = ("relier_celery",)
+    """)
+    )
+    _dead_worker_with(Store(redis_url, Keys("rl")), 2)
+    out = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "celery"),
+            "-A",
+            "standalone_app",
+            "relier",
+            "resurrector",
+            "--once",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "resurrected or quarantined 2 task(s)" in out.stdout
+    assert len(_queued(redis.Redis.from_url(redis_url))) == 2
+
+
+def test_install_is_idempotent_and_validates(redis_url: str) -> None:
+    app = Celery("idem", broker=redis_url)
+    assert install(app) is install(app)
+    assert isinstance(install(app).config, RelierConfig)
