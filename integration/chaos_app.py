@@ -77,3 +77,31 @@ def kill_child(n: int) -> int:
         os.kill(os.getpid(), signal.SIGKILL)
     r().sadd("test:done", n)
     return n
+
+
+@app.task(name="chaos.spin")
+def spin(n: int, seconds: float) -> int:
+    """Burn CPU in pure Python (no sleeping, no I/O) for ``seconds``."""
+    r().incr(f"test:started:{n}")
+    deadline = time.monotonic() + seconds
+    x = 0
+    while time.monotonic() < deadline:
+        x += 1
+    r().sadd("test:done", n)
+    return n
+
+
+@app.task(name="chaos.flaky", bind=True, max_retries=5)
+def flaky(self, n: int, failures: int) -> int:  # type: ignore[no-untyped-def]
+    """Retry (same task id, a new message) ``failures`` times, then succeed."""
+    if r().incr(f"test:flaky:{n}") <= failures:
+        raise self.retry(countdown=0.2)
+    r().sadd("test:done", n)
+    return n
+
+
+@app.task(name="chaos.boom")
+def boom(n: int) -> None:
+    """Always fail."""
+    r().incr(f"test:boom:{n}")
+    raise RuntimeError(f"boom {n}")

@@ -22,12 +22,13 @@ from relier_celery.testing import wait_for
 pytestmark = pytest.mark.integration
 
 
-def test_a_sigkilled_workers_tasks_run_again_on_a_live_worker(fleet, publisher, r) -> None:
+@pytest.mark.parametrize("pool", ["prefork", "threads", "solo"])
+def test_a_sigkilled_workers_tasks_run_again_on_a_live_worker(fleet, publisher, r, pool) -> None:
     # Given two workers, the first of which takes every task
-    victim = fleet.start(concurrency=2)
+    victim = fleet.start(pool=pool, concurrency=2)
     send_work(publisher, range(6), seconds=3.0)
-    wait_for(lambda: all(r.get(f"test:started:{n}") for n in range(2)), 10, what="tasks to start")
-    survivor = fleet.start(concurrency=2)
+    wait_for(lambda: r.get("test:started:0"), 10, what="a task to start")
+    survivor = fleet.start(pool=pool, concurrency=2)
     # When the first worker is SIGKILLed mid-task (main process and its pool)
     victim.kill(signal.SIGKILL)
     killed_at = time.monotonic()
@@ -123,3 +124,53 @@ def test_a_poison_pill_ends_in_the_dlq_and_the_fleet_keeps_serving(fleet, publis
         fleet.start(concurrency=1)
     send_work(publisher, range(5))
     wait_all_done(r, set(range(5)), 30, fleet)
+
+
+@pytest.mark.parametrize("pool", ["solo", "threads"])
+def test_cpu_bound_task_code_cannot_starve_the_heartbeat(fleet, publisher, r, pool) -> None:
+    # Given a 3 s lease, and a second worker whose scanner would resurrect a "dead" one
+    busy = fleet.start(pool=pool, concurrency=1)
+    publisher.send_task("chaos.spin", args=(1, 7.0))
+    wait_for(lambda: r.get("test:started:1"), 10, what="the task to start")
+    other = fleet.start(pool=pool, concurrency=1)
+    # When the task burns CPU in pure Python for more than twice the lease
+    wait_for(lambda: 1 in done(r), 30, what="the task to finish")
+    # Then the heartbeat kept the lease alive: nothing was resurrected, it ran once
+    assert int(r.get("test:started:1")) == 1
+    assert "task.resurrected" not in other.log() + busy.log()
+
+
+@pytest.mark.timeout(120)
+def test_late_broker_redelivery_of_a_resurrected_task_is_dropped(fleet, publisher, r) -> None:
+    # Given acks_late and a 2 s visibility timeout: the broker redelivers a dead worker's
+    # unacked messages by itself, while relier resurrects them too
+    env = {"RELIER_TEST_ACKS_LATE": "1", "RELIER_TEST_VISIBILITY": "2", "RELIER_TEST_PREFETCH": "1"}
+    victim = fleet.start(concurrency=2, **env)
+    send_work(publisher, range(2), seconds=2.5)
+    wait_for(lambda: all(r.get(f"test:started:{n}") for n in range(2)), 10, what="tasks to start")
+    survivor = fleet.start(concurrency=2, **env)
+    # When the worker running them is SIGKILLed
+    victim.kill(signal.SIGKILL)
+    wait_all_done(r, {0, 1}, 40, fleet)
+    time.sleep(4)  # time for any further copy to arrive and run
+    # Then each ran once on the dead worker and once after: never a third time
+    assert [int(r.get(f"test:started:{n}")) for n in range(2)] == [2, 2], survivor.log()
+    assert [int(r.get(f"test:runs:{n}")) for n in range(2)] == [1, 1]
+    assert "task.duplicate_dropped" in survivor.log()
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_finishes_running_tasks_and_hands_back_prefetched_ones(fleet, publisher, r):
+    # Given a worker that has started two tasks and prefetched more
+    leaving = fleet.start(concurrency=2)
+    send_work(publisher, range(10), seconds=1.5)
+    wait_for(lambda: r.get("test:started:0") and r.get("test:started:1"), 10, what="a start")
+    staying = fleet.start(concurrency=2)
+    # When it gets SIGTERM (Celery's warm shutdown)
+    assert leaving.stop(timeout=30) == 0
+    # Then every task completes, and none runs twice
+    wait_all_done(r, set(range(10)), 60, fleet)
+    time.sleep(2)
+    assert [int(r.get(f"test:runs:{n}")) for n in range(10)] == [1] * 10, staying.log()
+    assert "worker.stopped" in leaving.log()
+    wait_for(lambda: held_records(r) == 0, 10, what="every record to be removed")
