@@ -105,3 +105,9 @@ def boom(n: int) -> None:
     """Always fail."""
     r().incr(f"test:boom:{n}")
     raise RuntimeError(f"boom {n}")
+
+
+if os.environ.get("RELIER_TEST_BAD_TASK") == "1":
+
+    @app.task(name="chaos.typo", max_resurections=2)  # deliberate typo: the worker must refuse
+    def typo() -> None: ...

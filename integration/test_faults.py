@@ -30,6 +30,12 @@ def test_a_lease_not_above_the_heartbeat_stops_the_worker(fleet) -> None:
     assert "relier_lease_ttl (0.5 s) must be above relier_heartbeat_interval" in log
 
 
+def test_a_mistyped_relier_task_option_stops_the_worker(fleet) -> None:
+    log = _refused(fleet, RELIER_TEST_BAD_TASK="1")
+    assert "task 'chaos.typo' has unknown relier option 'max_resurections'" in log
+    assert "did you mean 'max_resurrections'?" in log
+
+
 def test_unreachable_redis_at_startup_stops_the_worker_clearly(fleet) -> None:
     dead = f"redis://127.0.0.1:{free_port()}/0"
     log = _refused(fleet, RELIER_TEST_CONF=json.dumps({"relier_redis_url": dead}))

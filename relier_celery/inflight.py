@@ -124,27 +124,27 @@ class Inflight:
     def holds(self, key: Key | None) -> bool:
         return key is not None and key in self.local
 
-    def finish(self, key: Key, finished: bool = True) -> None:
-        """Remove a delivery's record; on a Redis error keep it queued for the heartbeat."""
+    def finish(self, key: Key) -> None:
+        """A delivery reached a final state: remove its record, remember it finished."""
         with self._lock:
             if self.local.pop(key, None) is None:
                 return
-        try:
-            self.store.complete(key[0], self.worker, key[1], self.config.completed_ttl, finished)
-        except StoreUnavailable as exc:
-            self._mark_store_down(exc)
-            self._pending.append(_Pending(key, finished))
+        self._complete(key, finished=True)
 
     def requeued(self, key: Key) -> None:
         """Celery gives the message back to the broker (Reject(requeue=True)): forget the
         delivery without marking it finished, so its next delivery runs."""
         with self._lock:
             self.local.pop(key, None)
+        self._complete(key, finished=False)
+
+    def _complete(self, key: Key, finished: bool) -> None:
+        """One round trip; on a Redis error the completion waits for the heartbeat's flush."""
         try:
-            self.store.complete(key[0], self.worker, key[1], self.config.completed_ttl, False)
+            self.store.complete(key[0], self.worker, key[1], self.config.completed_ttl, finished)
         except StoreUnavailable as exc:
             self._mark_store_down(exc)
-            self._pending.append(_Pending(key, False))
+            self._pending.append(_Pending(key, finished))
 
     def finish_task(self, task_id: str) -> None:
         """Remove every delivery of a task id this worker holds (a revoke names only the id)."""
