@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 
 import pytest
 import redis
-from fleet import done, held_records, send_work, wait_all_done
+from fleet import dlq_entries, done, held_records, send_work, wait_all_done
 
 from relier_celery.testing import RedisServer, free_port, wait_for
 
@@ -146,3 +147,16 @@ def test_a_message_too_large_to_record_runs_with_a_loud_error(fleet, publisher, 
     # Then both run, and the large one is reported as running without protection
     wait_all_done(r, {1, 2}, 30, fleet)
     assert w.log().count("task.unprotected") == 1
+
+
+def test_an_unknown_task_lands_in_the_dlq_with_its_payload(fleet, publisher, r) -> None:
+    w = fleet.start(concurrency=1)
+    task_id = publisher.send_task("chaos.never_registered", args=("keep me",)).id
+    wait_for(lambda: dlq_entries(r), 20, what=f"a DLQ entry\n{w.log()[-3000:]}")
+    (entry,) = dlq_entries(r)
+    assert entry["task_id"] == task_id and entry["reason"] == "unknown_task"
+    assert "no task named 'chaos.never_registered'" in entry["error"]
+    assert json.loads(base64.b64decode(entry["message"]["body"]))[0] == ["keep me"]
+    # and the worker goes on serving
+    send_work(publisher, range(3))
+    wait_all_done(r, set(range(3)), 20, fleet)

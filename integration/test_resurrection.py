@@ -115,7 +115,7 @@ def test_a_poison_pill_ends_in_the_dlq_and_the_fleet_keeps_serving(fleet, publis
     assert len(entries) == 1, fleet.logs()
     entry = entries[0]
     assert entry["task_id"] == poison_id and entry["reason"] == "max_resurrections"
-    assert entry["resurrections"] == 2 and entry["worker"]
+    assert entry["resurrections"] == 2 and entry["crashes"] == 2 and entry["worker"]
     body = json.loads(base64.b64decode(entry["message"]["body"]))
     assert body[0] == ["p1"]
     assert int(r.get("test:poison:p1")) == 3
@@ -172,5 +172,5 @@ def test_sigterm_finishes_running_tasks_and_hands_back_prefetched_ones(fleet, pu
     wait_all_done(r, set(range(10)), 60, fleet)
     time.sleep(2)
     assert [int(r.get(f"test:runs:{n}")) for n in range(10)] == [1] * 10, staying.log()
-    assert "worker.stopped" in leaving.log()
+    assert "task(s) handed off" in leaving.log()
     wait_for(lambda: held_records(r) == 0, 10, what="every record to be removed")

@@ -69,8 +69,14 @@ class WorkerRuntime:
             return
         self.started = False
         self.resurrector.stop()
+        handed = 0
         try:
             self.inflight.flush()
+            # The pool has finished (warm shutdown): what is still held never started.
+            handed = self.inflight.hand_off()
+        except Exception as exc:
+            logger.error("relier: hand-off at shutdown failed (%r); the scanners take over", exc)
+        try:
             left = self.lease.release()
         except Exception as exc:
             events.emit(
@@ -82,8 +88,10 @@ class WorkerRuntime:
             return
         events.emit(
             "worker.stopped",
-            f"lease {self.worker_id} retired; {left} record(s) left for resurrection",
+            f"lease {self.worker_id} retired; {handed} task(s) handed off, {left} record(s) "
+            "left for the scanners",
             worker=self.worker_id,
+            handed_off=handed,
             left=left,
         )
 

@@ -44,6 +44,7 @@ def quarantine(
         "quarantined_at": now,
         "retries": gen.retries,
         "resurrections": gen.resurrections,
+        "crashes": record.crashes,
         "message": json.loads(record.dumps()),
         **extra,
     }

@@ -190,6 +190,20 @@ class Inflight:
         )
         return True
 
+    def hand_off(self) -> int:
+        """Clean shutdown: republish whatever this worker still holds (prefetched, never
+        started), as a hand-off that does not count against max_resurrections."""
+        count = 0
+        for field, raw in self.store.held(self.worker).items():
+            record = TaskRecord.loads(raw)
+            with self._lock:
+                self.local.pop((record.task_id, record.generation), None)
+            self.resurrector.resurrect(
+                record, self.worker, field, "its worker shut down before starting it", crash=False
+            )
+            count += 1
+        return count
+
     def recover_after_restart(self, running: set[str]) -> int:
         """After a consumer restart Celery forgets reserved messages: republish them now.
 
@@ -204,7 +218,7 @@ class Inflight:
             with self._lock:
                 self.local.pop((task_id, record.generation), None)
             self.resurrector.resurrect(
-                record, self.worker, field, "the consumer restarted and forgot it"
+                record, self.worker, field, "the consumer restarted and forgot it", crash=False
             )
             count += 1
         return count

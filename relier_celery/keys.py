@@ -56,5 +56,5 @@ class Keys:
 
     @property
     def scan_stamp(self) -> str:
-        """STRING: time (ms) of the last completed resurrection scan, for visibility."""
+        """STRING: time (s since the epoch) of the last completed scan, for visibility."""
         return f"{self._base}:scan"

@@ -14,9 +14,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["RESURRECTIONS_HEADER", "Generation", "TaskRecord"]
+__all__ = ["CRASHES_HEADER", "RESURRECTIONS_HEADER", "Generation", "TaskRecord"]
 
+# Every republish by relier raises this; it orders deliveries of one task id (Generation).
 RESURRECTIONS_HEADER = "rl_resurrections"
+# Only republishes after a worker died holding the task raise this; max_resurrections bounds
+# it. A hand-off at a clean shutdown or after a consumer restart is not the task's fault.
+CRASHES_HEADER = "rl_crashes"
 
 # AMQP message properties worth carrying over; the rest (delivery_tag, delivery_info,
 # body_encoding) belong to one delivery by one transport and must not be copied.
@@ -141,10 +145,18 @@ class TaskRecord:
             received_at=data["received_at"],
         )
 
-    def next_generation(self) -> TaskRecord:
-        """The same message with its resurrection count raised by one."""
+    @property
+    def crashes(self) -> int:
+        """How many times a worker died holding this task."""
+        return _as_int(self.headers.get(CRASHES_HEADER))
+
+    def next_generation(self, crash: bool) -> TaskRecord:
+        """The same message with its resurrection count (and, after a crash, its crash count)
+        raised by one."""
         headers = copy.deepcopy(self.headers)
         headers[RESURRECTIONS_HEADER] = self.generation.resurrections + 1
+        if crash:
+            headers[CRASHES_HEADER] = self.crashes + 1
         return TaskRecord(**{**self.__dict__, "headers": headers})
 
     def publish(self, producer: Any) -> None:

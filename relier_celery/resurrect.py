@@ -43,23 +43,28 @@ class Resurrector:
         value = getattr(task, "max_resurrections", None) if task is not None else None
         return self.config.max_resurrections if value is None else int(value)
 
-    def resurrect(self, record: TaskRecord, held_by: str, field: str, why: str) -> str:
-        """Republish one record (or quarantine it), then drop it; return what was done."""
+    def resurrect(
+        self, record: TaskRecord, held_by: str, field: str, why: str, crash: bool = True
+    ) -> str:
+        """Republish one record (or quarantine it), then drop it; return what was done.
+
+        ``crash`` says the worker died holding it; only crashes count against
+        ``max_resurrections`` (a hand-off at shutdown or after a consumer restart does not)."""
         limit = self.max_resurrections(record.task_name)
-        count = record.generation.resurrections
-        if count >= limit:
+        crashes = record.crashes
+        if crash and crashes >= limit:
             quarantine(
                 self.store,
                 record,
                 "max_resurrections",
-                f"worker {held_by} was lost while running this task ({why}); it had "
-                f"already been resurrected {count} times (max_resurrections={limit})",
+                f"worker {held_by} was lost holding this task ({why}) after {crashes} earlier "
+                f"crash(es) with it: max_resurrections={limit}",
                 done_ttl=self.config.completed_ttl,
                 held_by=held_by,
                 field=field,
             )
             return "quarantined"
-        nxt = record.next_generation()
+        nxt = record.next_generation(crash)
         with self.app.producer_pool.acquire(block=True, timeout=10) as producer:
             nxt.publish(producer)
         self.store.take(held_by, field)
@@ -69,7 +74,8 @@ class Resurrector:
             task_id=record.task_id,
             task_name=record.task_name,
             worker=held_by,
-            resurrections=count + 1,
+            resurrections=nxt.generation.resurrections,
+            crashes=nxt.crashes,
             reason=why,
         )
         return "resurrected"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -26,6 +27,11 @@ from .record import Generation
 __all__ = ["Receipt", "Store"]
 
 _SCRIPTS = ("lease_renew", "receipt", "complete", "claim", "claim_finish", "dlq_put", "retire")
+# Error replies that mean "Redis could not take the write now", not "relier has a bug".
+# Inside a script the reply comes wrapped ("Error running script ...: -OOM command ...").
+_UNAVAILABLE_REPLY = re.compile(
+    r"(^|-)(OOM|READONLY|LOADING|BUSY|MASTERDOWN|CLUSTERDOWN|TRYAGAIN|NOREPLICAS) "
+)
 # Fail fast: a hung Redis call in the consumer would stall every task of the worker.
 SOCKET_TIMEOUT = 5.0
 
@@ -90,6 +96,12 @@ class Store:
             yield
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise StoreUnavailable(f"relier cannot reach Redis at {self._masked}: {exc}") from exc
+        except redis.ResponseError as exc:
+            # A full (OOM), read-only (failover), loading or busy Redis did not store the
+            # write: that is "not recorded", never "done".
+            if _UNAVAILABLE_REPLY.search(str(exc)):
+                raise StoreUnavailable(f"Redis at {self._masked} refused the write: {exc}") from exc
+            raise
 
     @property
     def _masked(self) -> str:
@@ -204,7 +216,7 @@ class Store:
         k = self.keys
         self._run(
             "dlq_put",
-            [k.dlq, k.dlq_index, k.held(worker or "-"), k.done(task_id)],
+            [k.dlq, k.dlq_index, k.held(worker or "-"), k.done(task_id), k.owners],
             [
                 entry_id,
                 entry,
@@ -212,6 +224,8 @@ class Store:
                 field or "",
                 f"{gen.retries}|{gen.resurrections}",
                 _ms(done_ttl),
+                task_id,
+                f"{worker}|{gen.retries}|{gen.resurrections}" if worker else "",
             ],
         )
 

@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from relier_celery.keys import Keys
-from relier_celery.record import RESURRECTIONS_HEADER, Generation, TaskRecord
+from relier_celery.record import CRASHES_HEADER, RESURRECTIONS_HEADER, Generation, TaskRecord
 
 prefixes = st.from_regex(r"[A-Za-z0-9_.\-]{1,12}", fullmatch=True)
 ids = st.text(min_size=1, max_size=40)
@@ -79,8 +79,16 @@ def test_record_keeps_the_exact_message_and_drops_per_delivery_properties() -> N
 
 def test_next_generation_raises_only_the_resurrection_header() -> None:
     rec = TaskRecord.from_message(_Msg(), "w1")
-    nxt = rec.next_generation()
-    assert nxt.headers[RESURRECTIONS_HEADER] == 1
-    assert {k: v for k, v in nxt.headers.items() if k != RESURRECTIONS_HEADER} == rec.headers
+    nxt = rec.next_generation(crash=True)
+    assert nxt.headers[RESURRECTIONS_HEADER] == 1 and nxt.crashes == 1
+    extra = {RESURRECTIONS_HEADER, CRASHES_HEADER}
+    assert {k: v for k, v in nxt.headers.items() if k not in extra} == rec.headers
     assert RESURRECTIONS_HEADER not in rec.headers  # the original is not mutated
     assert nxt.body == rec.body
+
+
+def test_a_hand_off_raises_the_generation_but_not_the_crash_count() -> None:
+    rec = TaskRecord.from_message(_Msg(), "w1").next_generation(crash=True)
+    handed = rec.next_generation(crash=False)
+    assert handed.generation > rec.generation
+    assert handed.crashes == rec.crashes == 1

@@ -22,7 +22,7 @@ from relier_celery.resurrect import Resurrector
 from relier_celery.store import Store
 
 
-def _dead_worker_with(store: Store, n: int, resurrections: int = 0) -> list[str]:
+def _dead_worker_with(store: Store, n: int, resurrections: int = 0, crashes: int = 0) -> list[str]:
     """Records of ``n`` messages held by worker 'dead', whose lease has run out."""
     store.renew_lease("dead", ttl=0.01)
     ids = []
@@ -37,6 +37,7 @@ def _dead_worker_with(store: Store, n: int, resurrections: int = 0) -> list[str]
                 "id": f"t{i}",
                 "task": "jobs.x",
                 "rl_resurrections": resurrections,
+                "rl_crashes": crashes,
                 "traceparent": "00-trace-span-01",
             },
             properties={"correlation_id": f"t{i}"},
@@ -90,13 +91,27 @@ def test_past_max_resurrections_a_task_goes_to_the_dlq_not_the_queue(redis_url: 
     app = Celery("dlq", broker=redis_url)
     app.conf.relier_max_resurrections = 2
     relier = install(app)
-    _dead_worker_with(relier.store, 1, resurrections=2)
+    _dead_worker_with(relier.store, 1, resurrections=2, crashes=2)
     Resurrector(app, relier.config, relier.store).scan_once()
     client = redis.Redis.from_url(redis_url)
     assert _queued(client) == []
     (entry,) = [json.loads(v) for v in client.hvals(Keys("rl").dlq)]
     assert entry["reason"] == "max_resurrections" and entry["worker"] == "dead"
     assert entry["message"]["headers"]["id"] == "t0"
+    assert entry["crashes"] == 2
+    assert client.hget(Keys("rl").owners, "t0") is None  # nothing left behind
+
+
+def test_hand_offs_do_not_count_against_max_resurrections(redis_url: str) -> None:
+    # Given a task republished 5 times by hand-offs (deploys), but crashed only once
+    app = Celery("handoff", broker=redis_url)
+    app.conf.relier_max_resurrections = 2
+    relier = install(app)
+    _dead_worker_with(relier.store, 1, resurrections=5, crashes=1)
+    # When its worker dies, Then it is resurrected, not quarantined
+    Resurrector(app, relier.config, relier.store).scan_once()
+    (msg,) = _queued(redis.Redis.from_url(redis_url))
+    assert msg["headers"]["rl_resurrections"] == 6 and msg["headers"]["rl_crashes"] == 2
 
 
 def test_the_beat_task_scans_too(redis_url: str) -> None:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
 import redis
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from relier_celery.errors import StoreUnavailable
 from relier_celery.keys import Keys
 from relier_celery.record import Generation
 from relier_celery.store import Store
@@ -168,6 +170,7 @@ def test_dlq_put_writes_the_entry_and_drops_the_record_together(
     assert client.zscore(store.keys.dlq_index, "e1") == 1000
     assert client.hlen(store.keys.held("A")) == 0
     assert client.ttl(store.keys.dlq) == -1  # never expires by itself
+    assert client.hget(store.keys.owners, "t1") is None
     assert not store.record("t1", "B", G0, "rec").recorded  # a late copy is a duplicate
 
 
@@ -214,3 +217,16 @@ def test_only_strictly_newer_deliveries_are_recorded(redis_server, deliveries) -
         assert recorded == (newest is None or gen > newest)
         if recorded:
             newest = gen
+
+
+def test_a_full_redis_means_not_recorded_never_done(store: Store, client: redis.Redis) -> None:
+    # Given a Redis out of memory under noeviction
+    store.record("warm", "A", G0, "rec")
+    client.config_set("maxmemory", 1)
+    try:
+        # When relier tries to record, Then it is told the store is unavailable (the message
+        # is parked with the broker), not that it succeeded or crashed
+        with pytest.raises(StoreUnavailable, match="refused the write: .*OOM"):
+            store.record("t1", "A", G0, "rec" * 1000)
+    finally:
+        client.config_set("maxmemory", 0)

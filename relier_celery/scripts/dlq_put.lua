@@ -10,6 +10,9 @@
 -- ARGV[4]  held field to remove ("" for none)
 -- ARGV[5]  "retries|resurrections" of the quarantined delivery
 -- ARGV[6]  ttl of the done record in ms
+-- KEYS[5]  owners HASH
+-- ARGV[7]  task id
+-- ARGV[8]  owner entry of the quarantined delivery ("worker|retries|resurrections"), or ""
 -- Returns  1
 --
 -- Why: the entry is written before the record goes, in one step, so a task is never in
@@ -20,4 +23,7 @@ if ARGV[4] ~= '' then
   redis.call('HDEL', KEYS[3], ARGV[4])
 end
 redis.call('SET', KEYS[4], ARGV[5], 'PX', ARGV[6])
+if ARGV[8] ~= '' and redis.call('HGET', KEYS[5], ARGV[7]) == ARGV[8] then
+  redis.call('HDEL', KEYS[5], ARGV[7])
+end
 return 1
