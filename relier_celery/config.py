@@ -64,6 +64,10 @@ class RelierConfig:
     scanner_enabled: bool = True
     """Whether each worker runs a scanner. Turn off only if a standalone resurrector runs."""
 
+    unacked_sweep: bool = True
+    """Whether scanners return to their queue the broker deliveries of a worker that died
+    before recording them (Redis broker only; see relier_celery/orphans.py)."""
+
     claim_ttl: float = CLAIM_TTL
     """Seconds a scanner's claim on a dead worker's tasks lasts before another may retake it."""
 

@@ -19,6 +19,7 @@ from . import events
 from .config import RelierConfig
 from .dlq import quarantine
 from .errors import RelierError
+from .orphans import UnackedSweep
 from .record import TaskRecord
 from .store import Store
 
@@ -37,6 +38,7 @@ class Resurrector:
         self.name = name or f"scanner-{uuid.uuid4().hex[:8]}"
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.unacked = UnackedSweep(app, config, store)
 
     def max_resurrections(self, task_name: str) -> int:
         task = self.app.tasks.get(task_name)
@@ -106,6 +108,7 @@ class Resurrector:
                     handled += 1
             finally:
                 self.store.claim_finish(dead, self.name)
+        handled += self.unacked.sweep()
         self.store.mark_scan()
         return handled
 
@@ -118,6 +121,7 @@ class Resurrector:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        self.unacked.close()
 
     def run_forever(self) -> None:
         """Scan until stopped (the standalone resurrector)."""

@@ -28,6 +28,12 @@ __all__ = ["Receipt", "Store"]
 
 _SCRIPTS = ("lease_renew", "receipt", "complete", "claim", "claim_finish", "dlq_put", "retire")
 # Error replies that mean "Redis could not take the write now", not "relier has a bug".
+_UNAVAILABLE_ERRORS = (
+    redis.exceptions.OutOfMemoryError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.ClusterDownError,
+    redis.exceptions.TryAgainError,
+)
 # Inside a script the reply comes wrapped ("Error running script ...: -OOM command ...").
 _UNAVAILABLE_REPLY = re.compile(
     r"(^|-)(OOM|READONLY|LOADING|BUSY|MASTERDOWN|CLUSTERDOWN|TRYAGAIN|NOREPLICAS) "
@@ -98,8 +104,9 @@ class Store:
             raise StoreUnavailable(f"relier cannot reach Redis at {self._masked}: {exc}") from exc
         except redis.ResponseError as exc:
             # A full (OOM), read-only (failover), loading or busy Redis did not store the
-            # write: that is "not recorded", never "done".
-            if _UNAVAILABLE_REPLY.search(str(exc)):
+            # write: that is "not recorded", never "done". redis-py raises some of these as
+            # their own classes (Redis 7), others only in the message (Redis 6 scripts).
+            if isinstance(exc, _UNAVAILABLE_ERRORS) or _UNAVAILABLE_REPLY.search(str(exc)):
                 raise StoreUnavailable(f"Redis at {self._masked} refused the write: {exc}") from exc
             raise
 
@@ -172,6 +179,22 @@ class Store:
             ],
         )
         return bool(removed)
+
+    def known(self, task_ids: set[str]) -> set[str]:
+        """The task ids some worker holds or recently finished (one pipelined round trip)."""
+        ids = sorted(task_ids)
+        if not ids:
+            return set()
+
+        def ask(c: redis.Redis) -> list[Any]:
+            pipe = c.pipeline(transaction=False)
+            for task_id in ids:
+                pipe.hexists(self.keys.owners, task_id)
+                pipe.exists(self.keys.done(task_id))
+            return list(pipe.execute())
+
+        flags = self.call(ask)
+        return {t for i, t in enumerate(ids) if flags[2 * i] or flags[2 * i + 1]}
 
     def held(self, worker: str) -> dict[str, str]:
         """Every record a worker holds, by ``task_id|retries|resurrections``."""

@@ -66,9 +66,10 @@ def wait_for(predicate: Any, timeout: float, interval: float = 0.05, what: str =
 class RedisServer:
     """A throwaway ``redis-server`` on a free loopback port, in a temporary directory."""
 
-    def __init__(self, *args: str, port: int = 0) -> None:
+    def __init__(self, *args: str, port: int = 0, binary: str | None = None) -> None:
         self.args = args
         self.port = port
+        self.binary = binary
         self.proc: subprocess.Popen[bytes] | None = None
         self._dir: tempfile.TemporaryDirectory[str] | None = None
 
@@ -81,7 +82,7 @@ class RedisServer:
         self.port = self.port or free_port()
         self.proc = subprocess.Popen(
             [
-                find_redis_server(),
+                self.binary or find_redis_server(),
                 "--port",
                 str(self.port),
                 "--bind",

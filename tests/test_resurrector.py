@@ -17,7 +17,7 @@ from celery import Celery
 from relier_celery.config import RelierConfig
 from relier_celery.keys import Keys
 from relier_celery.plugin import install
-from relier_celery.record import TaskRecord
+from relier_celery.record import Generation, TaskRecord
 from relier_celery.resurrect import Resurrector
 from relier_celery.store import Store
 
@@ -153,3 +153,50 @@ def test_install_is_idempotent_and_validates(redis_url: str) -> None:
     app = Celery("idem", broker=redis_url)
     assert install(app) is install(app)
     assert isinstance(install(app).config, RelierConfig)
+
+
+def _orphan(app: Celery, redis_url: str, task: str, age: float = 60.0) -> str:
+    """A message delivered (moved to kombu's unacked hash) to a consumer that then vanished."""
+    task_id = app.send_task(task, args=(1,)).id
+    with app.connection_for_read() as conn:
+        channel = conn.default_channel
+        message = channel.basic_get("celery", no_ack=False)
+        assert message is not None and message.headers["id"] == task_id
+        channel.qos._delivered.clear()  # die without restoring or acking
+        client = redis.Redis.from_url(redis_url)
+        client.zadd("unacked_index", {message.delivery_tag: time.time() - age})
+    return task_id
+
+
+def test_an_orphaned_delivery_goes_back_to_its_queue(redis_url: str) -> None:
+    # Given a delivery taken by a worker that died before recording it
+    app = Celery("orphans", broker=redis_url)
+    relier = install(app)
+
+    @app.task(name="jobs.orphan", shared=False)
+    def orphan(n: int) -> None: ...
+
+    task_id = _orphan(app, redis_url, "jobs.orphan")
+    client = redis.Redis.from_url(redis_url)
+    assert client.llen("celery") == 0 and client.hlen("unacked") == 1
+    # When a scanner runs, Then the message is back in its queue, unchanged
+    assert Resurrector(app, relier.config, relier.store).scan_once() == 1
+    (msg,) = _queued(client)
+    assert msg["headers"]["id"] == task_id and "rl_resurrections" not in msg["headers"]
+    assert client.hlen("unacked") == 0
+
+
+def test_a_recorded_young_or_foreign_delivery_is_left_alone(redis_url: str) -> None:
+    app = Celery("orphans2", broker=redis_url)
+    relier = install(app)
+
+    @app.task(name="jobs.held", shared=False)
+    def held(n: int) -> None: ...
+
+    # held by a live worker / too young to judge / a task this app does not know
+    held_id = _orphan(app, redis_url, "jobs.held")
+    relier.store.record(held_id, "live", Generation(0, 0), "rec")
+    _orphan(app, redis_url, "jobs.held", age=0)
+    _orphan(app, redis_url, "someone.elses")
+    assert Resurrector(app, relier.config, relier.store).scan_once() == 0
+    assert redis.Redis.from_url(redis_url).hlen("unacked") == 3
