@@ -6,13 +6,17 @@ Redis, so a test counts side effects from outside the workers.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import time
 
 import redis
+import redis.asyncio as aredis
 from celery import Celery
+
+from relier_celery import TaskContext
 
 REDIS_URL = os.environ.get("RELIER_TEST_REDIS", "redis://127.0.0.1:6379/15")
 # Where tasks count their executions; apart from the broker when a test restarts the broker.
@@ -111,3 +115,34 @@ if os.environ.get("RELIER_TEST_BAD_TASK") == "1":
 
     @app.task(name="chaos.typo", max_resurections=2)  # deliberate typo: the worker must refuse
     def typo() -> None: ...
+
+
+_aclients: dict[int, aredis.Redis] = {}
+
+
+def ar() -> aredis.Redis:
+    """An asyncio Redis client of the running loop (clients cannot cross loops)."""
+    loop = asyncio.get_running_loop()
+    if id(loop) not in _aclients:
+        _aclients[id(loop)] = aredis.Redis.from_url(RESULTS_URL)
+    return _aclients[id(loop)]
+
+
+@app.task(name="chaos.async_io")
+async def async_io(n: int, seconds: float = 0.01) -> int:
+    """Await real Redis I/O on the worker process's loop; record the loop and the context."""
+    client = ar()
+    running = await client.incr("test:running")
+    await client.eval(
+        "if tonumber(redis.call('GET', KEYS[1]) or 0) < tonumber(ARGV[1]) then "
+        "redis.call('SET', KEYS[1], ARGV[1]) end",
+        1,
+        "test:max_running",
+        running,
+    )
+    await asyncio.sleep(seconds)
+    await client.decr("test:running")
+    await client.sadd("test:loops", f"{os.getpid()}:{id(asyncio.get_running_loop())}")
+    await client.set(f"test:ctx:{n}", TaskContext.current().task_id)
+    await client.sadd("test:done", n)
+    return n

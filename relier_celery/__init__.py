@@ -6,6 +6,8 @@ Enable it by configuration alone: add ``"relier_celery"`` to the app's ``imports
 
 from __future__ import annotations
 
+from .context import TaskContext
+from .dispatch import rl_task
 from .errors import ConfigError, RecordRefused, RelierError, StoreUnavailable
 from .plugin import install
 from .signals import connect as _connect
@@ -17,8 +19,10 @@ __all__ = [
     "RecordRefused",
     "RelierError",
     "StoreUnavailable",
+    "TaskContext",
     "__version__",
     "install",
+    "rl_task",
 ]
 
 _connect()

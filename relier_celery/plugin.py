@@ -43,10 +43,24 @@ def install(app: Any) -> Relier:
             config = RelierConfig.from_app(app)
             relier = Relier(app, config, Store(config.redis_url, Keys(config.prefix)))
             _installed[app] = relier
+            from .dispatch import add_dispatch
             from .tasks import register_tasks
 
             register_tasks(app)
+            add_dispatch()
+            if app.finalized:
+                _make_async_tasks_sync(app)
+            else:
+                app.on_after_finalize.connect(_make_async_tasks_sync, weak=False)
         return relier
+
+
+def _make_async_tasks_sync(sender: Any = None, **_: Any) -> None:
+    """Let Celery's synchronous tracer run every ``async def`` task (see aio.py)."""
+    from .aio import make_sync
+
+    for task in list(sender.tasks.values()):
+        make_sync(task)
 
 
 def get(app: Any) -> Relier | None:

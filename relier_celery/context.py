@@ -1,0 +1,75 @@
+"""``TaskContext``: what a running task knows about itself, the same in sync and async code.
+
+Inside a task, ``TaskContext.current()`` gives the task id, name, arguments, Celery's retry
+count, relier's resurrection and crash counts, and a ``progress`` dict for partial results.
+Async tasks get it through a context variable set in their own asyncio task; sync tasks read
+Celery's current request.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from .errors import RelierError
+from .record import CRASHES_HEADER, RESURRECTIONS_HEADER
+
+__all__ = ["TaskContext", "bind_context"]
+
+T = TypeVar("T")
+
+_current: contextvars.ContextVar[TaskContext | None] = contextvars.ContextVar(
+    "relier_task_context", default=None
+)
+
+
+@dataclass
+class TaskContext:
+    """The running task, as relier sees it."""
+
+    task_id: str
+    name: str
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    retries: int = 0
+    resurrections: int = 0
+    crashes: int = 0
+    deadline: float | None = None
+    progress: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_task(cls, task: Any) -> TaskContext:
+        """Build from a Celery task's current request (the calling thread's)."""
+        request = task.request
+        headers = getattr(request, "headers", None) or {}
+        return cls(
+            task_id=str(request.id),
+            name=str(task.name),
+            args=tuple(request.args or ()),
+            kwargs=dict(request.kwargs or {}),
+            retries=int(request.retries or 0),
+            resurrections=int(headers.get(RESURRECTIONS_HEADER) or 0),
+            crashes=int(headers.get(CRASHES_HEADER) or 0),
+        )
+
+    @classmethod
+    def current(cls) -> TaskContext:
+        """The context of the task running here; raises RelierError outside a task."""
+        ctx = _current.get()
+        if ctx is not None:
+            return ctx
+        from celery import current_task
+
+        task = current_task._get_current_object() if current_task else None
+        if task is None or task.request.id is None:
+            raise RelierError("TaskContext.current() called outside a running task")
+        ctx = cls.from_task(task)
+        return ctx
+
+
+async def bind_context(ctx: TaskContext, coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` with ``ctx`` as its TaskContext (each asyncio task has its own copy)."""
+    _current.set(ctx)
+    return await coro
