@@ -146,3 +146,42 @@ async def async_io(n: int, seconds: float = 0.01) -> int:
     await client.set(f"test:ctx:{n}", TaskContext.current().task_id)
     await client.sadd("test:done", n)
     return n
+
+
+def save_progress_hook(ctx: TaskContext) -> None:
+    """A sync soft-timeout hook: save where the task got to."""
+    ctx.save_progress(step="halfway", n=ctx.args[0])
+
+
+async def async_save_progress_hook(ctx: TaskContext) -> None:
+    """An async soft-timeout hook."""
+    await asyncio.sleep(0)
+    ctx.save_progress(step="async-halfway", n=ctx.args[0])
+
+
+@app.task(
+    name="chaos.stall_async",
+    soft_timeout=1,
+    hard_timeout=2.5,
+    on_soft_timeout=async_save_progress_hook,
+)
+async def stall_async(n: int, seconds: float = 30.0) -> int:
+    """Stall past the hard timeout; the finally block must still run when cancelled."""
+    await ar().incr(f"test:started:{n}")
+    try:
+        await asyncio.sleep(seconds)
+    finally:
+        await ar().set(f"test:cleanup:{n}", 1)
+    await ar().sadd("test:done", n)
+    return n
+
+
+@app.task(
+    name="chaos.stall_sync", soft_timeout=1, hard_timeout=3, on_soft_timeout=save_progress_hook
+)
+def stall_sync(n: int, seconds: float = 30.0) -> int:
+    """A sync task stalling (for ``seconds``) past its hard timeout."""
+    r().incr(f"test:started:{n}")
+    time.sleep(seconds)
+    r().sadd("test:done", n)
+    return n

@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-from .context import TaskContext, bind_context
+from .context import bind_context
 
 __all__ = ["get_loop", "make_sync", "run"]
 
@@ -57,6 +57,14 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run_coroutine_threadsafe(coro, loop).result()
 
 
+def _run_task(task: Any, coro: Coroutine[Any, Any, T]) -> T:
+    """Run one async task's coroutine on the loop, with its TaskContext and its deadlines."""
+    from .timeouts import context_for, guard, task_limits
+
+    ctx = context_for(task)
+    return run(guard(bind_context(ctx, coro), ctx, task_limits(task)))
+
+
 def make_sync(task: Any) -> bool:
     """Make an ``async def`` Celery task runnable by Celery's synchronous tracer; return
     whether it was async. Idempotent."""
@@ -73,8 +81,7 @@ def make_sync(task: Any) -> bool:
 
         @functools.wraps(fn)
         def run_static(*args: Any, **kwargs: Any) -> Any:
-            ctx = TaskContext.from_task(task)
-            return run(bind_context(ctx, fn(*args, **kwargs)))
+            return _run_task(task, fn(*args, **kwargs))
 
         run_static.__relier_async__ = True  # type: ignore[attr-defined]
         cls.run = staticmethod(run_static)
@@ -82,8 +89,7 @@ def make_sync(task: Any) -> bool:
 
         @functools.wraps(fn)
         def run_bound(self: Any, *args: Any, **kwargs: Any) -> Any:
-            ctx = TaskContext.from_task(self)
-            return run(bind_context(ctx, fn(self, *args, **kwargs)))
+            return _run_task(self, fn(self, *args, **kwargs))
 
         run_bound.__relier_async__ = True  # type: ignore[attr-defined]
         cls.run = run_bound

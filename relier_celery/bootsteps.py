@@ -14,7 +14,7 @@ import logging
 from typing import Any
 
 from celery import bootsteps
-from celery.exceptions import WorkerLostError
+from celery.exceptions import TimeLimitExceeded, WorkerLostError
 from celery.worker import state as worker_state
 
 from . import events
@@ -23,6 +23,7 @@ from .inflight import Inflight, Key
 from .lease import Lease
 from .plugin import install, new_worker_id
 from .resurrect import Resurrector
+from .timeouts import HARD_LIMIT_ENFORCED, is_async, task_limits
 
 __all__ = ["RelierConsumer", "RelierWorker", "WorkerRuntime"]
 
@@ -34,9 +35,10 @@ class WorkerRuntime:
 
     current: WorkerRuntime | None = None
 
-    def __init__(self, app: Any, hostname: str) -> None:
+    def __init__(self, app: Any, hostname: str, pool_cls: Any = None) -> None:
         relier = install(app)
         validate_task_options(app)
+        _apply_hard_timeouts(app, pool_cls)
         self.app = app
         self.config = relier.config
         self.store = relier.store
@@ -105,7 +107,7 @@ class RelierWorker(bootsteps.StartStopStep):  # type: ignore[misc]
     def __init__(self, w: Any, **kwargs: Any) -> None:
         super().__init__(w, **kwargs)
         # Raises ConfigError on a bad setting: the worker refuses to start.
-        w.relier = WorkerRuntime(w.app, w.hostname)
+        w.relier = WorkerRuntime(w.app, w.hostname, w.pool_cls)
 
     def start(self, w: Any) -> None:
         # Raises StoreUnavailable when Redis is down: Celery logs it and exits non-zero.
@@ -232,6 +234,15 @@ def _wrap_request(req: Any, key: Key, inflight: Inflight) -> None:
                 if not req.acknowledged:
                     req.acknowledge()
                 return None
+        if isinstance(exc, TimeLimitExceeded):
+            events.emit(
+                "task.timeout",
+                f"{req.name}[{req.id}] passed its hard timeout and was stopped by Celery's "
+                "time limit: a failure, not a resurrection",
+                task_id=req.id,
+                task_name=req.name,
+                timeout_type="hard",
+            )
         inflight.finish(key)
         return on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
 
@@ -244,3 +255,26 @@ def _wrap_request(req: Any, key: Key, inflight: Inflight) -> None:
     req.on_success = relier_on_success
     req.on_failure = relier_on_failure
     req.reject = relier_reject
+
+
+def _apply_hard_timeouts(app: Any, pool_cls: Any) -> None:
+    """Sync tasks' hard timeouts become Celery's own time_limit, which only the prefork pool
+    enforces (by killing the pool process); elsewhere relier can only report them."""
+    from celery.concurrency.prefork import TaskPool as Prefork
+
+    prefork = isinstance(pool_cls, type) and issubclass(pool_cls, Prefork)
+    HARD_LIMIT_ENFORCED["value"] = prefork
+    for name, task in sorted(app.tasks.items()):
+        hard = task_limits(task).hard
+        if hard is None or is_async(task):
+            continue
+        if not prefork:
+            logger.warning(
+                "relier: task %s has a hard timeout of %s s, but a sync task cannot be "
+                "interrupted in this pool (%s): it will be reported, not stopped",
+                name,
+                hard,
+                getattr(pool_cls, "__name__", pool_cls),
+            )
+        elif task.time_limit is None or task.time_limit > hard:
+            task.time_limit = hard

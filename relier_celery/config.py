@@ -81,6 +81,12 @@ class RelierConfig:
     max_message_bytes: int = MAX_MESSAGE_BYTES
     """Largest message body relier records. A larger one runs unprotected, with an error log."""
 
+    soft_timeout: float | None = None
+    """Default soft timeout of every task (seconds): its on_soft_timeout hook runs then."""
+
+    hard_timeout: float | None = None
+    """Default hard timeout of every task (seconds): the task is stopped and fails then."""
+
     @classmethod
     def from_app(cls, app: Any) -> RelierConfig:
         """Read and validate the ``relier_*`` settings of a Celery app."""
@@ -133,6 +139,9 @@ class RelierConfig:
             raise ConfigError(
                 f"relier_max_resurrections must be 0 or more, got {self.max_resurrections}"
             )
+        _check_timeouts(
+            "relier_soft_timeout", "relier_hard_timeout", self.soft_timeout, self.hard_timeout
+        )
         if self.max_message_bytes <= 0:
             raise ConfigError(
                 f"relier_max_message_bytes must be above 0, got {self.max_message_bytes}"
@@ -154,6 +163,10 @@ class RelierConfig:
 def _coerce(key: str, field: dataclasses.Field[Any], raw: Any) -> Any:
     """Turn a raw config value into the field's type, or raise naming the key."""
     kind = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", "")
+    if kind.endswith(" | None"):
+        if raw is None:
+            return None
+        kind = kind.removesuffix(" | None")
     if kind == "float":
         if isinstance(raw, timedelta):
             return raw.total_seconds()
@@ -188,7 +201,7 @@ def mask_url(url: str) -> str:
 
 # Task options relier reads. Celery turns unknown task options into task attributes, so a
 # typo would be silently ignored; validate_task_options catches relier-looking ones.
-TASK_OPTIONS = {"max_resurrections"}
+TASK_OPTIONS = {"max_resurrections", "soft_timeout", "hard_timeout", "on_soft_timeout"}
 _RELIER_LOOKING = re.compile(r"^(rl_|relier_)|resurrect|resurect")
 
 
@@ -212,6 +225,22 @@ def validate_task_options(app: Any) -> None:
                 f"did you mean {hint[0]!r}?" if hint else f"relier options: {sorted(TASK_OPTIONS)}"
             )
             raise ConfigError(f"task {name!r} has unknown relier option {attr!r}: {fix}")
+        soft = getattr(task, "soft_timeout", None)
+        hard = getattr(task, "hard_timeout", None)
+        for option, limit in (("soft_timeout", soft), ("hard_timeout", hard)):
+            if limit is not None and (
+                isinstance(limit, bool) or not isinstance(limit, int | float) or limit <= 0
+            ):
+                raise ConfigError(
+                    f"task {name!r}: {option} must be a number of seconds above 0, got {limit!r}"
+                )
+        _check_timeouts(f"task {name!r}: soft_timeout", "hard_timeout", soft, hard)
+        hook = getattr(task, "on_soft_timeout", None)
+        if hook is not None and not callable(hook):
+            raise ConfigError(
+                f"task {name!r}: on_soft_timeout must be a callable taking a TaskContext, "
+                f"got {hook!r}"
+            )
         value = getattr(task, "max_resurrections", None)
         if value is not None and (
             isinstance(value, bool) or not isinstance(value, int) or value < 0
@@ -219,3 +248,14 @@ def validate_task_options(app: Any) -> None:
             raise ConfigError(
                 f"task {name!r}: max_resurrections must be an integer >= 0, got {value!r}"
             )
+
+
+def _check_timeouts(soft_name: str, hard_name: str, soft: Any, hard: Any) -> None:
+    for name, limit in ((soft_name, soft), (hard_name, hard)):
+        if limit is not None and limit <= 0:
+            raise ConfigError(f"{name} must be above 0, got {limit!r}")
+    if soft is not None and hard is not None and hard <= soft:
+        raise ConfigError(
+            f"{hard_name} ({hard} s) must be above {soft_name} ({soft} s): the soft timeout "
+            "warns before the hard one stops the task"
+        )

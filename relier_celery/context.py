@@ -9,6 +9,7 @@ Celery's current request.
 from __future__ import annotations
 
 import contextvars
+import json
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -16,7 +17,7 @@ from typing import Any, TypeVar
 from .errors import RelierError
 from .record import CRASHES_HEADER, RESURRECTIONS_HEADER
 
-__all__ = ["TaskContext", "bind_context"]
+__all__ = ["TaskContext", "bind_context", "set_current"]
 
 T = TypeVar("T")
 
@@ -37,7 +38,29 @@ class TaskContext:
     resurrections: int = 0
     crashes: int = 0
     deadline: float | None = None
+    """When the hard timeout stops the task (epoch seconds), if it has one."""
     progress: dict[str, Any] = field(default_factory=dict)
+    """Partial results; ``save_progress`` also keeps them in Redis."""
+    app: Any = field(default=None, repr=False, compare=False)
+
+    def save_progress(self, **data: Any) -> None:
+        """Merge ``data`` into ``progress`` and keep it in Redis for ``relier_completed_ttl``,
+        readable after the task (or its worker) is gone with ``TaskContext.load_progress``."""
+        from .plugin import install
+
+        self.progress.update(data)
+        relier = install(self.app)
+        relier.store.save_progress(
+            self.task_id, json.dumps(self.progress, default=str), relier.config.completed_ttl
+        )
+
+    @staticmethod
+    def load_progress(app: Any, task_id: str) -> dict[str, Any]:
+        """The progress a task saved, or {}."""
+        from .plugin import install
+
+        raw = install(app).store.load_progress(task_id)
+        return dict(json.loads(raw)) if raw else {}
 
     @classmethod
     def from_task(cls, task: Any) -> TaskContext:
@@ -52,6 +75,7 @@ class TaskContext:
             retries=int(request.retries or 0),
             resurrections=int(headers.get(RESURRECTIONS_HEADER) or 0),
             crashes=int(headers.get(CRASHES_HEADER) or 0),
+            app=task.app,
         )
 
     @classmethod
@@ -67,6 +91,20 @@ class TaskContext:
             raise RelierError("TaskContext.current() called outside a running task")
         ctx = cls.from_task(task)
         return ctx
+
+
+def set_current(ctx: TaskContext | None) -> contextvars.Token[TaskContext | None]:
+    """Make ``ctx`` the current TaskContext of this thread (the worker does this per task)."""
+    return _current.set(ctx)
+
+
+def reset_current(token: contextvars.Token[TaskContext | None]) -> None:
+    _current.reset(token)
+
+
+def peek() -> TaskContext | None:
+    """The current TaskContext, if one was set."""
+    return _current.get()
 
 
 async def bind_context(ctx: TaskContext, coro: Coroutine[Any, Any, T]) -> T:

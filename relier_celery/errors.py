@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "RecordRefused", "RelierError", "StoreUnavailable"]
+__all__ = ["ConfigError", "HardTimeout", "RecordRefused", "RelierError", "StoreUnavailable"]
 
 
 class RelierError(Exception):
@@ -19,3 +19,7 @@ class StoreUnavailable(RelierError):
 
 class RecordRefused(RelierError):
     """A message could not be recorded (for example, larger than ``relier_max_message_bytes``)."""
+
+
+class HardTimeout(RelierError):
+    """A task ran past its ``hard_timeout`` and was stopped: a failure, never a resurrection."""

@@ -54,6 +54,10 @@ class Keys:
         """ZSET: DLQ entry id -> quarantine time (ms), oldest first."""
         return f"{self._base}:dlq:index"
 
+    def progress(self, task_id: str) -> str:
+        """STRING with a TTL: partial results a task saved (JSON), e.g. from a timeout hook."""
+        return f"{self._base}:progress:{task_id}"
+
     @property
     def scan_stamp(self) -> str:
         """STRING: time (s since the epoch) of the last completed scan, for visibility."""

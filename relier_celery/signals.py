@@ -29,6 +29,19 @@ def on_worker_shutdown(sender: Any = None, **_: Any) -> None:
         runtime.stop()
 
 
+def on_task_prerun(task: Any = None, **_: Any) -> None:
+    from .timeouts import begin
+
+    if task is not None:
+        begin(task)
+
+
+def on_task_postrun(**_: Any) -> None:
+    from .timeouts import end
+
+    end()
+
+
 def on_task_revoked(request: Any = None, **_: Any) -> None:
     from .bootsteps import WorkerRuntime
 
@@ -50,3 +63,5 @@ def connect() -> None:
     signals.worker_init.connect(on_worker_init, weak=False)
     signals.worker_shutdown.connect(on_worker_shutdown, weak=False)
     signals.task_revoked.connect(on_task_revoked, weak=False)
+    signals.task_prerun.connect(on_task_prerun, weak=False)
+    signals.task_postrun.connect(on_task_postrun, weak=False)

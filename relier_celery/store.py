@@ -220,6 +220,12 @@ class Store:
             self._run("claim_finish", [k.leases, k.held(dead), k.claim(dead)], [dead, scanner])
         )
 
+    def save_progress(self, task_id: str, data: str, ttl: float) -> None:
+        self.call(lambda c: c.set(self.keys.progress(task_id), data, px=_ms(ttl)))
+
+    def load_progress(self, task_id: str) -> str | None:
+        return cast(str | None, self.call(lambda c: c.get(self.keys.progress(task_id))))
+
     def mark_scan(self) -> None:
         self.call(lambda c: c.set(self.keys.scan_stamp, c.time()[0]))
 
