@@ -109,3 +109,18 @@ def test_apush_does_not_block_the_event_loop(app: Celery, monkeypatch) -> None:
     result, ticks = asyncio.run(scenario())
     assert result == "published"
     assert ticks >= 10
+
+
+def test_rl_task_is_shared_task_with_relier_options_and_push(redis_url: str) -> None:
+    from relier_celery import rl_task
+
+    @rl_task(name="aio.rl", max_resurrections=5, soft_timeout=1, hard_timeout=2)
+    async def rl(x: int) -> int:
+        return x * 2
+
+    app = Celery("rl_app", broker=redis_url)
+    install(app)
+    task = app.tasks["aio.rl"]
+    assert (task.max_resurrections, task.soft_timeout, task.hard_timeout) == (5, 1, 2)
+    assert task.apply(args=(21,)).get() == 42
+    assert task.push(1).id
