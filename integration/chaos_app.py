@@ -185,3 +185,18 @@ def stall_sync(n: int, seconds: float = 30.0) -> int:
     time.sleep(seconds)
     r().sadd("test:done", n)
     return n
+
+
+@app.task(
+    name="chaos.long_with_hook",
+    soft_timeout=60,
+    hard_timeout=120,
+    on_soft_timeout=save_progress_hook,
+)
+def long_with_hook(n: int, seconds: float = 6.0) -> int:
+    """A long task whose soft-timeout hook only a drain would fire."""
+    r().incr(f"test:started:{n}")
+    time.sleep(seconds)
+    r().incr(f"test:runs:{n}")
+    r().sadd("test:done", n)
+    return n

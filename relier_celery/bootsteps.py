@@ -14,11 +14,13 @@ import logging
 from typing import Any
 
 from celery import bootsteps
-from celery.exceptions import TimeLimitExceeded, WorkerLostError
+from celery.exceptions import TaskRevokedError, Terminated, TimeLimitExceeded, WorkerLostError
 from celery.worker import state as worker_state
 
+from . import control as _control  # noqa: F401  (registers the relier_drain command)
 from . import events
 from .config import validate_task_options
+from .drain import Drain
 from .inflight import Inflight, Key
 from .lease import Lease
 from .plugin import install, new_worker_id
@@ -48,6 +50,8 @@ class WorkerRuntime:
         )
         self.inflight = Inflight(self.config, self.store, self.worker_id, self.resurrector)
         self.lease = Lease(self.config, self.store, self.worker_id, on_renewed=self.inflight.flush)
+        self.pool_cls = pool_cls
+        self.drain = Drain(self)
         self.started = False
 
     def start(self) -> None:
@@ -70,6 +74,8 @@ class WorkerRuntime:
         if not self.started:
             return
         self.started = False
+        if self.drain.started:
+            self.drain.wait(self.config.drain_timeout + 30)
         self.resurrector.stop()
         handed = 0
         try:
@@ -108,6 +114,7 @@ class RelierWorker(bootsteps.StartStopStep):  # type: ignore[misc]
         super().__init__(w, **kwargs)
         # Raises ConfigError on a bad setting: the worker refuses to start.
         w.relier = WorkerRuntime(w.app, w.hostname, w.pool_cls)
+        _drain_before_cold_shutdown(w)
 
     def start(self, w: Any) -> None:
         # Raises StoreUnavailable when Redis is down: Celery logs it and exits non-zero.
@@ -203,6 +210,17 @@ def _wrap_request(req: Any, key: Key, inflight: Inflight) -> None:
     on_success = req.on_success
     on_failure = req.on_failure
     reject = req.reject
+    execute_using_pool = req.execute_using_pool
+
+    def relier_execute_using_pool(pool: Any, **kwargs: Any) -> Any:
+        if inflight.draining:
+            # Intake has stopped: a task reaching the pool now is handed off, not started.
+            inflight.hand_off_key(key, "it reached the pool while its worker was draining")
+            worker_state.task_ready(req)
+            if not req.acknowledged:
+                req.acknowledge()
+            raise TaskRevokedError(req.id)  # Celery then frees the pool slot it had taken
+        return execute_using_pool(pool, **kwargs)
 
     def relier_on_success(failed__retval__runtime: Any, **kwargs: Any) -> Any:
         if not failed__retval__runtime[0]:
@@ -219,6 +237,18 @@ def _wrap_request(req: Any, key: Key, inflight: Inflight) -> None:
             and not req._already_cancelled
             and not req._already_revoked
         )
+        cancelled = isinstance(exc, Terminated) and req._already_cancelled
+        if cancelled or (inflight.draining and (lost or isinstance(exc, Terminated))):
+            # Stopped by the drain, or cancelled by Celery's own cold shutdown (which would
+            # lose it with acks_late off): hand it off, not a crash.
+            try:
+                inflight.hand_off_key(key, "its worker stopped it while draining")
+            except Exception:
+                logger.exception("relier: hand-off of %s[%s] failed", req.name, req.id)
+            worker_state.task_ready(req)
+            if not req.acknowledged:
+                req.acknowledge()
+            return None
         if lost:
             try:
                 inflight.worker_lost(key)
@@ -252,6 +282,7 @@ def _wrap_request(req: Any, key: Key, inflight: Inflight) -> None:
             inflight.requeued(key)
         return reject(requeue=requeue)
 
+    req.execute_using_pool = relier_execute_using_pool
     req.on_success = relier_on_success
     req.on_failure = relier_on_failure
     req.reject = relier_reject
@@ -278,3 +309,19 @@ def _apply_hard_timeouts(app: Any, pool_cls: Any) -> None:
             )
         elif task.time_limit is None or task.time_limit > hard:
             task.time_limit = hard
+
+
+def _drain_before_cold_shutdown(w: Any) -> None:
+    """Celery's cold (and soft) shutdown waits worker_soft_shutdown_timeout, then cancels what
+    runs, from its signal handler, before it reports the shutdown: relier drains first, so a
+    SIGTERM remapped to SIGQUIT, or a Ctrl-C, ends the same way as a plain SIGTERM."""
+    wait_for_soft_shutdown = w.wait_for_soft_shutdown
+
+    def relier_wait_for_soft_shutdown() -> Any:
+        runtime: WorkerRuntime = w.relier
+        if runtime.started:
+            runtime.drain.begin("cold or soft shutdown")
+            runtime.drain.wait(runtime.config.drain_timeout + 10)
+        return wait_for_soft_shutdown()
+
+    w.wait_for_soft_shutdown = relier_wait_for_soft_shutdown

@@ -39,6 +39,9 @@ MAX_RESURRECTIONS = 3
 # redelivery of a finished task is still recognised.
 COMPLETED_TTL = 3900.0
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+# Kubernetes gives a pod 30 s between SIGTERM and SIGKILL: 25 s of drain leaves 5 s to hand off
+# what still runs and exit.
+DRAIN_TIMEOUT = 25.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +84,10 @@ class RelierConfig:
     max_message_bytes: int = MAX_MESSAGE_BYTES
     """Largest message body relier records. A larger one runs unprotected, with an error log."""
 
+    drain_timeout: float = DRAIN_TIMEOUT
+    """Seconds running tasks get to finish when the worker drains (SIGTERM, relier drain);
+    what still runs then is handed off to another worker."""
+
     soft_timeout: float | None = None
     """Default soft timeout of every task (seconds): its on_soft_timeout hook runs then."""
 
@@ -121,6 +128,7 @@ class RelierConfig:
 
     def _check(self) -> None:
         for name in (
+            "drain_timeout",
             "heartbeat_interval",
             "lease_ttl",
             "scan_interval",

@@ -51,6 +51,8 @@ class Inflight:
         self._lock = threading.Lock()
         self._pending: deque[_Pending] = deque()
         self._store_down = False
+        self.draining = False
+        self.drain_completed = 0
 
     # -- receipt ------------------------------------------------------------------------
     def receive(self, message: Any, known_tasks: Any) -> Verdict:
@@ -129,6 +131,8 @@ class Inflight:
         with self._lock:
             if self.local.pop(key, None) is None:
                 return
+            if self.draining:
+                self.drain_completed += 1
         self._complete(key, finished=True)
 
     def requeued(self, key: Key) -> None:
@@ -190,19 +194,34 @@ class Inflight:
         )
         return True
 
-    def hand_off(self) -> int:
-        """Clean shutdown: republish whatever this worker still holds (prefetched, never
-        started), as a hand-off that does not count against max_resurrections."""
+    def hand_off(
+        self,
+        only: set[str] | None = None,
+        exclude: frozenset[str] | set[str] = frozenset(),
+        why: str = "its worker shut down before starting it",
+    ) -> int:
+        """Republish what this worker holds (``only`` those task ids, or all but ``exclude``)
+        as a hand-off, which does not count against max_resurrections; return how many."""
         count = 0
         for field, raw in self.store.held(self.worker).items():
+            task_id = field.split("|", 1)[0]
+            if (only is not None and task_id not in only) or task_id in exclude:
+                continue
             record = TaskRecord.loads(raw)
             with self._lock:
                 self.local.pop((record.task_id, record.generation), None)
-            self.resurrector.resurrect(
-                record, self.worker, field, "its worker shut down before starting it", crash=False
-            )
+            self.resurrector.resurrect(record, self.worker, field, why, crash=False)
             count += 1
         return count
+
+    def hand_off_key(self, key: Key, why: str) -> bool:
+        """Hand off one delivery this worker holds (from its in-memory record)."""
+        with self._lock:
+            record = self.local.pop(key, None)
+        if record is None:
+            return False
+        self.resurrector.resurrect(record, self.worker, key[1].field(key[0]), why, crash=False)
+        return True
 
     def recover_after_restart(self, running: set[str]) -> int:
         """After a consumer restart Celery forgets reserved messages: republish them now.

@@ -58,6 +58,10 @@ class Keys:
         """STRING with a TTL: partial results a task saved (JSON), e.g. from a timeout hook."""
         return f"{self._base}:progress:{task_id}"
 
+    def drain(self, worker: str) -> str:
+        """HASH with a TTL: a worker's drain progress and accounting."""
+        return f"{self._base}:drain:{worker}"
+
     @property
     def scan_stamp(self) -> str:
         """STRING: time (s since the epoch) of the last completed scan, for visibility."""

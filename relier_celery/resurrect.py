@@ -71,8 +71,8 @@ class Resurrector:
             nxt.publish(producer)
         self.store.take(held_by, field)
         events.emit(
-            "task.resurrected",
-            f"{record.task_name}[{record.task_id}] republished after {why}",
+            "task.resurrected" if crash else "task.handed_off",
+            f"{record.task_name}[{record.task_id}] republished: {why}",
             task_id=record.task_id,
             task_name=record.task_name,
             worker=held_by,
@@ -80,7 +80,7 @@ class Resurrector:
             crashes=nxt.crashes,
             reason=why,
         )
-        return "resurrected"
+        return "resurrected" if crash else "handed_off"
 
     def scan_once(self) -> int:
         """One scan over every expired lease; return how many tasks were resurrected or

@@ -42,6 +42,21 @@ def on_task_postrun(**_: Any) -> None:
     end()
 
 
+def on_worker_process_init(**_: Any) -> None:
+    from .timeouts import install_drain_hook_signal
+
+    install_drain_hook_signal()
+
+
+def on_worker_shutting_down(sig: Any = None, how: Any = None, **_: Any) -> None:
+    """Any shutdown signal (SIGTERM, SIGINT, SIGQUIT, warm or cold) starts relier's drain."""
+    from .bootsteps import WorkerRuntime
+
+    runtime = WorkerRuntime.current
+    if runtime is not None and runtime.started:
+        runtime.drain.begin(f"{sig} ({how} shutdown)")
+
+
 def on_task_revoked(request: Any = None, **_: Any) -> None:
     from .bootsteps import WorkerRuntime
 
@@ -63,5 +78,7 @@ def connect() -> None:
     signals.worker_init.connect(on_worker_init, weak=False)
     signals.worker_shutdown.connect(on_worker_shutdown, weak=False)
     signals.task_revoked.connect(on_task_revoked, weak=False)
+    signals.worker_shutting_down.connect(on_worker_shutting_down, weak=False)
+    signals.worker_process_init.connect(on_worker_process_init, weak=False)
     signals.task_prerun.connect(on_task_prerun, weak=False)
     signals.task_postrun.connect(on_task_postrun, weak=False)

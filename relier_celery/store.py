@@ -38,6 +38,8 @@ _UNAVAILABLE_ERRORS = (
 _UNAVAILABLE_REPLY = re.compile(
     r"(^|-)(OOM|READONLY|LOADING|BUSY|MASTERDOWN|CLUSTERDOWN|TRYAGAIN|NOREPLICAS) "
 )
+# Drain accounting stays readable for a day.
+DRAIN_RECORD_TTL = 86400
 # Fail fast: a hung Redis call in the consumer would stall every task of the worker.
 SOCKET_TIMEOUT = 5.0
 
@@ -225,6 +227,20 @@ class Store:
 
     def load_progress(self, task_id: str) -> str | None:
         return cast(str | None, self.call(lambda c: c.get(self.keys.progress(task_id))))
+
+    def drain_update(self, worker: str, fields: dict[str, Any]) -> None:
+        key = self.keys.drain(worker)
+
+        def write(c: redis.Redis) -> None:
+            pipe = c.pipeline(transaction=False)
+            pipe.hset(key, mapping={k: str(v) for k, v in fields.items()})
+            pipe.expire(key, DRAIN_RECORD_TTL)
+            pipe.execute()
+
+        self.call(write)
+
+    def drain_status(self, worker: str) -> dict[str, str]:
+        return cast(dict[str, str], self.call(lambda c: c.hgetall(self.keys.drain(worker))))
 
     def mark_scan(self) -> None:
         self.call(lambda c: c.set(self.keys.scan_stamp, c.time()[0]))

@@ -96,6 +96,8 @@ def context_for(task: Any) -> TaskContext:
 
 
 _local = threading.local()
+# Every task running in this process, for the drain to fire their hooks.
+_running: dict[str, tuple[TaskContext, Limits]] = {}
 
 
 def begin(task: Any) -> None:
@@ -104,11 +106,11 @@ def begin(task: Any) -> None:
     ctx = TaskContext.from_task(task)
     token = set_current(ctx)
     watchdog = None
-    if not is_async(task):
-        limits = task_limits(task)
-        if limits:
-            watchdog = Watchdog(ctx, limits)
-            watchdog.start()
+    limits = task_limits(task)
+    _running[ctx.task_id] = (ctx, limits)
+    if not is_async(task) and limits:
+        watchdog = Watchdog(ctx, limits)
+        watchdog.start()
     stack = getattr(_local, "stack", None)
     if stack is None:
         stack = _local.stack = []
@@ -123,7 +125,34 @@ def end() -> None:
     token, watchdog = stack.pop()
     if watchdog is not None:
         watchdog.stop()
+    ctx = peek()
+    if ctx is not None:
+        _running.pop(ctx.task_id, None)
     reset_current(token)
+
+
+def fire_drain_hooks() -> int:
+    """The drain window ended with these tasks still running here: run their soft-timeout
+    hooks now (they are about to be handed off). Return how many hooks ran."""
+    fired = 0
+    for ctx, limits in list(_running.values()):
+        if limits.hook is None:
+            continue
+        _report(ctx, "soft", "is still running at the end of its worker's drain; hook runs")
+        run_hook(limits.hook, ctx)
+        fired += 1
+    return fired
+
+
+def install_drain_hook_signal() -> None:
+    """In a prefork pool process: SIGUSR2 from the main process runs the drain hooks (in a
+    thread, not in the signal handler)."""
+    import signal
+
+    def handler(signum: int, frame: Any) -> None:
+        threading.Thread(target=fire_drain_hooks, name="relier-drain-hooks", daemon=True).start()
+
+    signal.signal(signal.SIGUSR2, handler)
 
 
 def _report(ctx: TaskContext, kind: str, message: str) -> None:

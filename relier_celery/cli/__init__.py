@@ -106,3 +106,77 @@ def main(argv: list[str] | None = None) -> None:
         i += 1
     sys.argv = ["celery", *head, "relier", *args[i:]]
     celery_main()
+
+
+@relier.command(help="Drain workers (as on SIGTERM) and stop them; report each one.")
+@click.option("--destination", "-d", multiple=True, help="Worker name (repeatable); all if unset.")
+@click.option("--timeout", type=float, default=None, help="Seconds running tasks get.")
+@click.pass_context
+def drain(ctx: click.Context, destination: tuple[str, ...], timeout: float | None) -> None:
+    import time
+
+    from .. import control  # noqa: F401  (the command must be known locally)
+
+    app = _app(ctx)
+    rel = _install(app)
+    replies = app.control.broadcast(
+        "relier_drain",
+        arguments={"timeout": timeout},
+        destination=list(destination) or None,
+        reply=True,
+        timeout=3.0,
+    )
+    answered = {name: body for reply in replies or [] for name, body in reply.items()}
+    unknown = sorted(set(destination) - set(answered))
+    if not answered:
+        names = f" named {', '.join(destination)}" if destination else ""
+        raise click.ClickException(
+            f"no worker{names} answered: check the names (celery "
+            "inspect ping) and that the workers run relier"
+        )
+    failed = bool(unknown)
+    for name in unknown:
+        click.echo(f"{name}: no such worker answered", err=True)
+    workers = {}
+    for name, body in sorted(answered.items()):
+        if "error" in body:
+            click.echo(f"{name}: {body['error']}", err=True)
+            failed = True
+        else:
+            workers[name] = body["worker"]
+            click.echo(f"{name}: draining (running tasks get {body['timeout']} s)")
+    window = max((float(b.get("timeout", 0)) for b in answered.values()), default=0.0)
+    deadline = time.monotonic() + window + 30
+    shown: dict[str, str] = {}
+    pending = dict(workers)
+    while pending and time.monotonic() < deadline:
+        for name, worker_id in list(pending.items()):
+            status = rel.store.drain_status(worker_id)
+            state = status.get("state", "starting")
+            line = (
+                f"{name}: {state}: completed {status.get('completed', 0)}, running "
+                f"{status.get('running', '?')}, handed off {status.get('handed_off', 0)}, "
+                f"returned {status.get('returned', 0)}"
+            )
+            if shown.get(name) != line:
+                shown[name] = line
+                if state != "finished":
+                    click.echo(line)
+            if state == "finished":
+                click.echo(
+                    f"{name}: drained: completed {status['completed']}, handed off "
+                    f"{status['handed_off']}, returned {status['returned']}, "
+                    f"lost {status['lost']}"
+                )
+                failed = failed or status.get("lost") != "0"
+                del pending[name]
+            elif state == "failed":
+                click.echo(f"{name}: drain failed: {status.get('error')}", err=True)
+                failed = True
+                del pending[name]
+        time.sleep(0.2)
+    for name in pending:
+        click.echo(f"{name}: did not finish draining in time", err=True)
+        failed = True
+    if failed:
+        ctx.exit(1)

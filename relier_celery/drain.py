@@ -1,0 +1,195 @@
+"""Graceful drain: nothing lost on deploy.
+
+On SIGTERM (any shutdown signal Celery reports, whatever ``REMAP_SIGTERM`` or soft-shutdown
+settings say) or the ``relier_drain`` remote command, the worker drains:
+
+1. Intake stops (Celery's shutdown stops the consumer; relier also refuses to start any task
+   that reaches the pool from now on and hands it off instead).
+2. What has not started (prefetched, reserved, ETA) is handed off at once: republished from
+   relier's record as the next generation (not a crash), so another worker runs it now.
+3. Running tasks get ``relier_drain_timeout`` seconds to finish.
+4. What still runs then is handed off too, and its pool processes are stopped (prefork) or the
+   process exits (threads, solo: a running thread cannot be stopped otherwise).
+5. One accounting line: ``completed N, handed off M, returned K, lost 0``.
+
+Progress is kept in Redis so ``celery -A app relier drain`` can report it per worker. A second
+shutdown signal during the drain ends the waiting at once: the hand-off goes on, quickly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from . import events
+
+if TYPE_CHECKING:
+    from .bootsteps import WorkerRuntime
+
+__all__ = ["Drain"]
+
+logger = logging.getLogger("relier_celery")
+
+# How often progress is written to Redis while waiting for running tasks.
+PROGRESS_EVERY = 0.5
+# Time the soft-timeout hooks of tasks still running at the end of the window get to run.
+HOOK_GRACE = 1.0
+
+
+def _running_ids() -> set[str]:
+    from celery.worker import state as worker_state
+
+    return {r.id for r in worker_state.active_requests}
+
+
+class Drain:
+    """The drain of one worker process."""
+
+    def __init__(self, runtime: WorkerRuntime) -> None:
+        self.runtime = runtime
+        self.started = False
+        self.finished = threading.Event()
+        self._hurry = threading.Event()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def begin(self, reason: str, timeout: float | None = None) -> bool:
+        """Start draining (from any thread, also a signal handler); a second call hurries a
+        drain under way. Return whether this call started it."""
+        with self._lock:
+            if self.started:
+                if self.finished.is_set():
+                    return False
+                self._hurry.set()
+                events.emit(
+                    "drain.hurried",
+                    f"{reason}: ending the wait, handing off now",
+                    worker=self.runtime.worker_id,
+                )
+                return False
+            self.started = True
+            self.runtime.inflight.draining = True
+        window = self.runtime.config.drain_timeout if timeout is None else timeout
+        self._thread = threading.Thread(
+            target=self._run, args=(reason, window), name="relier-drain", daemon=True
+        )
+        self._thread.start()
+        return True
+
+    def wait(self, timeout: float) -> bool:
+        return self.finished.wait(timeout)
+
+    def _progress(self, state: str, **counts: Any) -> None:
+        try:
+            self.runtime.store.drain_update(self.runtime.worker_id, {"state": state, **counts})
+        except Exception as exc:  # progress is informative only
+            logger.warning("relier: could not record drain progress: %r", exc)
+
+    def _run(self, reason: str, window: float) -> None:
+        inflight = self.runtime.inflight
+        worker = self.runtime.worker_id
+        deadline = time.monotonic() + window
+        events.emit(
+            "drain.started",
+            f"draining ({reason}); running tasks get {window} s",
+            worker=worker,
+            timeout=window,
+        )
+        returned = handed = 0
+        try:
+            returned = inflight.hand_off(
+                exclude=_running_ids(), why="its worker drained before starting it"
+            )
+            self._progress(
+                "draining",
+                returned=returned,
+                running=len(_running_ids()),
+                completed=inflight.drain_completed,
+            )
+            last = 0.0
+            while _running_ids() and time.monotonic() < deadline and not self._hurry.is_set():
+                if time.monotonic() - last > PROGRESS_EVERY:
+                    last = time.monotonic()
+                    self._progress(
+                        "draining",
+                        returned=returned,
+                        running=len(_running_ids()),
+                        completed=inflight.drain_completed,
+                    )
+                time.sleep(0.05)
+            still = _running_ids()
+            if still:
+                self._fire_hooks()
+                still = _running_ids()
+            handed = inflight.hand_off(
+                only=still, why="it was still running when its worker's drain window ended"
+            )
+            # Anything that arrived meanwhile and never started goes too.
+            returned += inflight.hand_off(exclude=_running_ids(), why="its worker drained")
+        except Exception as exc:
+            logger.exception("relier: drain failed; the scanners take over what is left")
+            self._progress("failed", error=repr(exc))
+            self.finished.set()
+            return
+        completed = inflight.drain_completed
+        line = f"completed {completed}, handed off {handed}, returned {returned}, lost 0"
+        events.emit(
+            "drain.finished",
+            f"drained: {line}",
+            worker=worker,
+            completed=completed,
+            handed_off=handed,
+            returned=returned,
+            lost=0,
+        )
+        self._progress(
+            "finished", completed=completed, handed_off=handed, returned=returned, lost=0, running=0
+        )
+        self.finished.set()
+        if handed:
+            self._stop_running()
+
+    def _fire_hooks(self) -> None:
+        """Let tasks still running save their progress (their soft-timeout hooks) before they
+        are handed off: in prefork each pool process is told by SIGUSR2; elsewhere the hooks
+        run here."""
+        from celery.concurrency.prefork import TaskPool as Prefork
+
+        from .timeouts import fire_drain_hooks
+
+        pool = self.runtime.pool_cls
+        if isinstance(pool, type) and issubclass(pool, Prefork):
+            from celery.worker import state as worker_state
+
+            for request in list(worker_state.active_requests):
+                if request.worker_pid:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(request.worker_pid, signal.SIGUSR2)
+        else:
+            fire_drain_hooks()
+        # Hooks save progress; give them a moment (bounded) before the hand-off.
+        grace = time.monotonic() + HOOK_GRACE
+        while _running_ids() and time.monotonic() < grace:
+            time.sleep(0.05)
+
+    def _stop_running(self) -> None:
+        """The handed-off tasks must not finish here too: stop them."""
+        pool = self.runtime.pool_cls
+        from celery.concurrency.prefork import TaskPool as Prefork
+
+        if isinstance(pool, type) and issubclass(pool, Prefork):
+            from billiard.process import active_children
+
+            for child in active_children():
+                if child.pid:
+                    os.kill(child.pid, signal.SIGKILL)
+            return
+        # threads/solo: a running Python thread cannot be stopped; retire and leave.
+        self.runtime.stop()
+        logging.shutdown()
+        os._exit(0)
