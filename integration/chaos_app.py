@@ -15,6 +15,7 @@ import time
 import redis
 import redis.asyncio as aredis
 from celery import Celery
+from celery.signals import task_success
 
 from relier_celery import TaskContext
 
@@ -200,3 +201,18 @@ def long_with_hook(n: int, seconds: float = 6.0) -> int:
     r().incr(f"test:runs:{n}")
     r().sadd("test:done", n)
     return n
+
+
+@app.task(name="chaos.charge", idempotent=True)
+def charge(order: int, seconds: float = 0.5) -> dict:
+    """A side effect that must happen once per order, however often the task is delivered."""
+    count = r().incr(f"test:charged:{order}")
+    time.sleep(seconds)
+    r().sadd("test:done", order)
+    return {"order": order, "charge": count}
+
+
+@task_success.connect
+def _record_result(sender: object = None, result: object = None, **_: object) -> None:
+    if getattr(sender, "name", None) == "chaos.charge":
+        r().rpush("test:results", json.dumps(result))

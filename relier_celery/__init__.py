@@ -8,7 +8,17 @@ from __future__ import annotations
 
 from .context import TaskContext
 from .dispatch import rl_task
-from .errors import ConfigError, RecordRefused, RelierError, StoreUnavailable
+from .errors import (
+    ConfigError,
+    HardTimeout,
+    IdempotencyBusy,
+    IdempotencyConflict,
+    IdempotencyError,
+    RecordRefused,
+    RelierError,
+    StoreUnavailable,
+)
+from .idempotency import idempotency_lock
 from .plugin import install
 from .signals import connect as _connect
 
@@ -16,11 +26,16 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ConfigError",
+    "HardTimeout",
+    "IdempotencyBusy",
+    "IdempotencyConflict",
+    "IdempotencyError",
     "RecordRefused",
     "RelierError",
     "StoreUnavailable",
     "TaskContext",
     "__version__",
+    "idempotency_lock",
     "install",
     "rl_task",
 ]

@@ -23,7 +23,7 @@ from .config import validate_task_options
 from .drain import Drain
 from .inflight import Inflight, Key
 from .lease import Lease
-from .plugin import install, new_worker_id
+from .plugin import install, new_worker_id, set_worker_id
 from .resurrect import Resurrector
 from .timeouts import HARD_LIMIT_ENFORCED, is_async, task_limits
 
@@ -45,6 +45,7 @@ class WorkerRuntime:
         self.config = relier.config
         self.store = relier.store
         self.worker_id = new_worker_id(hostname)
+        set_worker_id(self.worker_id)
         self.resurrector = Resurrector(
             app, self.config, self.store, name=f"scanner@{self.worker_id}"
         )

@@ -209,7 +209,16 @@ def mask_url(url: str) -> str:
 
 # Task options relier reads. Celery turns unknown task options into task attributes, so a
 # typo would be silently ignored; validate_task_options catches relier-looking ones.
-TASK_OPTIONS = {"max_resurrections", "soft_timeout", "hard_timeout", "on_soft_timeout"}
+TASK_OPTIONS = {
+    "max_resurrections",
+    "soft_timeout",
+    "hard_timeout",
+    "on_soft_timeout",
+    "idempotent",
+    "idempotency_key",
+    "idempotency_ttl",
+    "idempotency_wait",
+}
 _RELIER_LOOKING = re.compile(r"^(rl_|relier_)|resurrect|resurect")
 
 

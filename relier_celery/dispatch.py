@@ -45,6 +45,7 @@ DISPATCH_OPTIONS = frozenset(
         "group_index",
         "chord",
         "reply_to",
+        "idempotency_key",
     }
 )
 
@@ -57,8 +58,14 @@ def split_options(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any
 
 
 def push(self: Any, *args: Any, **kwargs: Any) -> Any:
-    """Dispatch this task (sync): ``task.push(1, 2, countdown=5)``; returns an AsyncResult."""
+    """Dispatch this task (sync): ``task.push(1, 2, countdown=5)``; returns an AsyncResult.
+    ``idempotency_key="order-42"`` sets the key its duplicates are recognised by."""
     task_kwargs, options = split_options(kwargs)
+    key = options.pop("idempotency_key", None)
+    if key is not None:
+        from .idempotency import HEADER, validate_key
+
+        options["headers"] = {**(options.get("headers") or {}), HEADER: validate_key(key)}
     return self.apply_async(args, task_kwargs, **options)
 
 

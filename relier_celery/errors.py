@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "HardTimeout", "RecordRefused", "RelierError", "StoreUnavailable"]
+__all__ = [
+    "ConfigError",
+    "HardTimeout",
+    "IdempotencyBusy",
+    "IdempotencyConflict",
+    "IdempotencyError",
+    "RecordRefused",
+    "RelierError",
+    "StoreUnavailable",
+]
 
 
 class RelierError(Exception):
@@ -23,3 +32,15 @@ class RecordRefused(RelierError):
 
 class HardTimeout(RelierError):
     """A task ran past its ``hard_timeout`` and was stopped: a failure, never a resurrection."""
+
+
+class IdempotencyError(RelierError):
+    """An idempotency key or result is unusable (wrong type, too long, not serializable)."""
+
+
+class IdempotencyConflict(IdempotencyError):
+    """An idempotency key was reused with different arguments than its first call."""
+
+
+class IdempotencyBusy(IdempotencyError):
+    """The key is being executed right now by a live owner; try again later."""

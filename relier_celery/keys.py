@@ -58,6 +58,15 @@ class Keys:
         """STRING with a TTL: partial results a task saved (JSON), e.g. from a timeout hook."""
         return f"{self._base}:progress:{task_id}"
 
+    def idempotency(self, key: str) -> str:
+        """HASH with a TTL: an idempotency key's claim or stored result."""
+        return f"{self._base}:idem:{key}"
+
+    @property
+    def fence(self) -> str:
+        """STRING: the fencing-token counter of idempotency claims."""
+        return f"{self._base}:idem-fence"
+
     def drain(self, worker: str) -> str:
         """HASH with a TTL: a worker's drain progress and accounting."""
         return f"{self._base}:drain:{worker}"

@@ -58,9 +58,24 @@ def install(app: Any) -> Relier:
 def _make_async_tasks_sync(sender: Any = None, **_: Any) -> None:
     """Let Celery's synchronous tracer run every ``async def`` task (see aio.py)."""
     from .aio import make_sync
+    from .idempotency import make_idempotent
 
     for task in list(sender.tasks.values()):
         make_sync(task)
+        make_idempotent(task)
+
+
+_worker_id = {"value": ""}
+
+
+def set_worker_id(worker_id: str) -> None:
+    """Set by the worker at start, before its pool forks: idempotency claims name it."""
+    _worker_id["value"] = worker_id
+
+
+def current_worker_id() -> str:
+    """This process's worker lease id, or "" outside a worker."""
+    return _worker_id["value"]
 
 
 def get(app: Any) -> Relier | None:

@@ -26,7 +26,18 @@ from .record import Generation
 
 __all__ = ["Receipt", "Store"]
 
-_SCRIPTS = ("lease_renew", "receipt", "complete", "claim", "claim_finish", "dlq_put", "retire")
+_SCRIPTS = (
+    "idem_claim",
+    "idem_store",
+    "idem_release",
+    "lease_renew",
+    "receipt",
+    "complete",
+    "claim",
+    "claim_finish",
+    "dlq_put",
+    "retire",
+)
 # Error replies that mean "Redis could not take the write now", not "relier has a bug".
 _UNAVAILABLE_ERRORS = (
     redis.exceptions.OutOfMemoryError,
@@ -227,6 +238,24 @@ class Store:
 
     def load_progress(self, task_id: str) -> str | None:
         return cast(str | None, self.call(lambda c: c.get(self.keys.progress(task_id))))
+
+    # -- idempotency --------------------------------------------------------------------
+    def idem_claim(self, key: str, lease: str, owner: str, args_hash: str, ttl: float) -> list[Any]:
+        k = self.keys
+        return list(
+            self._run(
+                "idem_claim",
+                [k.idempotency(key), k.leases, k.fence],
+                [lease, owner, args_hash, _ms(ttl)],
+            )
+        )
+
+    def idem_store(self, key: str, token: str, result: str, ttl: float) -> bool:
+        out = self._run("idem_store", [self.keys.idempotency(key)], [token, result, _ms(ttl)])
+        return bool(out)
+
+    def idem_release(self, key: str, token: str) -> bool:
+        return bool(self._run("idem_release", [self.keys.idempotency(key)], [token]))
 
     def drain_update(self, worker: str, fields: dict[str, Any]) -> None:
         key = self.keys.drain(worker)

@@ -1,0 +1,35 @@
+"""Idempotent tasks in real workers: concurrent duplicates produce one side effect."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from fleet import wait_all_done
+
+from relier_celery.testing import wait_for
+
+
+@pytest.mark.timeout(120)
+def test_concurrent_duplicates_charge_once_and_all_get_the_same_result(fleet, publisher, r):
+    # Given two workers with four processes each
+    for _ in range(2):
+        fleet.start(concurrency=4)
+    # When 20 duplicates of one charge are dispatched at once
+    for _ in range(20):
+        publisher.send_task("chaos.charge", args=(42, 1.0))
+    # Then the side effect happened once and every duplicate returned the same result
+    wait_for(lambda: r.llen("test:results") == 20, 60, what=f"20 results\n{fleet.logs()}")
+    assert int(r.get("test:charged:42")) == 1
+    results = {json.dumps(json.loads(x), sort_keys=True) for x in r.lrange("test:results", 0, -1)}
+    assert results == {json.dumps({"charge": 1, "order": 42}, sort_keys=True)}
+    assert "idempotency.hit" in fleet.logs()
+
+
+def test_a_dispatch_time_key_makes_different_messages_one_charge(fleet, publisher, r):
+    fleet.start(concurrency=2)
+    for _ in range(3):
+        publisher.send_task("chaos.charge", args=(7, 0.1), headers={"idempotency_key": "pay-7"})
+    wait_all_done(r, {7}, 30, fleet)
+    wait_for(lambda: r.llen("test:results") == 3, 30, what="3 results")
+    assert int(r.get("test:charged:7")) == 1

@@ -1,0 +1,310 @@
+"""Idempotency: a task's side effect happens at most once per key.
+
+One Lua script claims a key or reads what it holds (``idem_claim.lua``): no record -> claimed
+(in flight, with a fresh fencing token); a stored result -> returned at once and the task body
+is skipped; in flight under a live owner -> the duplicate does not run (it waits a bounded time
+for the result, then is retried later); in flight under a dead owner (its worker's lease ran
+out) -> taken over. A failed run releases the claim so a retry can run; a stale owner can never
+store over a newer owner's result (fencing).
+
+The key is, in order: the ``idempotency_key`` dispatch header, the task's ``idempotency_key``
+option (a callable over the arguments, or ``"task_id"``), or by default a SHA-256 of the task
+name and its arguments in canonical JSON, stable across processes and Python versions. A key
+reused with other arguments is an :class:`IdempotencyConflict`, as with Stripe's keys.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any
+
+from . import events
+from .errors import IdempotencyBusy, IdempotencyConflict, IdempotencyError
+from .store import Store
+
+__all__ = [
+    "HEADER",
+    "IdempotencyLock",
+    "args_hash",
+    "default_key",
+    "idempotency_lock",
+    "make_idempotent",
+    "validate_key",
+]
+
+HEADER = "idempotency_key"
+MAX_KEY_LENGTH = 256
+# Defaults: results are kept an hour; a duplicate waits up to 30 s for the running copy.
+DEFAULT_TTL = 3600.0
+DEFAULT_WAIT = 30.0
+POLL = 0.1
+
+
+def canonical(args: Any, kwargs: Any) -> str:
+    """Canonical JSON of a call's arguments (sorted keys, no spaces)."""
+    try:
+        return json.dumps(
+            [list(args), kwargs],
+            sort_keys=True,
+            separators=(",", ":"),
+            ensure_ascii=True,
+            allow_nan=False,
+        )
+    except (TypeError, ValueError) as exc:
+        raise IdempotencyError(
+            f"arguments are not JSON values ({exc}): give the task an idempotency_key "
+            "callable or a dispatch-time idempotency_key"
+        ) from None
+
+
+def args_hash(args: Any, kwargs: Any) -> str:
+    return hashlib.sha256(canonical(args, kwargs).encode()).hexdigest()
+
+
+def default_key(task_name: str, args: Any, kwargs: Any) -> str:
+    """The default key: the task name and a hash of its canonical arguments."""
+    return f"{task_name}:{args_hash(args, kwargs)}"
+
+
+def validate_key(key: Any) -> str:
+    if not isinstance(key, str) or not key:
+        raise IdempotencyError(f"an idempotency key must be a non-empty string, got {key!r}")
+    if len(key) > MAX_KEY_LENGTH:
+        raise IdempotencyError(
+            f"an idempotency key may be {MAX_KEY_LENGTH} characters at most, got {len(key)}"
+        )
+    return key
+
+
+def _serialize(result: Any, what: str) -> str:
+    try:
+        return json.dumps(result, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise IdempotencyError(
+            f"the result of {what} is not a JSON value ({exc}), so it cannot be stored for "
+            "its duplicates; the claim was released"
+        ) from None
+
+
+class IdempotencyLock:
+    """Claim a key for custom code; ``with`` or ``async with``.
+
+    ::
+
+        with idempotency_lock("webhook-42", app=app) as lock:
+            if lock.already_executed:
+                return lock.cached_result
+            result = handle()
+            lock.store(result)
+
+    A key in flight elsewhere raises :class:`IdempotencyBusy`. Leaving the block without
+    ``store`` (or by an exception) releases the claim.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        key: str,
+        ttl: float,
+        claim_ttl: float,
+        lease: str = "",
+        owner: str = "",
+        fingerprint: str = "",
+    ) -> None:
+        self._store = store
+        self.key = validate_key(key)
+        self.ttl = ttl
+        self.claim_ttl = claim_ttl
+        self.lease = lease
+        self.owner = owner or f"lock:{key}"
+        self.fingerprint = fingerprint or "-"
+        self.already_executed = False
+        self.cached_result: Any = None
+        self.taken_over = False
+        self._token: str | None = None
+        self._stored = False
+
+    def acquire(self) -> IdempotencyLock:
+        out = self._store.idem_claim(
+            self.key, self.lease, self.owner, self.fingerprint, self.claim_ttl
+        )
+        kind = out[0]
+        if kind == "done":
+            self.already_executed = True
+            self.cached_result = json.loads(out[1])
+            events.emit(
+                "idempotency.hit",
+                f"key {self.key!r} already done; result reused",
+                idempotency_key=self.key,
+            )
+        elif kind == "conflict":
+            events.emit(
+                "idempotency.conflict",
+                f"key {self.key!r} reused with other arguments",
+                idempotency_key=self.key,
+            )
+            raise IdempotencyConflict(
+                f"idempotency key {self.key!r} was first used with other arguments: use a new "
+                "key for a different request"
+            )
+        elif kind == "busy":
+            raise IdempotencyBusy(f"idempotency key {self.key!r} is running now ({out[1]})")
+        else:
+            self._token = str(out[1])
+            self.taken_over = bool(int(out[2]))
+            events.emit(
+                "idempotency.takeover" if self.taken_over else "idempotency.claimed",
+                f"key {self.key!r} claimed" + (" from a dead owner" if self.taken_over else ""),
+                idempotency_key=self.key,
+            )
+        return self
+
+    def store(self, result: Any) -> bool:
+        """Keep ``result`` for the key's duplicates; False if this claim was fenced out."""
+        if self._token is None:
+            raise IdempotencyError("store() needs a claim: the key was already executed")
+        data = _serialize(result, f"idempotency key {self.key!r}")
+        self._stored = True
+        stored = self._store.idem_store(self.key, self._token, data, self.ttl)
+        if not stored:
+            events.emit(
+                "idempotency.fenced",
+                f"key {self.key!r}: a newer owner holds it; this result was not kept",
+                idempotency_key=self.key,
+            )
+        return stored
+
+    def release(self) -> None:
+        if self._token is not None and not self._stored:
+            self._store.idem_release(self.key, self._token)
+
+    def __enter__(self) -> IdempotencyLock:
+        return self.acquire()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+    async def __aenter__(self) -> IdempotencyLock:
+        import asyncio
+
+        return await asyncio.get_running_loop().run_in_executor(None, self.acquire)
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        import asyncio
+
+        await asyncio.get_running_loop().run_in_executor(None, self.release)
+
+
+def idempotency_lock(
+    key: str, ttl: float = DEFAULT_TTL, *, app: Any = None, claim_ttl: float = 300.0
+) -> IdempotencyLock:
+    """An :class:`IdempotencyLock` on ``key`` in ``app``'s relier store (the current app if
+    None). An in-flight claim lives ``claim_ttl`` seconds unless stored or released."""
+    from celery import current_app
+
+    from .plugin import install
+
+    relier = install(app or current_app._get_current_object())
+    return IdempotencyLock(relier.store, key, ttl, claim_ttl)
+
+
+def make_idempotent(task: Any) -> bool:
+    """Wrap an ``idempotent=True`` task's run (after aio.make_sync). Idempotent."""
+    if not getattr(task, "idempotent", False):
+        return False
+    cls = type(task)
+    raw = cls.__dict__.get("run")
+    if raw is None:
+        return False
+    is_static = isinstance(raw, staticmethod)
+    fn: Callable[..., Any] = raw.__func__ if is_static else raw
+    if getattr(fn, "__relier_idempotent__", False):
+        return False
+
+    if is_static:
+
+        @functools.wraps(fn)
+        def run_static(*args: Any, **kwargs: Any) -> Any:
+            return _guarded(task, lambda: fn(*args, **kwargs), args, kwargs)
+
+        run_static.__relier_idempotent__ = True  # type: ignore[attr-defined]
+        cls.run = staticmethod(run_static)
+    else:
+
+        @functools.wraps(fn)
+        def run_bound(self: Any, *args: Any, **kwargs: Any) -> Any:
+            return _guarded(self, lambda: fn(self, *args, **kwargs), args, kwargs)
+
+        run_bound.__relier_idempotent__ = True  # type: ignore[attr-defined]
+        cls.run = run_bound
+    return True
+
+
+def key_for(task: Any, args: Any, kwargs: Any) -> str:
+    """The idempotency key of one call of ``task`` (see the module docstring for the order)."""
+    request = task.request
+    headers = getattr(request, "headers", None) or {}
+    explicit = headers.get(HEADER) or getattr(request, HEADER, None)
+    if explicit:
+        return validate_key(explicit)
+    option = getattr(type(task), "idempotency_key", None)
+    if option == "task_id":
+        return validate_key(f"{task.name}:{request.id}")
+    if callable(option):
+        return validate_key(option(*args, **kwargs))
+    return default_key(task.name, args, kwargs)
+
+
+def _guarded(task: Any, call: Callable[[], Any], args: Any, kwargs: Any) -> Any:
+    from .plugin import current_worker_id, install
+
+    relier = install(task.app)
+    key = key_for(task, args, kwargs)
+    ttl = float(getattr(task, "idempotency_ttl", None) or DEFAULT_TTL)
+    wait = float(getattr(task, "idempotency_wait", None) or DEFAULT_WAIT)
+    lock = IdempotencyLock(
+        relier.store,
+        key,
+        ttl,
+        claim_ttl=ttl,
+        lease=current_worker_id(),
+        owner=str(task.request.id),
+        fingerprint=args_hash(args, kwargs),
+    )
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            lock.acquire()
+            break
+        except IdempotencyBusy:
+            if time.monotonic() > deadline:
+                raise task.retry(countdown=min(wait, 30.0), max_retries=None) from None
+            time.sleep(POLL)
+    if lock.already_executed:
+        return lock.cached_result
+    try:
+        result = call()
+    except BaseException:
+        lock.release()
+        raise
+    try:
+        lock.store(result)
+    except IdempotencyError:
+        lock.release()
+        raise
+    return result
