@@ -216,3 +216,13 @@ def charge(order: int, seconds: float = 0.5) -> dict:
 def _record_result(sender: object = None, result: object = None, **_: object) -> None:
     if getattr(sender, "name", None) == "chaos.charge":
         r().rpush("test:results", json.dumps(result))
+
+
+@app.task(name="chaos.fenced", idempotent=True)
+def fenced(order: int, seconds: float) -> dict:
+    """An idempotent task reporting which process ran it."""
+    r().incr(f"test:started:{order}")
+    time.sleep(seconds)
+    result = {"pid": os.getpid()}
+    r().rpush(f"test:fenced:{order}", json.dumps(result))
+    return result

@@ -33,3 +33,35 @@ def test_a_dispatch_time_key_makes_different_messages_one_charge(fleet, publishe
     wait_all_done(r, {7}, 30, fleet)
     wait_for(lambda: r.llen("test:results") == 3, 30, what="3 results")
     assert int(r.get("test:charged:7")) == 1
+
+
+@pytest.mark.timeout(120)
+def test_a_paused_owner_cannot_overwrite_the_result_of_the_worker_that_took_over(
+    fleet, publisher, r
+) -> None:
+    import os
+    import signal
+
+    from relier_celery.idempotency import default_key
+    from relier_celery.keys import Keys
+
+    # Given a worker running an idempotent task
+    paused = fleet.start(concurrency=1)
+    publisher.send_task("chaos.fenced", args=(5, 6.0))
+    wait_for(lambda: r.get("test:started:5"), 15, what="the task to start")
+    other = fleet.start(concurrency=1)
+    # When the whole worker is paused past its lease (SIGSTOP), its task resurrected elsewhere
+    os.killpg(paused.pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: r.llen("test:fenced:5") >= 1, 40, what="the run that took over")
+    finally:
+        os.killpg(paused.pid, signal.SIGCONT)
+    # and then resumes and finishes its own run
+    wait_for(lambda: r.llen("test:fenced:5") == 2, 30, what="the paused run to finish")
+    first = json.loads(r.lindex("test:fenced:5", 0))
+    # Then the stored result is the one of the worker that took over
+    key = Keys("rl").idempotency(default_key("chaos.fenced", [5, 6.0], {}))
+    assert json.loads(r.hget(key, "result")) == first
+    wait_for(lambda: "idempotency.fenced" in paused.log(), 10, what="the fenced-out event")
+    assert "idempotency.takeover" in other.log()
+    wait_for(lambda: "lease.lost" in paused.log(), 10, what="the paused worker to learn it")

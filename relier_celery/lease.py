@@ -37,6 +37,7 @@ class Lease:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._down = False
+        self._renewed = False
 
     def acquire(self) -> None:
         """Take the lease now (raises StoreUnavailable) and start renewing it."""
@@ -54,14 +55,19 @@ class Lease:
 
     def renew(self) -> None:
         prev, now = self.store.renew_lease(self.worker, self.config.lease_ttl)
-        if 0 <= prev < now:
+        # A lease that ran out, or that a scanner already forgot (it held nothing left to
+        # resurrect), both mean this worker was taken for dead.
+        gone = prev == -1 and self._renewed
+        if gone or 0 <= prev < now:
+            ago = "some time" if gone else f"{(now - prev) / 1000:.1f} s"
             events.emit(
                 "lease.lost",
-                f"this worker's lease ran out {(now - prev) / 1000:.1f} s ago (paused or "
-                "cut off from Redis?): it was taken for dead and its tasks may have been "
-                "resurrected elsewhere. Raise relier_lease_ttl if pauses are expected",
+                f"this worker's lease ran out {ago} ago (paused or cut off from Redis?): it "
+                "was taken for dead and its tasks may have been resurrected elsewhere. Raise "
+                "relier_lease_ttl if pauses are expected",
                 worker=self.worker,
             )
+        self._renewed = True
 
     def _loop(self) -> None:
         while not self._stop.wait(self.config.heartbeat_interval):

@@ -64,3 +64,14 @@ def test_the_heartbeat_thread_keeps_the_lease_alive_and_release_forgets_it(store
     assert store.expired_workers() == []
     assert lease.release() == 0
     assert "w1" not in store.leases()
+
+
+def test_a_lease_forgotten_by_a_scanner_also_reports_lease_lost(store: Store, captured) -> None:
+    config = RelierConfig.from_mapping(
+        {"relier_lease_ttl": 0.2, "relier_heartbeat_interval": 0.05}, broker_url=store.url
+    )
+    lease = Lease(config, store, "w1")
+    lease.renew()
+    store.call(lambda c: c.zrem(store.keys.leases, "w1"))  # claimed and forgotten meanwhile
+    lease.renew()
+    assert [e.name for e in captured].count("lease.lost") == 1
