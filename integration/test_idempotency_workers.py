@@ -23,7 +23,8 @@ def test_concurrent_duplicates_charge_once_and_all_get_the_same_result(fleet, pu
     assert int(r.get("test:charged:42")) == 1
     results = {json.dumps(json.loads(x), sort_keys=True) for x in r.lrange("test:results", 0, -1)}
     assert results == {json.dumps({"charge": 1, "order": 42}, sort_keys=True)}
-    assert "idempotency.hit" in fleet.logs()
+    # (full logs: fleet.logs() keeps only each log's tail)
+    assert any("idempotency.hit" in w.log() for w in fleet.workers)
 
 
 def test_a_dispatch_time_key_makes_different_messages_one_charge(fleet, publisher, r):
@@ -64,4 +65,3 @@ def test_a_paused_owner_cannot_overwrite_the_result_of_the_worker_that_took_over
     assert json.loads(r.hget(key, "result")) == first
     wait_for(lambda: "idempotency.fenced" in paused.log(), 10, what="the fenced-out event")
     assert "idempotency.takeover" in other.log()
-    wait_for(lambda: "lease.lost" in paused.log(), 10, what="the paused worker to learn it")
