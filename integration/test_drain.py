@@ -31,6 +31,22 @@ def _load(fleet, publisher, r, acks_late: str):
     return leaving, staying
 
 
+def _relier_drain(fleet, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run a real `celery -A chaos_app relier drain ...` against the fleet's Redis."""
+    return subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "chaos_app", "relier", "drain", *args],
+        cwd=HERE,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={
+            **os.environ,
+            "RELIER_TEST_REDIS": fleet.redis_url,
+            "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
+        },
+    )
+
+
 def _exactly_once(r, fleet) -> None:
     wait_all_done(r, set(range(12)), 60, fleet)
     time.sleep(1.5)
@@ -58,30 +74,7 @@ def test_sigterm_drains_hands_off_and_loses_nothing(fleet, publisher, r, acks_la
 def test_the_remote_drain_command_drains_a_named_worker(fleet, publisher, r) -> None:
     leaving, _ = _load(fleet, publisher, r, "0")
     name = leaving.hostname.replace("%h", socket.gethostname())
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "chaos_app",
-            "relier",
-            "drain",
-            "-d",
-            name,
-            "--timeout",
-            "2",
-        ],
-        cwd=HERE,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={
-            **os.environ,
-            "RELIER_TEST_REDIS": fleet.redis_url,
-            "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
-        },
-    )
+    out = _relier_drain(fleet, "-d", name, "--timeout", "2")
     assert out.returncode == 0, out.stdout + out.stderr
     assert f"{name}: drained: completed" in out.stdout and "lost 0" in out.stdout
     assert leaving.proc is not None and leaving.proc.wait(30) == 0
@@ -90,28 +83,7 @@ def test_the_remote_drain_command_drains_a_named_worker(fleet, publisher, r) -> 
 
 def test_draining_an_unknown_worker_is_a_clear_error(fleet) -> None:
     fleet.start(concurrency=1)
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "chaos_app",
-            "relier",
-            "drain",
-            "-d",
-            "nosuch@nowhere",
-        ],
-        cwd=HERE,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={
-            **os.environ,
-            "RELIER_TEST_REDIS": fleet.redis_url,
-            "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
-        },
-    )
+    out = _relier_drain(fleet, "-d", "nosuch@nowhere")
     assert out.returncode != 0
     assert "no worker named nosuch@nowhere answered" in out.stderr
 
