@@ -65,32 +65,48 @@ def _run_task(task: Any, coro: Coroutine[Any, Any, T]) -> T:
     return run(guard(bind_context(ctx, coro), ctx, task_limits(task)))
 
 
-def make_sync(task: Any) -> bool:
-    """Make an ``async def`` Celery task runnable by Celery's synchronous tracer; return
-    whether it was async. Idempotent."""
+def wrap_run(
+    task: Any,
+    marker: str,
+    applies: Callable[[Callable[..., Any]], bool],
+    around: Callable[[Any, Callable[[], Any]], Any],
+) -> bool:
+    """Replace a Celery task's ``run`` (a staticmethod, or a plain function when bind=True)
+    with ``around(task_instance, call)``; ``marker`` makes it idempotent. Celery's tracer
+    calls ``run``, so relier's wrappers (async, idempotency) stack here, innermost first."""
     cls = type(task)
     raw = cls.__dict__.get("run")
-    if raw is None or getattr(raw, "__relier_async__", False):
+    if raw is None:
         return False
     is_static = isinstance(raw, staticmethod)
     fn: Callable[..., Any] = raw.__func__ if is_static else raw
-    if getattr(fn, "__relier_async__", False) or not inspect.iscoroutinefunction(fn):
+    if getattr(fn, marker, False) or not applies(fn):
         return False
-
     if is_static:
 
         @functools.wraps(fn)
         def run_static(*args: Any, **kwargs: Any) -> Any:
-            return _run_task(task, fn(*args, **kwargs))
+            return around(task, lambda: fn(*args, **kwargs))
 
-        run_static.__relier_async__ = True  # type: ignore[attr-defined]
+        setattr(run_static, marker, True)
         cls.run = staticmethod(run_static)
     else:
 
         @functools.wraps(fn)
         def run_bound(self: Any, *args: Any, **kwargs: Any) -> Any:
-            return _run_task(self, fn(self, *args, **kwargs))
+            return around(self, lambda: fn(self, *args, **kwargs))
 
-        run_bound.__relier_async__ = True  # type: ignore[attr-defined]
+        setattr(run_bound, marker, True)
         cls.run = run_bound
     return True
+
+
+def make_sync(task: Any) -> bool:
+    """Make an ``async def`` Celery task runnable by Celery's synchronous tracer; return
+    whether it was async. Idempotent."""
+    return wrap_run(
+        task,
+        "__relier_async__",
+        inspect.iscoroutinefunction,
+        lambda instance, call: _run_task(instance, call()),
+    )

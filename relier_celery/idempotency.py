@@ -15,7 +15,6 @@ reused with other arguments is an :class:`IdempotencyConflict`, as with Stripe's
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import time
@@ -225,34 +224,16 @@ def idempotency_lock(
 
 def make_idempotent(task: Any) -> bool:
     """Wrap an ``idempotent=True`` task's run (after aio.make_sync). Idempotent."""
+    from .aio import wrap_run
+
     if not getattr(task, "idempotent", False):
         return False
-    cls = type(task)
-    raw = cls.__dict__.get("run")
-    if raw is None:
-        return False
-    is_static = isinstance(raw, staticmethod)
-    fn: Callable[..., Any] = raw.__func__ if is_static else raw
-    if getattr(fn, "__relier_idempotent__", False):
-        return False
-
-    if is_static:
-
-        @functools.wraps(fn)
-        def run_static(*args: Any, **kwargs: Any) -> Any:
-            return _guarded(task, lambda: fn(*args, **kwargs), args, kwargs)
-
-        run_static.__relier_idempotent__ = True  # type: ignore[attr-defined]
-        cls.run = staticmethod(run_static)
-    else:
-
-        @functools.wraps(fn)
-        def run_bound(self: Any, *args: Any, **kwargs: Any) -> Any:
-            return _guarded(self, lambda: fn(self, *args, **kwargs), args, kwargs)
-
-        run_bound.__relier_idempotent__ = True  # type: ignore[attr-defined]
-        cls.run = run_bound
-    return True
+    return wrap_run(
+        task,
+        "__relier_idempotent__",
+        lambda fn: True,
+        lambda instance, call: _guarded(instance, call),
+    )
 
 
 def key_for(task: Any, args: Any, kwargs: Any) -> str:
@@ -270,8 +251,10 @@ def key_for(task: Any, args: Any, kwargs: Any) -> str:
     return default_key(task.name, args, kwargs)
 
 
-def _guarded(task: Any, call: Callable[[], Any], args: Any, kwargs: Any) -> Any:
+def _guarded(task: Any, call: Callable[[], Any]) -> Any:
     from .plugin import current_worker_id, install
+
+    args, kwargs = tuple(task.request.args or ()), dict(task.request.kwargs or {})
 
     relier = install(task.app)
     key = key_for(task, args, kwargs)

@@ -228,19 +228,7 @@ class Inflight:
 
         ``running`` holds the ids of tasks still executing in the pool; those keep their
         records and finish as usual."""
-        count = 0
-        for field, raw in self.store.held(self.worker).items():
-            task_id = field.split("|", 1)[0]
-            if task_id in running:
-                continue
-            record = TaskRecord.loads(raw)
-            with self._lock:
-                self.local.pop((task_id, record.generation), None)
-            self.resurrector.resurrect(
-                record, self.worker, field, "the consumer restarted and forgot it", crash=False
-            )
-            count += 1
-        return count
+        return self.hand_off(exclude=running, why="the consumer restarted and forgot it")
 
     # -- Redis health -------------------------------------------------------------------
     def _mark_store_down(self, exc: Exception) -> None:
