@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from .context import TaskContext
 from .dispatch import rl_task
+from .envelope import migration
 from .errors import (
     ConfigError,
     HardTimeout,
@@ -39,6 +40,7 @@ __all__ = [
     "__version__",
     "idempotency_lock",
     "install",
+    "migration",
     "rl_task",
 ]
 

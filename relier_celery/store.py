@@ -308,6 +308,41 @@ class Store:
     def dlq_entries(self) -> dict[str, str]:
         return cast(dict[str, str], self.call(lambda c: c.hgetall(self.keys.dlq)))
 
+    def dlq_get(self, entry_id: str) -> str | None:
+        return cast(str | None, self.call(lambda c: c.hget(self.keys.dlq, entry_id)))
+
+    def dlq_remove(self, entry_ids: list[str]) -> int:
+        """Remove entries (after a release or a purge); return how many were there."""
+        if not entry_ids:
+            return 0
+        k = self.keys
+
+        def remove(c: redis.Redis) -> int:
+            pipe = c.pipeline(transaction=True)
+            pipe.hdel(k.dlq, *entry_ids)
+            pipe.zrem(k.dlq_index, *entry_ids)
+            return int(pipe.execute()[0])
+
+        return self.call(remove)
+
+    def dlq_older_than(self, at_ms: int, limit: int = 1000) -> list[str]:
+        """Ids of entries quarantined before ``at_ms`` (oldest first)."""
+        return cast(
+            list[str],
+            self.call(
+                lambda c: c.zrangebyscore(self.keys.dlq_index, "-inf", at_ms, start=0, num=limit)
+            ),
+        )
+
+    def forget_done(self, task_id: str) -> None:
+        """Drop a task id's done record, so a released copy is not taken for a duplicate."""
+        self.call(lambda c: c.delete(self.keys.done(task_id)))
+
+    def now_ms(self) -> int:
+        """Redis's clock in ms (every process compares ages against the same clock)."""
+        sec, usec = self.call(lambda c: c.time())
+        return int(sec) * 1000 + int(usec) // 1000
+
     # -- startup ------------------------------------------------------------------------
     def self_check(self) -> list[str]:
         """Ping Redis (raising StoreUnavailable) and return warnings about its configuration."""

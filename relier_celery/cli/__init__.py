@@ -180,3 +180,6 @@ def drain(ctx: click.Context, destination: tuple[str, ...], timeout: float | Non
         failed = True
     if failed:
         ctx.exit(1)
+
+
+from . import dlq as _dlq  # noqa: E402, F401  (registers `relier dlq`)
