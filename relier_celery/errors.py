@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 __all__ = [
+    "AdmissionRejected",
+    "AdmissionUnavailable",
     "ConfigError",
     "HardTimeout",
     "IdempotencyBusy",
@@ -44,3 +46,44 @@ class IdempotencyConflict(IdempotencyError):
 
 class IdempotencyBusy(IdempotencyError):
     """The key is being executed right now by a live owner; try again later."""
+
+
+class AdmissionRejected(RelierError):
+    """A dispatch was refused by admission control; nothing was published. Retry after
+    ``retry_after`` seconds."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after: float,
+        limit: int,
+        remaining: int = 0,
+        reset: float = 0.0,
+        reason: str = "rate",
+        rate: str | None = None,
+        task_name: str = "",
+        key: str | None = None,
+        queue: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+        """Seconds to wait before the same dispatch can be admitted."""
+        self.limit = limit
+        """The burst of the limit that refused (or the queue depth bound, for ``queue_depth``)."""
+        self.remaining = remaining
+        """Dispatches the limit would still admit right now (0 when refused)."""
+        self.reset = reset
+        """Seconds until the limit is back to its full burst."""
+        self.reason = reason
+        """``"rate"`` (a rate limit refused) or ``"queue_depth"`` (the queue is too deep)."""
+        self.rate = rate
+        """The rate that refused, as configured (``"100/s"``), or None for a depth refusal."""
+        self.task_name = task_name
+        self.key = key
+        self.queue = queue
+
+
+class AdmissionUnavailable(StoreUnavailable):
+    """Admission control could not decide (Redis or the broker unreachable) and fails closed:
+    nothing was published. ``relier_admission_fail_open = True`` lets dispatches through instead."""

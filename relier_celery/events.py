@@ -41,6 +41,8 @@ LEVELS: dict[str, int] = {
     "store.recovered": logging.WARNING,
     "scan.claimed": logging.WARNING,
     "config.warning": logging.WARNING,
+    "admission.rejected": logging.WARNING,
+    "admission.fail_open": logging.WARNING,
 }
 
 
