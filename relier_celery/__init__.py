@@ -9,6 +9,8 @@ from __future__ import annotations
 from .context import TaskContext
 from .dispatch import rl_task
 from .errors import (
+    AdmissionRejected,
+    AdmissionUnavailable,
     ConfigError,
     HardTimeout,
     IdempotencyBusy,
@@ -25,6 +27,8 @@ from .signals import connect as _connect
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdmissionRejected",
+    "AdmissionUnavailable",
     "ConfigError",
     "HardTimeout",
     "IdempotencyBusy",

@@ -6,8 +6,9 @@ in ``relier_admission = {"emails": "10/s"}``, a caller scopes the task's rate to
 Every dispatch of such a task (``push``, ``apush``, ``apply_async``, ``delay``, a group or a
 chain step) is decided by one EVALSHA of ``scripts/admit.lua`` (GCRA on the Redis clock) before
 anything is published; a refusal raises :class:`AdmissionRejected` with ``retry_after`` in
-seconds. Celery's own retries and relier's republishing (resurrection, hand-off, DLQ release:
-raw kombu publishes) are never refused: that work was admitted once already.
+seconds. Celery's own retries and relier's republishing (resurrection, hand-off and the
+consumer-restart republish all go through ``TaskRecord.publish``, a raw kombu publish that
+never reaches ``apply_async``) are never refused: that work was admitted once already.
 
 When Redis (or the broker, for a depth bound) cannot be reached the decision fails closed with
 :class:`AdmissionUnavailable`, or lets the dispatch through with an ``admission.fail_open``
@@ -72,9 +73,11 @@ class Rate:
     text: str
 
     @property
-    def interval_us(self) -> float:
-        """Microseconds between two admissions at the sustained rate (GCRA's emission interval)."""
-        return self.period * 1e6 / self.count
+    def interval_us(self) -> int:
+        """Microseconds between two admissions at the sustained rate (GCRA's emission interval),
+        rounded up to a whole microsecond so admit.lua's arithmetic is exact integers: never
+        faster than declared, and at most 1 us per admission slower (0.1% at 1000/s)."""
+        return max(1, math.ceil(self.period * 1e6 / self.count))
 
 
 @dataclass(frozen=True)
@@ -155,7 +158,9 @@ def parse_queue_rules(raw: Mapping[str, Any]) -> dict[str, QueueRule]:
         if "rate" not in spec and "burst" in spec:
             raise ConfigError(f"{where}: 'burst' needs a 'rate'")
         limit = parse_limit(spec["rate"], spec.get("burst"), where) if "rate" in spec else None
-        rules[queue] = QueueRule(limit, _depth(spec.get("max_queue_depth"), where))
+        rules[queue] = QueueRule(
+            limit, _depth(spec.get("max_queue_depth"), f"{where}['max_queue_depth']")
+        )
     return rules
 
 
@@ -233,7 +238,7 @@ def admit(
     relier = install(app)
     queue = _queue_of(task, args, kwargs, options) if queues or rule.max_queue_depth else None
     qrule = queues.get(queue) if queue is not None else None
-    buckets: list[tuple[str, float, int]] = []
+    buckets: list[tuple[str, int, int]] = []
     limits: list[tuple[Limit, str]] = []
     if rule.limit is not None:
         buckets.append((relier.store.keys.admission_task(task.name, key), *_gcra(rule.limit)))
@@ -298,7 +303,7 @@ def admit(
     )
 
 
-def _gcra(limit: Limit) -> tuple[float, int]:
+def _gcra(limit: Limit) -> tuple[int, int]:
     return limit.rate.interval_us, limit.burst
 
 

@@ -3,7 +3,7 @@
 -- KEYS[i]      STRING with a TTL: theoretical arrival time (TAT) of limit i, in microseconds
 --              since the epoch on the Redis clock
 -- ARGV[1]      cost: admissions this call asks for (1 per published task)
--- ARGV[2i]     emission interval of limit i in microseconds (period / rate; may be fractional)
+-- ARGV[2i]     emission interval of limit i in whole microseconds (period / rate, rounded up)
 -- ARGV[2i+1]   burst of limit i: admissions it allows at once from idle (>= 1)
 -- Returns      {allowed (1 or 0), retry_after_ms, remaining, reset_ms, refusing limit (1-based,
 --              0 when allowed)}. retry_after_ms is rounded up, so waiting it always suffices
@@ -53,9 +53,9 @@ end
 if refusing > 0 then
   return {0, math.ceil(wait / 1000), 0, math.ceil(reset_refused / 1000), refusing}
 end
+-- Whole microseconds (< 2^53) keep every sum exact in Lua's doubles.
 for i = 1, n do
-  -- Rounded up: never admits more than the exact arithmetic would.
-  local tat = math.ceil(new_tat[i])
-  redis.call('SET', KEYS[i], string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000) + 1)
+  local ttl = math.ceil((new_tat[i] - now) / 1000) + 1
+  redis.call('SET', KEYS[i], string.format('%.0f', new_tat[i]), 'PX', ttl)
 end
 return {1, 0, remaining or 0, math.ceil(reset_admitted / 1000), 0}
