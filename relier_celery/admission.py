@@ -21,6 +21,7 @@ import contextvars
 import functools
 import math
 import re
+import threading
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -189,10 +190,12 @@ def _task_rule(cls: type, name: str) -> _TaskRule:
     rule = _TaskRule(
         limit, _depth(getattr(cls, "max_queue_depth", None), f"task {name!r}: max_queue_depth")
     )
-    _rules[cls] = rule
+    with _lock:
+        _rules[cls] = rule
     return rule
 
 
+_lock = threading.Lock()
 _rules: weakref.WeakKeyDictionary[type, _TaskRule] = weakref.WeakKeyDictionary()
 _queue_rules: weakref.WeakKeyDictionary[Any, dict[str, QueueRule]] = weakref.WeakKeyDictionary()
 # Set while push() publishes what it already admitted, so apply_async does not count it twice.
@@ -233,9 +236,9 @@ def admit(
         return
     if app.conf.task_always_eager:
         return  # nothing goes through the broker
-    from .plugin import install
+    from .plugin import get, install
 
-    relier = install(app)
+    relier = get(app) or install(app)
     queue = _queue_of(task, args, kwargs, options) if queues or rule.max_queue_depth else None
     qrule = queues.get(queue) if queue is not None else None
     buckets: list[tuple[str, int, int]] = []
@@ -326,7 +329,8 @@ def _queue_rules_of(app: Any) -> dict[str, QueueRule]:
     if rules is None:
         raw = app.conf.get("relier_admission") or {}
         rules = parse_queue_rules(raw) if isinstance(raw, Mapping) else {}
-        _queue_rules[app] = rules
+        with _lock:
+            _queue_rules[app] = rules
     return rules
 
 
