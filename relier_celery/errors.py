@@ -56,8 +56,8 @@ class AdmissionRejected(RelierError):
         self,
         message: str,
         *,
-        retry_after: float,
-        limit: int,
+        retry_after: float = 0.0,
+        limit: int = 0,
         remaining: int = 0,
         reset: float = 0.0,
         reason: str = "rate",
@@ -82,6 +82,18 @@ class AdmissionRejected(RelierError):
         self.task_name = task_name
         self.key = key
         self.queue = queue
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # Keep the limit info across pickling (a worker's result backend, multiprocessing).
+        return (_rebuild_rejected, (type(self), str(self), self.__dict__))
+
+
+def _rebuild_rejected(
+    cls: type[AdmissionRejected], message: str, state: dict[str, object]
+) -> AdmissionRejected:
+    error = cls(message)
+    error.__dict__.update(state)
+    return error
 
 
 class AdmissionUnavailable(StoreUnavailable):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import pickle
 import threading
 import time
 from collections.abc import Iterator
@@ -399,6 +400,8 @@ def test_a_refused_push_raises_and_publishes_nothing(
     assert 3500 < err.retry_after <= 3600 and err.limit == 2 and err.remaining == 0
     assert err.rate == "1/h" and err.reason == "rate" and err.task_name == "adm.limited"
     assert "retry after" in str(err)
+    copy = pickle.loads(pickle.dumps(err))
+    assert (str(copy), copy.retry_after, copy.rate) == (str(err), err.retry_after, "1/h")
     (event,) = rejections
     assert event.name == "admission.rejected"
     assert event.attributes["task_name"] == "adm.limited"
