@@ -350,14 +350,19 @@ def _broker_depth(app: Any, queue: str) -> int:
     """Messages waiting in ``queue`` on the broker. With kombu's Redis transport that is the
     LLEN of the list named after the queue plus its priority sub-lists (``queue\\x06\\x163``...),
     which ``queue_declare(passive=True)`` sums; a queue never declared is empty."""
-    with app.pool.acquire(block=True, timeout=5) as conn:
-        try:
-            channel = conn.default_channel
-            return int(channel.queue_declare(queue=queue, passive=True).message_count)
-        except conn.channel_errors:
-            return 0  # NOT_FOUND: no such queue yet
-        except conn.connection_errors as exc:
-            raise StoreUnavailable(f"cannot read the depth of queue {queue!r}: {exc}") from exc
+    from kombu.exceptions import OperationalError
+
+    try:
+        with app.pool.acquire(block=True, timeout=5) as conn:
+            try:
+                declared = conn.default_channel.queue_declare(queue=queue, passive=True)
+            except conn.channel_errors:
+                return 0  # NOT_FOUND: no such queue yet
+            except conn.connection_errors as exc:
+                raise OperationalError(str(exc)) from exc
+            return int(declared.message_count)
+    except OperationalError as exc:  # kombu's "cannot reach the broker", after its retries
+        raise StoreUnavailable(f"cannot read the depth of queue {queue!r}: {exc}") from exc
 
 
 @contextmanager

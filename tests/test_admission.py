@@ -474,6 +474,34 @@ def test_a_queue_limit_from_relier_admission(redis_url: str, client: redis.Redis
     assert client.llen("slow") == 3 and client.llen("celery") == 1
 
 
+def test_task_routes_decide_the_queue_limit(redis_url: str, client: redis.Redis) -> None:
+    app = _app(
+        redis_url,
+        relier_admission={"slow": {"rate": "1/h", "burst": 1}},
+        task_routes={"adm.free": {"queue": "slow"}},
+    )
+    app.tasks["adm.free"].delay()
+    with pytest.raises(AdmissionRejected) as info:
+        app.tasks["adm.free"].delay()
+    assert info.value.queue == "slow" and client.llen("slow") == 1
+
+
+def test_a_broker_down_depth_check_fails_closed(redis_url: str) -> None:
+    app = Celery(f"adm{time.time_ns()}", broker=f"redis://127.0.0.1:{free_port()}/0")
+    app.conf.update(
+        relier_redis_url=redis_url,
+        broker_transport_options={"max_retries": 1, "interval_start": 0, "interval_max": 0.1},
+    )
+
+    @app.task(name="adm.deep", max_queue_depth=3, shared=False)
+    def deep() -> None:
+        pass
+
+    install(app)
+    with pytest.raises(AdmissionUnavailable, match="cannot read the depth of queue 'celery'"):
+        deep.delay()
+
+
 def test_max_queue_depth_counts_priority_sublists(
     redis_url: str, client: redis.Redis, rejections: list[events.Event]
 ) -> None:
