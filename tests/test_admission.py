@@ -342,6 +342,20 @@ def test_many_concurrent_publishers_never_exceed_rate_times_elapsed_plus_burst(
     assert admitted >= 0.85 * 100 * (elapsed - 0.5)  # process start-up eats a little
 
 
+def test_the_decision_is_one_evalsha_and_survives_a_script_flush(
+    store: Store, client: redis.Redis
+) -> None:
+    bucket = _bucket(store, "t", parse_limit("1000/s", None, "x"))
+    store.admit([bucket])
+    client.config_resetstat()
+    for _ in range(10):
+        store.admit([bucket])
+    stats = client.info("commandstats")
+    assert stats["cmdstat_evalsha"]["calls"] == 10 and "cmdstat_eval" not in stats
+    client.script_flush()
+    assert store.admit([bucket])[0] == 1  # reloaded on NOSCRIPT
+
+
 def test_redis_down_is_store_unavailable() -> None:
     store = Store(f"redis://127.0.0.1:{free_port()}/0", Keys("rl"))
     with pytest.raises(StoreUnavailable):
