@@ -21,6 +21,7 @@ from . import control as _control  # noqa: F401  (registers the relier_drain com
 from . import events
 from .config import validate_task_options
 from .drain import Drain
+from .errors import IdempotencyInterrupted
 from .inflight import Inflight, Key
 from .lease import Lease
 from .plugin import install, new_worker_id, set_worker_id
@@ -274,6 +275,11 @@ def _wrap_request(req: Any, key: Key, inflight: Inflight) -> None:
                 task_name=req.name,
                 timeout_type="hard",
             )
+        if isinstance(exc, IdempotencyInterrupted):
+            try:
+                inflight.quarantine_held(key, "idempotency_interrupted", str(exc))
+            except Exception:
+                logger.exception("relier: could not quarantine %s[%s]", req.name, req.id)
         inflight.finish(key)
         return on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
 
