@@ -10,6 +10,8 @@ from .context import TaskContext
 from .dispatch import rl_task
 from .envelope import migration
 from .errors import (
+    AdmissionRejected,
+    AdmissionUnavailable,
     ConfigError,
     HardTimeout,
     IdempotencyBusy,
@@ -27,6 +29,8 @@ from .signals import connect as _connect
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdmissionRejected",
+    "AdmissionUnavailable",
     "ConfigError",
     "HardTimeout",
     "IdempotencyBusy",

@@ -115,6 +115,14 @@ class RelierConfig:
     schema_max_requeues: int = SCHEMA_MAX_REQUEUES
     """Requeues a message from a newer schema gets before it is quarantined (schema_too_new)."""
 
+    admission: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    """Admission limits per queue: ``{"emails": "10/s"}`` or ``{"emails": {"rate": "10/s",
+    "burst": 20, "max_queue_depth": 10000}}`` (see docs/admission.md)."""
+
+    admission_fail_open: bool = False
+    """Whether a dispatch goes through when admission cannot decide (Redis down): False
+    refuses it with AdmissionUnavailable, True publishes it with an admission.fail_open event."""
+
     @classmethod
     def from_app(cls, app: Any) -> RelierConfig:
         """Read and validate the ``relier_*`` settings of a Celery app."""
@@ -181,6 +189,9 @@ class RelierConfig:
             raise ConfigError(
                 f"relier_max_message_bytes must be above 0, got {self.max_message_bytes}"
             )
+        from .admission import parse_queue_rules
+
+        parse_queue_rules(self.admission)
         if not re.fullmatch(r"[A-Za-z0-9_.\-]+", self.prefix):
             raise ConfigError(
                 f"relier_prefix {self.prefix!r} may hold only letters, digits, '_', '.' and '-'"
@@ -212,6 +223,10 @@ def _coerce(key: str, field: dataclasses.Field[Any], raw: Any) -> Any:
         if isinstance(raw, bool) or not isinstance(raw, int):
             raise ConfigError(f"{key} must be an integer, got {raw!r}")
         return raw
+    if kind.startswith("Mapping"):
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"{key} must be a dict, got {raw!r}")
+        return dict(raw)
     if kind == "bool":
         if not isinstance(raw, bool):
             raise ConfigError(f"{key} must be True or False, got {raw!r}")
@@ -248,6 +263,9 @@ TASK_OPTIONS = {
     "idempotency_on_crash",
     "dlq_on_failure",
     "schema_version",
+    "admission",
+    "admission_burst",
+    "max_queue_depth",
 }
 _RELIER_LOOKING = re.compile(r"^(rl_|relier_)|resurrect|resurect")
 
@@ -311,6 +329,9 @@ def validate_task_options(app: Any) -> None:
             raise ConfigError(
                 f"task {name!r}: max_resurrections must be an integer >= 0, got {value!r}"
             )
+        from .admission import validate_task
+
+        validate_task(name, task)
 
 
 def _check_timeouts(soft_name: str, hard_name: str, soft: Any, hard: Any) -> None:

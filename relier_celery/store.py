@@ -37,6 +37,7 @@ _SCRIPTS = (
     "claim_finish",
     "dlq_put",
     "retire",
+    "admit",
 )
 # Error replies that mean "Redis could not take the write now", not "relier has a bug".
 _UNAVAILABLE_ERRORS = (
@@ -258,6 +259,16 @@ class Store:
 
     def idem_release(self, key: str, token: str) -> bool:
         return bool(self._run("idem_release", [self.keys.idempotency(key)], [token]))
+
+    # -- admission ----------------------------------------------------------------------
+    def admit(self, buckets: list[tuple[str, int, int]], cost: int = 1) -> tuple[int, ...]:
+        """One GCRA decision over ``(key, interval_us, burst)`` buckets, all or nothing; return
+        (allowed 0/1, retry_after_ms, remaining, reset_ms, index of the refusing bucket)."""
+        keys = [key for key, _, _ in buckets]
+        args: list[Any] = [cost]
+        for _, interval_us, burst in buckets:
+            args += [interval_us, burst]
+        return tuple(int(x) for x in self._run("admit", keys, args))
 
     def drain_update(self, worker: str, fields: dict[str, Any]) -> None:
         key = self.keys.drain(worker)
