@@ -47,6 +47,8 @@ LEVELS: dict[str, int] = {
     "dlq.purged": logging.WARNING,
     "dlq.expired": logging.WARNING,
     "idempotency.interrupted": logging.ERROR,
+    "idempotency.unavailable": logging.ERROR,
+    "idempotency.store_failed": logging.ERROR,
     "admission.rejected": logging.WARNING,
     "admission.fail_open": logging.WARNING,
 }

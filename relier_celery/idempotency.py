@@ -32,7 +32,13 @@ from types import TracebackType
 from typing import Any
 
 from . import events
-from .errors import IdempotencyBusy, IdempotencyConflict, IdempotencyError, IdempotencyInterrupted
+from .errors import (
+    IdempotencyBusy,
+    IdempotencyConflict,
+    IdempotencyError,
+    IdempotencyInterrupted,
+    StoreUnavailable,
+)
 from .store import Store
 
 __all__ = [
@@ -314,6 +320,17 @@ def _guarded(task: Any, call: Callable[[], Any]) -> Any:
             if time.monotonic() > deadline:
                 raise task.retry(countdown=min(wait, 30.0), max_retries=None) from None
             time.sleep(POLL)
+        except StoreUnavailable as exc:
+            # Never run unprotected: fail loudly, and let Celery retry (its max_retries bound).
+            events.emit(
+                "idempotency.unavailable",
+                f"key {key!r}: Redis unavailable ({exc}); the task does not run unprotected "
+                "and is retried",
+                idempotency_key=key,
+                task_id=str(task.request.id),
+            )
+            countdown = min(2.0 ** int(task.request.retries or 0), 60.0)
+            raise task.retry(exc=exc, countdown=countdown) from None
     if lock.already_executed:
         return lock.cached_result
     try:
@@ -326,4 +343,13 @@ def _guarded(task: Any, call: Callable[[], Any]) -> Any:
     except IdempotencyError:
         lock.release()
         raise
+    except StoreUnavailable as exc:
+        # The side effect happened; running it again would repeat it. Say so, and return.
+        events.emit(
+            "idempotency.store_failed",
+            f"key {key!r}: the run finished but its result could not be kept ({exc}); "
+            "duplicates wait for the claim to expire (idempotency_ttl) before running",
+            idempotency_key=key,
+            task_id=str(task.request.id),
+        )
     return result

@@ -239,3 +239,32 @@ def test_the_claim_state_machine(redis_server, steps, quarantine) -> None:
             s.renew_lease(holder.lease, ttl=0.001)
             time.sleep(0.005)
             holder, dead_owner = None, True
+
+
+def test_with_redis_down_an_idempotent_task_never_runs_unprotected_and_is_retried() -> None:
+    from relier_celery.errors import StoreUnavailable
+    from relier_celery.testing import free_port
+
+    # Given relier's Redis unreachable
+    app = Celery("idem_down", broker="memory://", set_as_current=False)
+    app.conf.relier_redis_url = f"redis://127.0.0.1:{free_port()}/0"
+    ran = []
+
+    @app.task(name="idem.down", shared=False, idempotent=True, max_retries=2)
+    def charge(order):
+        ran.append(order)
+
+    install(app)
+    from relier_celery import events
+
+    seen = []
+    events.subscribe(seen.append)
+    try:
+        # When it is run (eagerly: Celery runs each retry at once)
+        result = app.tasks["idem.down"].apply(args=(1,))
+    finally:
+        events.unsubscribe(seen.append)
+    # Then its body never ran, it was retried, and it failed loudly with the cause
+    assert ran == []
+    assert [e.name for e in seen].count("idempotency.unavailable") == 3  # 1 run + 2 retries
+    assert result.failed() and isinstance(result.result, StoreUnavailable)
