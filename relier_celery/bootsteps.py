@@ -18,12 +18,14 @@ from celery.exceptions import TaskRevokedError, Terminated, TimeLimitExceeded, W
 from celery.worker import state as worker_state
 
 from . import control as _control  # noqa: F401  (registers the relier_drain command)
-from . import events
+from . import events, observe
+from .activity import RunningMarker
 from .config import validate_task_options
 from .drain import Drain
 from .inflight import Inflight, Key
 from .lease import Lease
 from .plugin import install, new_worker_id, set_worker_id
+from .record import trace_context
 from .resurrect import Resurrector
 from .timeouts import HARD_LIMIT_ENFORCED, is_async, task_limits
 
@@ -50,10 +52,19 @@ class WorkerRuntime:
             app, self.config, self.store, name=f"scanner@{self.worker_id}"
         )
         self.inflight = Inflight(self.config, self.store, self.worker_id, self.resurrector)
-        self.lease = Lease(self.config, self.store, self.worker_id, on_renewed=self.inflight.flush)
+        # Counters in Redis, and OpenTelemetry if enabled: subscribed before the pool forks.
+        self.observers = observe.start(relier)
+        self.running = RunningMarker(
+            self.store, self.worker_id, self.config.lease_ttl, _running_requests
+        )
+        self.lease = Lease(self.config, self.store, self.worker_id, on_renewed=self._on_heartbeat)
         self.pool_cls = pool_cls
         self.drain = Drain(self)
         self.started = False
+
+    def _on_heartbeat(self) -> None:
+        self.inflight.flush()
+        self.running.publish()
 
     def start(self) -> None:
         for warning in self.store.self_check():
@@ -94,6 +105,7 @@ class WorkerRuntime:
                 "expire by itself and any record left is resurrected",
                 worker=self.worker_id,
             )
+            self.observers.close()
             return
         events.emit(
             "worker.stopped",
@@ -103,6 +115,7 @@ class WorkerRuntime:
             handed_off=handed,
             left=left,
         )
+        self.observers.close()
 
 
 class RelierWorker(bootsteps.StartStopStep):  # type: ignore[misc]
@@ -152,6 +165,14 @@ class RelierConsumer(bootsteps.StartStopStep):  # type: ignore[misc]
                 "relier: consumer restarted; republished %d reserved task(s) that Celery forgot",
                 count,
             )
+
+
+def _running_requests() -> dict[str, float]:
+    """Task id -> start time (s since the epoch) of what the pool runs now."""
+    out: dict[str, float] = {}
+    for req in list(worker_state.active_requests):
+        out[str(req.id)] = float(req.time_start or 0.0)
+    return out
 
 
 def _wrap_consumer(c: Any, inflight: Inflight) -> None:
@@ -273,6 +294,7 @@ def _wrap_request(req: Any, key: Key, inflight: Inflight) -> None:
                 task_id=req.id,
                 task_name=req.name,
                 timeout_type="hard",
+                **trace_context(getattr(req, "request_dict", None)),
             )
         inflight.finish(key)
         return on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)

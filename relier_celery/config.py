@@ -94,6 +94,11 @@ class RelierConfig:
     hard_timeout: float | None = None
     """Default hard timeout of every task (seconds): the task is stopped and fails then."""
 
+    otel_enabled: bool = False
+    """Whether relier exports its events as OpenTelemetry spans and counters (OTLP, configured
+    by the standard OTEL_* environment variables; needs the ``otel`` extra). Off: relier does
+    not import OpenTelemetry at all."""
+
     @classmethod
     def from_app(cls, app: Any) -> RelierConfig:
         """Read and validate the ``relier_*`` settings of a Celery app."""

@@ -13,7 +13,7 @@ import uuid
 from typing import Any
 
 from . import events
-from .record import TaskRecord
+from .record import TaskRecord, trace_context
 from .store import Store
 
 __all__ = ["quarantine"]
@@ -67,5 +67,6 @@ def quarantine(
         dlq_id=entry_id,
         worker=held_by or record.worker,
         resurrections=gen.resurrections,
+        **trace_context(record.headers),
     )
     return entry_id

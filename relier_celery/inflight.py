@@ -19,7 +19,7 @@ from . import events
 from .config import RelierConfig
 from .dlq import quarantine
 from .errors import StoreUnavailable
-from .record import Generation, TaskRecord
+from .record import Generation, TaskRecord, trace_context
 from .resurrect import Resurrector
 from .store import Store
 
@@ -97,6 +97,7 @@ class Inflight:
                 task_name=record.task_name,
                 worker=self.worker,
                 reason=receipt.reason,
+                **trace_context(record.headers),
             )
             return "duplicate"
         with self._lock:

@@ -75,3 +75,13 @@ class Keys:
     def scan_stamp(self) -> str:
         """STRING: time (s since the epoch) of the last completed scan, for visibility."""
         return f"{self._base}:scan"
+
+    def running(self, worker: str) -> str:
+        """HASH with a TTL: task id -> start time (s), the tasks a worker's pool is running,
+        rewritten by its heartbeat when the set changes (see relier_celery/activity.py)."""
+        return f"{self._base}:running:{worker}"
+
+    @property
+    def counters(self) -> str:
+        """HASH: counter name -> how often a rare event happened, fleet-wide (counters.py)."""
+        return f"{self._base}:counters"
