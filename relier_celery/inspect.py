@@ -46,6 +46,7 @@ __all__ = [
 
 RUNNING, RESERVED, HELD = "running", "reserved", "held"
 AWAITING, RESURRECTING = "awaiting resurrection", "resurrecting"
+_ORDER = {RUNNING: 0, RESERVED: 1, HELD: 2, RESURRECTING: 3, AWAITING: 4}
 
 
 @dataclass(frozen=True)
@@ -227,7 +228,7 @@ def take(
             )
         )
     tasks = [t for t in tasks if filters.task_ok(t)]
-    tasks.sort(key=lambda t: (t.worker, t.state, -t.age, t.task_id))
+    tasks.sort(key=lambda t: (t.worker, _ORDER.get(t.state, 9), -t.age, t.task_id))
     return Snapshot(
         at=now,
         tasks=tasks,
