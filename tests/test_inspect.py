@@ -38,7 +38,7 @@ def hold(
     rec = TaskRecord(
         task_id=task_id,
         task_name=name,
-        body=b'[[1], {}, {}]',
+        body=b"[[1], {}, {}]",
         content_type="application/json",
         content_encoding="utf-8",
         headers={"id": task_id, "task": name, "rl_resurrections": resurrections},
