@@ -375,9 +375,11 @@ def to_json(snap: Snapshot, view: str = "inspect") -> dict[str, Any]:
     """Machine-readable form of a snapshot (``view`` as in :func:`render`)."""
     out: dict[str, Any] = {"at": snap.at}
     if view in ("inspect", "tasks"):
-        out["tasks"] = [dataclasses.asdict(t) for t in snap.tasks]
+        # vars(), not dataclasses.asdict: the fields are flat, and asdict deep-copies each one
+        # (a third of the time with 10,000 tasks).
+        out["tasks"] = [dict(vars(t)) for t in snap.tasks]
     if view in ("inspect", "workers"):
-        out["workers"] = [dataclasses.asdict(w) for w in snap.workers]
+        out["workers"] = [dict(vars(w)) for w in snap.workers]
     if view == "inspect":
         out["queues"] = None if snap.queues is None else dataclasses.asdict(snap.queues)
         out["counters"] = snap.counters
