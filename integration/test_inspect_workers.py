@@ -99,3 +99,49 @@ def victim_id(redis_url: str, host_prefix: str) -> str:
     workers = inspect_json(redis_url, "workers", "--json")["workers"]
     ids = [w["worker"] for w in workers if w["worker"].startswith(host_prefix)]
     return ids[0] if ids else "?"
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_with_otel_enabled_exports_its_events_and_counts_them(fleet, publisher, r):
+    from otlp import Receiver
+
+    receiver = Receiver()
+    try:
+        # Given a worker with relier_otel_enabled, configured by OTEL_* variables only
+        worker = fleet.start(
+            concurrency=1,
+            RELIER_TEST_CONF=json.dumps({"relier_otel_enabled": True}),
+            OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint,
+            OTEL_SERVICE_NAME="relier-worker-test",
+            OTEL_BSP_SCHEDULE_DELAY="200",
+            OTEL_METRIC_EXPORT_INTERVAL="500",
+        )
+        # When an idempotent task runs twice (the second is a hit, in the pool process)
+        for _ in range(2):
+            publisher.send_task("chaos.charge", args=(5, 0.05))
+            wait_for(lambda: r.llen("test:results") >= 1, 30, what="a result")
+        wait_for(lambda: r.llen("test:results") == 2, 30, what="two results")
+        # Then the hit is counted in Redis by the pool process
+        wait_for(
+            lambda: r.hget("rl:{rl}:counters", "idempotent_hits") == "1",
+            10,
+            what="the hit to be counted",
+        )
+        wait_for(
+            lambda: "rl.idempotency.hit" in {s.name for s in receiver.spans()},
+            10,
+            what=f"the pool process's span\n{worker.log()[-3000:]}",
+        )
+        # And when the worker is stopped (SIGTERM: a drain), its spans and metrics arrive
+        assert worker.stop(timeout=40) == 0
+        names = {s.name for s in receiver.spans()}
+        assert {"rl.worker.started", "rl.drain.started", "rl.drain.finished"} <= names, names
+        assert "rl.worker.stopped" in names
+        finished = next(s for s in receiver.spans() if s.name == "rl.drain.finished")
+        attrs = {a.key: a.value for a in finished.attributes}
+        assert attrs["rl.worker"].string_value.startswith("w1@")
+        assert attrs["rl.lost"].int_value == 0
+        assert {"rl.idempotent_hits", "rl.drains"} <= receiver.metric_names()
+        assert r.hget("rl:{rl}:counters", "drains") == "1"
+    finally:
+        receiver.close()
