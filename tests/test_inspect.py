@@ -260,3 +260,13 @@ def test_inspect_with_a_broker_that_is_not_redis(tmp_path: Path, redis_url: str,
 def test_to_json_is_plain_json(store: Store) -> None:
     fleet_state(store)
     json.dumps(to_json(take(store, 60)))
+
+
+def test_an_unreachable_redis_is_a_clear_error(tmp_path: Path, monkeypatch) -> None:
+    from relier_celery.testing import free_port
+
+    _write_app(tmp_path, f"redis://127.0.0.1:{free_port()}/0")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "inspapp", raising=False)  # not an earlier test's app
+    result = CliRunner().invoke(celery_cli, ["-A", "inspapp", "relier", "inspect"])
+    assert result.exit_code == 1 and "relier cannot reach Redis" in result.output
