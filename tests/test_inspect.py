@@ -180,6 +180,7 @@ def _write_app(tmp_path: Path, redis_url: str, broker: str | None = None) -> Non
 def cli_app(tmp_path: Path, redis_url: str, store: Store, monkeypatch: pytest.MonkeyPatch) -> Path:
     _write_app(tmp_path, redis_url)
     monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "inspapp", raising=False)  # this test's app, not a cached one
     fleet_state(store)
     return tmp_path
 
