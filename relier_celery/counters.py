@@ -16,7 +16,6 @@ import os
 import threading
 from collections import Counter
 
-from .errors import RelierError
 from .events import Event
 from .store import Store
 
@@ -50,20 +49,22 @@ class Counters:
         self._pending: Counter[str] = Counter()
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._pid = -1
         self._thread: threading.Thread | None = None
         atexit.register(self.flush_quietly)
+        # Billiard forks pool processes at any time (a replaced child): a child must not
+        # inherit a lock the flusher thread held at that instant, nor the parent's counts.
+        os.register_at_fork(after_in_child=self._after_fork)
+
+    def _after_fork(self) -> None:
+        self._lock = threading.Lock()
+        self._pending = Counter()
+        self._thread = None
 
     def __call__(self, event: Event) -> None:
         name = COUNTED.get(event.name)
         if name is None:
             return
         with self._lock:
-            if self._pid != os.getpid():
-                # A forked pool child inherits its parent's pending counts and no thread.
-                self._pending.clear()
-                self._pid = os.getpid()
-                self._thread = None
             self._pending[name] += 1
             if self._thread is None and not self._stop.is_set():
                 self._thread = threading.Thread(
@@ -74,8 +75,6 @@ class Counters:
     def flush(self) -> None:
         """Write the pending increments now (raises StoreUnavailable; they are kept then)."""
         with self._lock:
-            if self._pid != os.getpid():
-                return
             batch = dict(self._pending)
             self._pending.clear()
         try:
@@ -88,8 +87,8 @@ class Counters:
     def flush_quietly(self) -> None:
         try:
             self.flush()
-        except (RelierError, OSError) as exc:
-            logger.warning("relier: could not write event counters: %s", exc)
+        except Exception as exc:  # counters are informative: never break the flusher
+            logger.warning("relier: could not write event counters: %r", exc)
 
     def close(self) -> None:
         """Stop the flusher and write what is pending."""

@@ -271,3 +271,29 @@ def test_an_unreachable_redis_is_a_clear_error(tmp_path: Path, monkeypatch) -> N
     monkeypatch.delitem(sys.modules, "inspapp", raising=False)  # not an earlier test's app
     result = CliRunner().invoke(celery_cli, ["-A", "inspapp", "relier", "inspect"])
     assert result.exit_code == 1 and "relier cannot reach Redis" in result.output
+
+
+def test_a_forked_pool_process_counts_its_own_events_not_its_parents(store: Store) -> None:
+    import os
+
+    # Given a parent process with an uncounted event pending
+    counters = Counters(store, interval=60)
+    events.subscribe(counters)
+    try:
+        events.emit("task.resurrected", "in the parent")
+        # When a forked child (as billiard forks pool processes) counts and flushes its own
+        pid = os.fork()
+        if pid == 0:
+            try:
+                events.emit("idempotency.hit", "in the child")
+                counters.flush()
+            finally:
+                os._exit(0)
+        os.waitpid(pid, 0)
+        # Then the child wrote only its own event, and the parent's is still its own to write
+        assert store.counters() == {"idempotent_hits": 1}
+        counters.flush()
+        assert store.counters() == {"idempotent_hits": 1, "resurrections": 1}
+    finally:
+        events.unsubscribe(counters)
+        counters.close()
