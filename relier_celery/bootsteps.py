@@ -70,6 +70,7 @@ class WorkerRuntime:
         for warning in self.store.self_check():
             events.emit("config.warning", warning)
         self.lease.acquire()
+        self.running.publish()  # "idle" / "reserved" from the start, not "held"
         if self.config.scanner_enabled:
             self.resurrector.start()
         self.started = True

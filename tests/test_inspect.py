@@ -297,3 +297,19 @@ def test_a_forked_pool_process_counts_its_own_events_not_its_parents(store: Stor
     finally:
         events.unsubscribe(counters)
         counters.close()
+
+
+def test_the_running_marker_writes_only_when_the_set_changes(
+    store: Store, client: redis.Redis
+) -> None:
+    running = {"t1": 100.0}
+    marker = RunningMarker(store, "w", lease_ttl=60, running=lambda: dict(running))
+    key = Keys("rl").running("w")
+    marker.publish()
+    assert client.hget(key, "t1") == "100.0" and client.pttl(key) > 60_000
+    client.hset(key, "sentinel", "1")
+    marker.publish()  # same set: no write
+    assert client.hget(key, "sentinel") == "1"
+    running["t2"] = 101.0
+    marker.publish()  # changed: rewritten whole
+    assert set(client.hkeys(key)) == {"@", "t1", "t2"}
