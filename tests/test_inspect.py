@@ -313,3 +313,29 @@ def test_the_running_marker_writes_only_when_the_set_changes(
     running["t2"] = 101.0
     marker.publish()  # changed: rewritten whole
     assert set(client.hkeys(key)) == {"@", "t1", "t2"}
+
+
+def test_watch_exits_cleanly_on_ctrl_c(tmp_path: Path, redis_url: str, store: Store) -> None:
+    import signal
+
+    _write_app(tmp_path, redis_url)
+    fleet_state(store)
+    proc = subprocess.Popen(
+        [str(BIN / "rl"), "-A", "inspapp", "inspect", "--watch", "--interval", "0.2"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        assert proc.stdout is not None
+        while "relier inspect at" not in proc.stdout.readline():
+            assert time.monotonic() < deadline and proc.poll() is None
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
