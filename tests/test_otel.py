@@ -282,3 +282,28 @@ def test_a_real_rl_process_exports_over_otlp_http(tmp_path: Path, redis_url: str
     assert "rl.resurrections" in names
     # And the fleet-wide counter in Redis
     assert install(app).store.counters()["resurrections"] == 1
+
+
+def test_the_protocol_and_exporter_come_from_otel_variables(monkeypatch) -> None:
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
+        OTLPSpanExporter as GrpcSpans,
+    )
+    from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
+        OTLPMetricExporter as HttpMetrics,
+    )
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+        OTLPSpanExporter as HttpSpans,
+    )
+
+    from relier_celery import otel
+
+    for var in ("OTEL_EXPORTER_OTLP_PROTOCOL", "OTEL_TRACES_EXPORTER", "OTEL_METRICS_EXPORTER"):
+        monkeypatch.delenv(var, raising=False)
+    assert isinstance(otel._span_exporter(), HttpSpans)  # the specification's default
+    assert isinstance(otel._metric_exporter(), HttpMetrics)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+    assert isinstance(otel._span_exporter(), GrpcSpans)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/protobuf")
+    assert isinstance(otel._span_exporter(), HttpSpans)  # the per-signal variable wins
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "none")
+    assert otel._span_exporter() is None
