@@ -4,6 +4,7 @@ no OpenTelemetry import at all when disabled."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -307,3 +308,30 @@ def test_the_protocol_and_exporter_come_from_otel_variables(monkeypatch) -> None
     assert isinstance(otel._span_exporter(), HttpSpans)  # the per-signal variable wins
     monkeypatch.setenv("OTEL_TRACES_EXPORTER", "none")
     assert otel._span_exporter() is None
+
+
+def test_instrumentation_celery_puts_traceparent_in_the_message_headers(redis_url: str) -> None:
+    """Where relier's records find the trace context: checked against the installed
+    opentelemetry-instrumentation-celery, on a real publish to a real Redis broker."""
+    import base64
+
+    import redis as redis_lib
+    from opentelemetry.instrumentation.celery import CeleryInstrumentor
+
+    spans = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(spans))
+    instrumentor = CeleryInstrumentor()
+    instrumentor.instrument(tracer_provider=provider)
+    try:
+        app = Celery("traced", broker=redis_url)
+        app.send_task("jobs.x", args=(1,))
+    finally:
+        instrumentor.uninstrument()
+    raw = json.loads(redis_lib.Redis.from_url(redis_url).lrange("celery", 0, -1)[0])
+    headers = raw["headers"]
+    publish = next(s for s in spans.get_finished_spans() if s.name.startswith("apply_async"))
+    trace_id = format(publish.context.trace_id, "032x")
+    span_id = format(publish.context.span_id, "016x")
+    assert headers["traceparent"].startswith(f"00-{trace_id}-{span_id}-")
+    assert base64.b64decode(raw["body"])  # the record keeps these headers as they are
