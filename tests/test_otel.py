@@ -310,9 +310,10 @@ def test_the_protocol_and_exporter_come_from_otel_variables(monkeypatch) -> None
     assert otel._span_exporter() is None
 
 
-def test_instrumentation_celery_puts_traceparent_in_the_message_headers(redis_url: str) -> None:
-    """Where relier's records find the trace context: checked against the installed
-    opentelemetry-instrumentation-celery, on a real publish to a real Redis broker."""
+def test_an_instrumented_tasks_resurrection_stays_in_its_trace(otel, redis_url: str) -> None:
+    """Where relier's records find the trace context, checked against the installed
+    opentelemetry-instrumentation-celery on a real publish to a real Redis broker; then the
+    resurrection span joins that trace and the republished message carries it unchanged."""
     import base64
 
     import redis as redis_lib
@@ -334,4 +335,32 @@ def test_instrumentation_celery_puts_traceparent_in_the_message_headers(redis_ur
     trace_id = format(publish.context.trace_id, "032x")
     span_id = format(publish.context.span_id, "016x")
     assert headers["traceparent"].startswith(f"00-{trace_id}-{span_id}-")
-    assert base64.b64decode(raw["body"])  # the record keeps these headers as they are
+    # Given that message held by a worker that died
+    client = redis_lib.Redis.from_url(redis_url)
+    client.delete("celery")
+    rel = install(app)
+    rel.store.renew_lease("dead", ttl=0.01)
+    rec = TaskRecord(
+        task_id=headers["id"],
+        task_name="jobs.x",
+        body=base64.b64decode(raw["body"]),
+        content_type=raw["content-type"],
+        content_encoding=raw["content-encoding"],
+        headers=headers,
+        properties={},
+        exchange="",
+        routing_key="celery",
+        worker="dead",
+    )
+    assert rel.store.record(rec.task_id, "dead", rec.generation, rec.dumps()).recorded
+    time.sleep(0.05)
+    # When it is resurrected
+    assert Resurrector(app, rel.config, rel.store, name="s").scan_once() == 1
+    # Then the resurrection span is in the task's trace, under its publish span
+    res = only(otel[0], "rl.task.resurrected")
+    assert res.context.trace_id == publish.context.trace_id
+    assert res.parent is not None and res.parent.span_id == publish.context.span_id
+    # And the new message carries the same trace context, for the next run to continue
+    again = json.loads(client.lrange("celery", 0, -1)[0])
+    assert again["headers"]["traceparent"] == headers["traceparent"]
+    assert again["headers"]["rl_resurrections"] == 1
