@@ -226,3 +226,30 @@ def fenced(order: int, seconds: float) -> dict:
     result = {"pid": os.getpid()}
     r().rpush(f"test:fenced:{order}", json.dumps(result))
     return result
+
+
+def _pay(kind: str, order: int, seconds: float) -> dict:
+    """Work, then one side effect naming the process that made it, then return."""
+    time.sleep(seconds / 2)
+    r().rpush(f"test:{kind}:before:{order}", os.getpid())
+    time.sleep(seconds / 2)
+    r().rpush(f"test:{kind}:{order}", f"{os.getppid()}:{os.getpid()}")
+    r().sadd(f"test:{kind}:done", order)
+    return {"order": order, "pid": os.getpid()}
+
+
+@app.task(name="chaos.pay", idempotent=True, idempotency_key=lambda order, seconds: f"pay-{order}")
+def pay(order: int, seconds: float) -> dict:
+    """An idempotent payment: a crash mid-run repeats the run (the default)."""
+    return _pay("paid", order, seconds)
+
+
+@app.task(
+    name="chaos.pay_strict",
+    idempotent=True,
+    idempotency_on_crash="quarantine",
+    idempotency_key=lambda order, seconds: f"strict-{order}",
+)
+def pay_strict(order: int, seconds: float) -> dict:
+    """An idempotent payment that must never repeat unasked: a crash mid-run goes to the DLQ."""
+    return _pay("strict", order, seconds)

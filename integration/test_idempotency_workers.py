@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import random
+import time
 
 import pytest
-from fleet import wait_all_done
+from fleet import dlq_entries, wait_all_done
 
 from relier_celery.testing import wait_for
 
@@ -65,3 +67,93 @@ def test_a_paused_owner_cannot_overwrite_the_result_of_the_worker_that_took_over
     assert json.loads(r.hget(key, "result")) == first
     wait_for(lambda: "idempotency.fenced" in paused.log(), 10, what="the fenced-out event")
     assert "idempotency.takeover" in other.log()
+
+
+def _chaos(
+    fleet, publisher, r, task: str, orders: int, rng: random.Random
+) -> tuple[list[int], dict[int, float]]:
+    """Dispatch every order twice (duplicates), SIGKILL workers mid-run and replace them;
+    acks_late with a 2 s visibility timeout makes the broker redeliver running tasks too.
+    Return the main-process PIDs killed and each order's duration argument."""
+    fleet.env.update(RELIER_TEST_ACKS_LATE="1", RELIER_TEST_VISIBILITY="2")
+    for _ in range(3):
+        fleet.start(concurrency=2)
+    seconds = {order: round(rng.uniform(0.4, 1.6), 2) for order in range(orders)}
+    for order in range(orders):
+        for _ in range(2):
+            publisher.send_task(task, args=(order, seconds[order]))
+    killed = []
+    deadline = time.monotonic() + 30
+    while len(killed) < 4 and time.monotonic() < deadline:
+        time.sleep(rng.uniform(1.0, 2.0))
+        killed.append(fleet.kill_random(rng).pid)
+        fleet.start(concurrency=2)
+    return killed, seconds
+
+
+def _effects(r, kind: str, order: int) -> list[tuple[int, int]]:
+    return [tuple(map(int, x.split(":"))) for x in r.lrange(f"test:{kind}:{order}", 0, -1)]
+
+
+@pytest.mark.timeout(180)
+def test_chaos_idempotent_side_effects_happen_once_per_key(fleet, publisher, r) -> None:
+    # Given 30 idempotent payments, each dispatched twice, on workers SIGKILLed mid-run
+    orders = 30
+    killed, seconds = _chaos(fleet, publisher, r, "chaos.pay", orders, random.Random(5))
+    # Then every payment completes
+    wait_for(
+        lambda: r.scard("test:paid:done") == orders, 90, what=f"{orders} payments\n{fleet.logs()}"
+    )
+    assert len(killed) >= 3
+    # And each was made once. A run is repeated only when its worker died after the side
+    # effect and before the result was stored (one Redis round trip): allowed, and counted.
+    repeated_in_window = 0
+    for order in range(orders):
+        effects = _effects(r, "paid", order)
+        assert effects, order
+        assert all(ppid in killed for ppid, _ in effects[:-1]), (order, effects, killed)
+        repeated_in_window += len(effects) - 1
+    assert repeated_in_window <= 1, f"{repeated_in_window} repeats in the crash window"
+    interrupted = sum(r.llen(f"test:paid:before:{o}") for o in range(orders)) - orders
+    print(
+        f"runs interrupted and repeated: {interrupted}; repeats after the effect: "
+        f"{repeated_in_window}"
+    )
+    assert interrupted >= 1, "no run was interrupted: the chaos proved nothing"
+
+    # And a late duplicate of every payment is a cache hit, not a new charge
+    def hits() -> int:
+        return sum(w.log().count("relier idempotency.hit") for w in fleet.workers)
+
+    before = hits()
+    for order in range(orders):
+        publisher.send_task("chaos.pay", args=(order, seconds[order]))
+    wait_for(lambda: hits() - before >= orders, 30, what=f"{orders} cache hits")
+    assert sum(len(_effects(r, "paid", o)) for o in range(orders)) == orders + repeated_in_window
+
+
+@pytest.mark.timeout(180)
+def test_chaos_quarantine_mode_never_repeats_an_effect(fleet, publisher, r) -> None:
+    # Given 30 payments that must never repeat unasked, dispatched twice, workers SIGKILLed
+    orders = 30
+    _chaos(fleet, publisher, r, "chaos.pay_strict", orders, random.Random(6))
+
+    def settled() -> set[int]:
+        return {int(x) for x in r.smembers("test:strict:done")} | _quarantined_orders(r)
+
+    # Then every payment either completed or waits in the DLQ for an operator
+    wait_for(lambda: len(settled()) == orders, 90, what=f"{orders} settled\n{fleet.logs()}")
+    # And no side effect ever happened twice
+    for order in range(orders):
+        assert len(_effects(r, "strict", order)) <= 1, order
+    reasons = {e["reason"] for e in dlq_entries(r)}
+    assert reasons <= {"idempotency_interrupted"}, reasons
+    assert _quarantined_orders(r), "no run was interrupted: the chaos proved nothing"
+
+
+def _quarantined_orders(r) -> set[int]:
+    out = set()
+    for entry in dlq_entries(r):
+        if entry["reason"] == "idempotency_interrupted":
+            out.add(int(entry["error"].split("'strict-", 1)[1].split("'", 1)[0]))
+    return out

@@ -22,6 +22,7 @@ from . import events, observe
 from .activity import RunningMarker
 from .config import validate_task_options
 from .drain import Drain
+from .errors import IdempotencyInterrupted
 from .inflight import Inflight, Key
 from .lease import Lease
 from .plugin import install, new_worker_id, set_worker_id
@@ -297,6 +298,11 @@ def _wrap_request(req: Any, key: Key, inflight: Inflight) -> None:
                 timeout_type="hard",
                 **trace_context(getattr(req, "request_dict", None)),
             )
+        if isinstance(exc, IdempotencyInterrupted):
+            try:
+                inflight.quarantine_held(key, "idempotency_interrupted", str(exc))
+            except Exception:
+                logger.exception("relier: could not quarantine %s[%s]", req.name, req.id)
         inflight.finish(key)
         return on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
 

@@ -223,6 +223,7 @@ TASK_OPTIONS = {
     "idempotency_key",
     "idempotency_ttl",
     "idempotency_wait",
+    "idempotency_on_crash",
 }
 _RELIER_LOOKING = re.compile(r"^(rl_|relier_)|resurrect|resurect")
 
@@ -262,6 +263,12 @@ def validate_task_options(app: Any) -> None:
             raise ConfigError(
                 f"task {name!r}: on_soft_timeout must be a callable taking a TaskContext, "
                 f"got {hook!r}"
+            )
+        on_crash = getattr(task, "idempotency_on_crash", None)
+        if on_crash is not None and on_crash not in ("rerun", "quarantine"):
+            raise ConfigError(
+                f"task {name!r}: idempotency_on_crash must be 'rerun' or 'quarantine', "
+                f"got {on_crash!r}"
             )
         value = getattr(task, "max_resurrections", None)
         if value is not None and (

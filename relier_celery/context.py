@@ -41,6 +41,9 @@ class TaskContext:
     """When the hard timeout stops the task (epoch seconds), if it has one."""
     progress: dict[str, Any] = field(default_factory=dict)
     """Partial results; ``save_progress`` also keeps them in Redis."""
+    idempotency_key: str | None = None
+    """An idempotent task's key: pass it on to the system the side effect changes (a payment
+    provider's idempotency key, a unique column), so a run repeated after a crash is safe."""
     app: Any = field(default=None, repr=False, compare=False)
 
     def save_progress(self, **data: Any) -> None:

@@ -8,6 +8,7 @@ __all__ = [
     "IdempotencyBusy",
     "IdempotencyConflict",
     "IdempotencyError",
+    "IdempotencyInterrupted",
     "RecordRefused",
     "RelierError",
     "StoreUnavailable",
@@ -44,3 +45,8 @@ class IdempotencyConflict(IdempotencyError):
 
 class IdempotencyBusy(IdempotencyError):
     """The key is being executed right now by a live owner; try again later."""
+
+
+class IdempotencyInterrupted(IdempotencyError):
+    """The key's owner died mid-run and the task must not repeat its side effect unasked
+    (``idempotency_on_crash="quarantine"``): the delivery goes to the DLQ for an operator."""

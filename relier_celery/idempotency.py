@@ -4,8 +4,17 @@ One Lua script claims a key or reads what it holds (``idem_claim.lua``): no reco
 (in flight, with a fresh fencing token); a stored result -> returned at once and the task body
 is skipped; in flight under a live owner -> the duplicate does not run (it waits a bounded time
 for the result, then is retried later); in flight under a dead owner (its worker's lease ran
-out) -> taken over. A failed run releases the claim so a retry can run; a stale owner can never
-store over a newer owner's result (fencing).
+out) -> taken over, so the run is repeated. A failed run releases the claim so a retry can run; a
+stale owner can never store over a newer owner's result (fencing).
+
+What a crash means. Relier stores the result right after the body returns, so a duplicate,
+retry, redelivery or resurrection of a *finished* run never repeats it. An owner killed *during*
+its run leaves no way to know whether its side effect happened: by default
+(``idempotency_on_crash="rerun"``) the run is repeated, which suits bodies that pass
+``TaskContext.current().idempotency_key`` on to the system they change or that check for their
+own effect; with ``"quarantine"`` the delivery goes to the DLQ instead (reason
+``idempotency_interrupted``) and every later duplicate too, until an operator releases it, so
+the side effect never happens twice unasked.
 
 The key is, in order: the ``idempotency_key`` dispatch header, the task's ``idempotency_key``
 option (a callable over the arguments, or ``"task_id"``), or by default a SHA-256 of the task
@@ -23,7 +32,7 @@ from types import TracebackType
 from typing import Any
 
 from . import events
-from .errors import IdempotencyBusy, IdempotencyConflict, IdempotencyError
+from .errors import IdempotencyBusy, IdempotencyConflict, IdempotencyError, IdempotencyInterrupted
 from .store import Store
 
 __all__ = [
@@ -37,6 +46,9 @@ __all__ = [
 ]
 
 HEADER = "idempotency_key"
+# Set by a DLQ release: the operator approves repeating an interrupted run.
+RERUN_HEADER = "rl_rerun_interrupted"
+ON_CRASH = ("rerun", "quarantine")
 MAX_KEY_LENGTH = 256
 # Defaults: results are kept an hour; a duplicate waits up to 30 s for the running copy.
 DEFAULT_TTL = 3600.0
@@ -114,6 +126,7 @@ class IdempotencyLock:
         lease: str = "",
         owner: str = "",
         fingerprint: str = "",
+        on_crash: str = "rerun",
     ) -> None:
         self._store = store
         self.key = validate_key(key)
@@ -122,6 +135,7 @@ class IdempotencyLock:
         self.lease = lease
         self.owner = owner or f"lock:{key}"
         self.fingerprint = fingerprint or "-"
+        self.on_crash = on_crash
         self.already_executed = False
         self.cached_result: Any = None
         self.taken_over = False
@@ -130,7 +144,7 @@ class IdempotencyLock:
 
     def acquire(self) -> IdempotencyLock:
         out = self._store.idem_claim(
-            self.key, self.lease, self.owner, self.fingerprint, self.claim_ttl
+            self.key, self.lease, self.owner, self.fingerprint, self.claim_ttl, self.on_crash
         )
         kind = out[0]
         if kind == "done":
@@ -153,6 +167,18 @@ class IdempotencyLock:
             )
         elif kind == "busy":
             raise IdempotencyBusy(f"idempotency key {self.key!r} is running now ({out[1]})")
+        elif kind == "interrupted":
+            events.emit(
+                "idempotency.interrupted",
+                f"key {self.key!r}: its owner {out[1]} died mid-run; not repeated without an "
+                "operator's release",
+                idempotency_key=self.key,
+            )
+            raise IdempotencyInterrupted(
+                f"idempotency key {self.key!r}: its run by {out[1]} was interrupted by a crash "
+                "and its side effect may have happened; check it, then release the DLQ entry "
+                "to run it again"
+            )
         else:
             self._token = str(out[1])
             self.taken_over = bool(int(out[2]))
@@ -252,14 +278,23 @@ def key_for(task: Any, args: Any, kwargs: Any) -> str:
 
 
 def _guarded(task: Any, call: Callable[[], Any]) -> Any:
+    from .context import peek
     from .plugin import current_worker_id, install
 
     args, kwargs = tuple(task.request.args or ()), dict(task.request.kwargs or {})
 
     relier = install(task.app)
     key = key_for(task, args, kwargs)
+    ctx = peek()
+    if ctx is not None:
+        ctx.idempotency_key = key
     ttl = float(getattr(task, "idempotency_ttl", None) or DEFAULT_TTL)
     wait = float(getattr(task, "idempotency_wait", None) or DEFAULT_WAIT)
+    on_crash = getattr(task, "idempotency_on_crash", None) or "rerun"
+    if on_crash == "quarantine" and (getattr(task.request, "headers", None) or {}).get(
+        RERUN_HEADER
+    ):
+        on_crash = "approved"
     lock = IdempotencyLock(
         relier.store,
         key,
@@ -268,6 +303,7 @@ def _guarded(task: Any, call: Callable[[], Any]) -> Any:
         lease=current_worker_id(),
         owner=str(task.request.id),
         fingerprint=args_hash(args, kwargs),
+        on_crash=on_crash,
     )
     deadline = time.monotonic() + wait
     while True:

@@ -241,13 +241,15 @@ class Store:
         return cast(str | None, self.call(lambda c: c.get(self.keys.progress(task_id))))
 
     # -- idempotency --------------------------------------------------------------------
-    def idem_claim(self, key: str, lease: str, owner: str, args_hash: str, ttl: float) -> list[Any]:
+    def idem_claim(
+        self, key: str, lease: str, owner: str, args_hash: str, ttl: float, on_crash: str = "rerun"
+    ) -> list[Any]:
         k = self.keys
         return list(
             self._run(
                 "idem_claim",
                 [k.idempotency(key), k.leases, k.fence],
-                [lease, owner, args_hash, _ms(ttl)],
+                [lease, owner, args_hash, _ms(ttl), on_crash],
             )
         )
 

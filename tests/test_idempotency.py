@@ -13,7 +13,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from relier_celery import install
-from relier_celery.errors import IdempotencyBusy, IdempotencyConflict, IdempotencyError
+from relier_celery.errors import (
+    IdempotencyBusy,
+    IdempotencyConflict,
+    IdempotencyError,
+    IdempotencyInterrupted,
+)
 from relier_celery.idempotency import (
     IdempotencyLock,
     default_key,
@@ -56,9 +61,18 @@ def test_a_bad_key_is_a_clear_error(bad) -> None:
         validate_key(bad)
 
 
-def _lock(store: Store, key: str = "k", lease: str = "", args: str = "a") -> IdempotencyLock:
+def _lock(
+    store: Store, key: str = "k", lease: str = "", args: str = "a", on_crash: str = "rerun"
+) -> IdempotencyLock:
     return IdempotencyLock(
-        store, key, ttl=60, claim_ttl=60, lease=lease, owner="t", fingerprint=args
+        store,
+        key,
+        ttl=60,
+        claim_ttl=60,
+        lease=lease,
+        owner="t",
+        fingerprint=args,
+        on_crash=on_crash,
     )
 
 
@@ -99,6 +113,27 @@ def test_a_dead_owner_is_taken_over_and_fenced_out(store: Store) -> None:
     assert not stale.store("stale")
     assert fresh.store("fresh")
     assert _lock(store).acquire().cached_result == "fresh"
+
+
+def test_quarantine_mode_never_repeats_an_interrupted_run_unless_released(store: Store) -> None:
+    # Given an owner that died mid-run of a task that must not repeat its side effect
+    store.renew_lease("w1", ttl=0.01)
+    _lock(store, lease="w1", on_crash="quarantine").acquire()
+    time.sleep(0.05)
+    store.renew_lease("w2", ttl=30)
+    # When its resurrection, then a duplicate, try to claim the key
+    # Then neither runs: the run is marked interrupted
+    for _ in range(2):
+        with pytest.raises(IdempotencyInterrupted, match="release the DLQ entry"):
+            _lock(store, lease="w2", on_crash="quarantine").acquire()
+    # And an operator's release takes it over and runs it, once
+    released = _lock(store, lease="w2", on_crash="approved").acquire()
+    assert released.taken_over and not released.already_executed
+    with pytest.raises(IdempotencyBusy):
+        _lock(store, lease="w2", on_crash="approved").acquire()
+    assert released.store("ran once more")
+    hit = _lock(store, on_crash="quarantine").acquire()
+    assert hit.already_executed and hit.cached_result == "ran once more"
 
 
 def test_an_unserializable_result_is_refused_loudly(store: Store) -> None:
@@ -160,30 +195,40 @@ def test_push_validates_a_dispatch_time_key(redis_url: str) -> None:
     assert result.id
 
 
-@settings(max_examples=40, deadline=None)
-@given(steps=st.lists(st.sampled_from(["claim", "store", "release", "die"]), max_size=12))
-def test_the_claim_state_machine(redis_server, steps) -> None:
-    # Property: at most one holder at a time; a stored result is what every later claim reads.
+@settings(max_examples=60, deadline=None)
+@given(
+    steps=st.lists(st.sampled_from(["claim", "store", "release", "die", "approve"]), max_size=12),
+    quarantine=st.booleans(),
+)
+def test_the_claim_state_machine(redis_server, steps, quarantine) -> None:
+    # Properties: at most one holder at a time; a stored result is what every later claim
+    # reads; in quarantine mode, a run whose owner died is never repeated until approved.
     redis.Redis.from_url(redis_server.url).flushall()
     s = Store(redis_server.url, __import__("relier_celery.keys", fromlist=["Keys"]).Keys("rl"))
+    mode = "quarantine" if quarantine else "rerun"
     holder: IdempotencyLock | None = None
     stored: object = None
+    dead_owner = False  # a claim is left by an owner whose lease ran out
     n = 0
     for step in steps:
         n += 1
-        if step == "claim":
+        if step in ("claim", "approve"):
             s.renew_lease(f"w{n}", ttl=30)
-            lock = _lock(s, lease=f"w{n}")
+            lock = _lock(s, lease=f"w{n}", on_crash="approved" if step == "approve" else mode)
             try:
                 lock.acquire()
             except IdempotencyBusy:
                 assert holder is not None
                 continue
+            except IdempotencyInterrupted:
+                assert quarantine and dead_owner and step == "claim"
+                continue
             if stored is not None:
                 assert lock.already_executed and lock.cached_result == stored
             else:
                 assert not lock.already_executed
-                holder = lock
+                assert lock.taken_over == dead_owner
+                holder, dead_owner = lock, False
         elif step == "store" and holder is not None:
             assert holder.store(n)
             stored, holder = n, None
@@ -193,4 +238,4 @@ def test_the_claim_state_machine(redis_server, steps) -> None:
         elif step == "die" and holder is not None:
             s.renew_lease(holder.lease, ttl=0.001)
             time.sleep(0.005)
-            holder = None
+            holder, dead_owner = None, True
