@@ -22,8 +22,10 @@ The SDK is configured from the standard ``OTEL_*`` variables: service name and r
 attributes, ``OTEL_TRACES_EXPORTER`` / ``OTEL_METRICS_EXPORTER`` (``otlp``, ``console`` or
 ``none``), ``OTEL_EXPORTER_OTLP_(TRACES_|METRICS_)PROTOCOL`` (``http/protobuf``, the default, or
 ``grpc``), endpoints, headers and timeouts (read by the exporters themselves). A tracer or
-meter provider the process already installed (``opentelemetry-instrument``, your own setup) is
-used as it is.
+meter provider the process already installed globally (``opentelemetry-instrument``, your own
+setup) is used as it is; otherwise relier's providers are its own and never replace the global
+ones, so an application may still set up OpenTelemetry later (in ``worker_process_init``, as
+opentelemetry-instrumentation-celery suggests).
 """
 
 from __future__ import annotations
@@ -197,7 +199,6 @@ def _tracer_provider() -> TracerProvider:
     exporter = _span_exporter()
     if exporter is not None:
         provider.add_span_processor(BatchSpanProcessor(exporter))
-    trace.set_tracer_provider(provider)
     return provider
 
 
@@ -211,9 +212,7 @@ def _meter_provider() -> MeterProvider:
         return current
     exporter = _metric_exporter()
     readers = [PeriodicExportingMetricReader(exporter)] if exporter is not None else []
-    provider = SDKMeterProvider(resource=Resource.create(), metric_readers=readers)
-    metrics.set_meter_provider(provider)
-    return provider
+    return SDKMeterProvider(resource=Resource.create(), metric_readers=readers)
 
 
 def enable() -> OtelExporter:

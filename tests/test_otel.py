@@ -5,6 +5,7 @@ no OpenTelemetry import at all when disabled."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -243,7 +244,7 @@ def test_a_real_rl_process_exports_over_otlp_http(tmp_path: Path, redis_url: str
     dead_worker_holding(install(app).store, "t-otlp")
     # When the standalone resurrector runs once, configured by OTEL_* variables only
     env = {
-        **__import__("os").environ,
+        **os.environ,
         "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
         "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
         "OTEL_SERVICE_NAME": "relier-otlp-test",
@@ -364,3 +365,25 @@ def test_an_instrumented_tasks_resurrection_stays_in_its_trace(otel, redis_url: 
     again = json.loads(client.lrange("celery", 0, -1)[0])
     assert again["headers"]["traceparent"] == headers["traceparent"]
     assert again["headers"]["rl_resurrections"] == 1
+
+
+@pytest.mark.parametrize("preinstalled", [False, True])
+def test_enable_uses_a_global_provider_but_never_installs_one(preinstalled: bool) -> None:
+    code = textwrap.dedent(f"""
+        from opentelemetry import metrics, trace
+        from opentelemetry.sdk.trace import TracerProvider
+        if {preinstalled}:
+            trace.set_tracer_provider(TracerProvider())
+        before = trace.get_tracer_provider()
+        from relier_celery import otel
+        exporter = otel.enable()
+        assert trace.get_tracer_provider() is before  # never replaced
+        assert (exporter.tracer_provider is before) == {preinstalled}
+        from opentelemetry.sdk.metrics import MeterProvider
+        assert not isinstance(metrics.get_meter_provider(), MeterProvider)
+    """)
+    env = {**os.environ, "OTEL_TRACES_EXPORTER": "none", "OTEL_METRICS_EXPORTER": "none"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert out.returncode == 0, out.stderr
