@@ -70,6 +70,9 @@ def work(n: int, seconds: float = 0.0, pad: str = "") -> int:
 def poison(tag: str) -> None:
     """Kill the worker running it (the main process, then itself), every time."""
     r().incr(f"test:poison:{tag}")
+    if r().get(f"test:fixed:{tag}"):  # the bug was fixed: it completes
+        r().sadd("test:done", tag)
+        return
     if os.environ.get("RELIER_TEST_POOL", "prefork") == "prefork":
         os.kill(os.getppid(), signal.SIGKILL)
     os.kill(os.getpid(), signal.SIGKILL)
@@ -253,3 +256,50 @@ def pay(order: int, seconds: float) -> dict:
 def pay_strict(order: int, seconds: float) -> dict:
     """An idempotent payment that must never repeat unasked: a crash mid-run goes to the DLQ."""
     return _pay("strict", order, seconds)
+
+
+@app.task(name="chaos.fails_until_fixed", bind=True, max_retries=2)
+def fails_until_fixed(self, tag: str) -> str:  # type: ignore[no-untyped-def]
+    """Fail (retrying twice) until the test sets test:fixed:<tag>."""
+    r().incr(f"test:attempts:{tag}")
+    if not r().get(f"test:fixed:{tag}"):
+        raise self.retry(exc=ValueError(f"bad input {tag}"), countdown=0.1)
+    r().sadd("test:done", tag)
+    return tag
+
+
+if os.environ.get("RELIER_TEST_LATE_TASK") == "1":
+
+    @app.task(name="chaos.late")
+    def late(tag: str) -> str:
+        """A task only workers of a later deploy know."""
+        r().sadd("test:done", tag)
+        return tag
+
+
+# Schema versions: a worker of deploy 1 or 2 (RELIER_TEST_SCHEMA) of one task whose arguments
+# changed shape; each run records which deploy ran it with which arguments.
+SCHEMA = int(os.environ.get("RELIER_TEST_SCHEMA", "1"))
+
+
+def _versioned(order: int, *args: object) -> None:
+    r().rpush(f"test:versioned:{order}", json.dumps([SCHEMA, order, *args]))
+    r().sadd("test:done", order)
+
+
+if SCHEMA == 1:
+
+    @app.task(name="chaos.versioned")
+    def versioned_v1(order: int, amount: float) -> None:
+        _versioned(order, amount)
+
+else:
+    from relier_celery import migration
+
+    @migration("chaos.versioned", from_version=1)
+    def add_currency(args: list, kwargs: dict) -> tuple[list, dict]:
+        return [*args, "EUR"], kwargs
+
+    @app.task(name="chaos.versioned", schema_version=2)
+    def versioned_v2(order: int, amount: float, currency: str) -> None:
+        _versioned(order, amount, currency)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import subprocess
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -154,3 +156,20 @@ def wait_chaos_done(
             stacklevel=2,
         )
     return vanished
+
+
+def relier_cli(redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``celery -A chaos_app relier ...`` as an operator runs it."""
+    env = {
+        **os.environ,
+        "RELIER_TEST_REDIS": redis_url,
+        "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "chaos_app", "relier", *args],
+        cwd=HERE,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )

@@ -13,6 +13,7 @@ from fleet import (
     dlq_entries,
     done,
     held_records,
+    relier_cli,
     send_work,
     wait_all_done,
     wait_chaos_done,
@@ -125,6 +126,12 @@ def test_a_poison_pill_ends_in_the_dlq_and_the_fleet_keeps_serving(fleet, publis
         fleet.start(concurrency=1)
     send_work(publisher, range(5))
     wait_all_done(r, set(range(5)), 30, fleet)
+    # And once the bug is fixed, a release through the CLI runs it to completion
+    r.set("test:fixed:p1", 1)
+    out = relier_cli(fleet.redis_url, "dlq", "release", entry["id"][:8])
+    assert out.returncode == 0, out.stderr
+    wait_for(lambda: "p1" in r.smembers("test:done"), 30, what="the released task")
+    assert not dlq_entries(r)
 
 
 @pytest.mark.parametrize("pool", ["solo", "threads"])

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from .context import TaskContext
 from .dispatch import rl_task
+from .envelope import migration
 from .errors import (
+    AdmissionRejected,
+    AdmissionUnavailable,
     ConfigError,
     HardTimeout,
     IdempotencyBusy,
@@ -26,6 +29,8 @@ from .signals import connect as _connect
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdmissionRejected",
+    "AdmissionUnavailable",
     "ConfigError",
     "HardTimeout",
     "IdempotencyBusy",
@@ -39,6 +44,7 @@ __all__ = [
     "__version__",
     "idempotency_lock",
     "install",
+    "migration",
     "rl_task",
 ]
 

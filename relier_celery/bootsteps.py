@@ -13,8 +13,17 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from billiard.einfo import ExceptionWithTraceback
 from celery import bootsteps
-from celery.exceptions import TaskRevokedError, Terminated, TimeLimitExceeded, WorkerLostError
+from celery.exceptions import (
+    Ignore,
+    Reject,
+    Retry,
+    TaskRevokedError,
+    Terminated,
+    TimeLimitExceeded,
+    WorkerLostError,
+)
 from celery.worker import state as worker_state
 
 from . import control as _control  # noqa: F401  (registers the relier_drain command)
@@ -22,7 +31,8 @@ from . import events, observe
 from .activity import RunningMarker
 from .config import validate_task_options
 from .drain import Drain
-from .errors import IdempotencyInterrupted
+from .envelope import check_migrations
+from .errors import HardTimeout, IdempotencyInterrupted
 from .inflight import Inflight, Key
 from .lease import Lease
 from .plugin import install, new_worker_id, set_worker_id
@@ -43,6 +53,7 @@ class WorkerRuntime:
     def __init__(self, app: Any, hostname: str, pool_cls: Any = None) -> None:
         relier = install(app)
         validate_task_options(app)
+        check_migrations(app)
         _apply_hard_timeouts(app, pool_cls)
         self.app = app
         self.config = relier.config
@@ -195,10 +206,29 @@ def _wrap_consumer(c: Any, inflight: Inflight) -> None:
                 verdict = "run"
             if verdict == "run":
                 handler(message)
-            elif verdict == "duplicate":
+            elif verdict == "duplicate" or verdict == "quarantined":
                 message.ack_log_error(logger, c.connection_errors)
+            elif verdict == "deferred":
+                _defer(message)
             elif verdict == "parked":
                 _park(message)
+
+        def _defer(message: Any) -> None:
+            """A message from a newer schema waits, then goes back to the queue."""
+            key = inflight.key_of(message)
+
+            def requeue() -> None:
+                if c.restart_count != restart or key is None:
+                    return  # the restart recovery republished it already
+                try:
+                    inflight.requeue_for_newer(key)
+                except Exception:
+                    logger.exception("relier: requeue of %s failed; retrying", key)
+                    c.timer.call_after(1.0, requeue)
+                    return
+                message.ack_log_error(logger, c.connection_errors)
+
+            c.timer.call_after(inflight.config.schema_requeue_delay, requeue)
 
         def _park(message: Any) -> None:
             def retry() -> None:
@@ -255,7 +285,9 @@ def _wrap_request(req: Any, key: Key, inflight: Inflight) -> None:
     def relier_on_failure(
         exc_info: Any, send_failed_event: bool = True, return_ok: bool = False
     ) -> Any:
-        exc = getattr(exc_info.exception, "exc", exc_info.exception)
+        exc = exc_info.exception
+        if isinstance(exc, ExceptionWithTraceback):  # how a pool process sends its exception
+            exc = exc.exc
         lost = isinstance(exc, WorkerLostError) or (
             isinstance(exc, SystemExit | KeyboardInterrupt)
             and not req._already_cancelled
@@ -298,9 +330,15 @@ def _wrap_request(req: Any, key: Key, inflight: Inflight) -> None:
                 timeout_type="hard",
                 **trace_context(getattr(req, "request_dict", None)),
             )
-        if isinstance(exc, IdempotencyInterrupted):
+        reason = _dlq_reason(req, exc, inflight.config.dlq_on_failure)
+        if reason is not None:
             try:
-                inflight.quarantine_held(key, "idempotency_interrupted", str(exc))
+                inflight.quarantine_held(
+                    key,
+                    reason,
+                    f"{exc!r}\n{exc_info.traceback or ''}",
+                    exception=type(exc).__name__,
+                )
             except Exception:
                 logger.exception("relier: could not quarantine %s[%s]", req.name, req.id)
         inflight.finish(key)
@@ -316,6 +354,28 @@ def _wrap_request(req: Any, key: Key, inflight: Inflight) -> None:
     req.on_success = relier_on_success
     req.on_failure = relier_on_failure
     req.reject = relier_reject
+
+
+def _dlq_reason(req: Any, exc: BaseException, dlq_on_failure: bool) -> str | None:
+    """Why a failed request goes to the DLQ, or None when it does not: a retry, an ignore or
+    a requeue by Celery is not final, and failures go only with dlq_on_failure on."""
+    if isinstance(exc, IdempotencyInterrupted):
+        return "idempotency_interrupted"
+    if isinstance(exc, Retry | Ignore | Terminated | TaskRevokedError):
+        return None
+    task = req.task
+    if isinstance(exc, Reject):
+        if exc.requeue:
+            return None
+        reason = "rejected"
+    elif isinstance(exc, TimeLimitExceeded | HardTimeout):
+        if isinstance(exc, TimeLimitExceeded) and task.acks_late and not task.acks_on_timeout:
+            return None  # Celery gives the message back to the broker
+        reason = "hard_timeout"
+    else:
+        reason = "exception"
+    option = getattr(task, "dlq_on_failure", None)
+    return reason if (dlq_on_failure if option is None else option) else None
 
 
 def _apply_hard_timeouts(app: Any, pool_cls: Any) -> None:

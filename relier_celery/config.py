@@ -42,6 +42,12 @@ MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 # Kubernetes gives a pod 30 s between SIGTERM and SIGKILL: 25 s of drain leaves 5 s to hand off
 # what still runs and exit.
 DRAIN_TIMEOUT = 25.0
+# DLQ entries are kept two weeks: long enough to come back from a holiday and release them.
+DLQ_RETENTION = 14 * 24 * 3600.0
+# A message from a newer deploy waits 15 s between tries for a worker that knows its schema,
+# 20 times (5 minutes: a rolling deploy), before it is quarantined.
+SCHEMA_REQUEUE_DELAY = 15.0
+SCHEMA_MAX_REQUEUES = 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +100,29 @@ class RelierConfig:
     hard_timeout: float | None = None
     """Default hard timeout of every task (seconds): the task is stopped and fails then."""
 
+    dlq_on_failure: bool = True
+    """Whether a task that fails for good (its retries, if any, exhausted) is quarantined in
+    the DLQ with its message and traceback. The ``dlq_on_failure`` task option overrides it."""
+
+    dlq_retention: float = DLQ_RETENTION
+    """Seconds a DLQ entry is kept before the scanners expire it (with a ``dlq.expired``
+    event). Nothing leaves the DLQ earlier unless an operator releases or purges it."""
+
+    schema_requeue_delay: float = SCHEMA_REQUEUE_DELAY
+    """Seconds a message with a newer ``relier_schema`` than this worker knows waits before it
+    is requeued for a newer worker."""
+
+    schema_max_requeues: int = SCHEMA_MAX_REQUEUES
+    """Requeues a message from a newer schema gets before it is quarantined (schema_too_new)."""
+
+    admission: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    """Admission limits per queue: ``{"emails": "10/s"}`` or ``{"emails": {"rate": "10/s",
+    "burst": 20, "max_queue_depth": 10000}}`` (see docs/admission.md)."""
+
+    admission_fail_open: bool = False
+    """Whether a dispatch goes through when admission cannot decide (Redis down): False
+    refuses it with AdmissionUnavailable, True publishes it with an admission.fail_open event."""
+
     otel_enabled: bool = False
     """Whether relier exports its events as OpenTelemetry spans and counters (OTLP, configured
     by the standard OTEL_* environment variables; needs the ``otel`` extra). Off: relier does
@@ -139,6 +168,8 @@ class RelierConfig:
             "scan_interval",
             "claim_ttl",
             "completed_ttl",
+            "dlq_retention",
+            "schema_requeue_delay",
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"relier_{name} must be above 0, got {getattr(self, name)!r}")
@@ -155,10 +186,17 @@ class RelierConfig:
         _check_timeouts(
             "relier_soft_timeout", "relier_hard_timeout", self.soft_timeout, self.hard_timeout
         )
+        if self.schema_max_requeues < 0:
+            raise ConfigError(
+                f"relier_schema_max_requeues must be 0 or more, got {self.schema_max_requeues}"
+            )
         if self.max_message_bytes <= 0:
             raise ConfigError(
                 f"relier_max_message_bytes must be above 0, got {self.max_message_bytes}"
             )
+        from .admission import parse_queue_rules
+
+        parse_queue_rules(self.admission)
         if not re.fullmatch(r"[A-Za-z0-9_.\-]+", self.prefix):
             raise ConfigError(
                 f"relier_prefix {self.prefix!r} may hold only letters, digits, '_', '.' and '-'"
@@ -190,6 +228,10 @@ def _coerce(key: str, field: dataclasses.Field[Any], raw: Any) -> Any:
         if isinstance(raw, bool) or not isinstance(raw, int):
             raise ConfigError(f"{key} must be an integer, got {raw!r}")
         return raw
+    if kind.startswith("Mapping"):
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"{key} must be a dict, got {raw!r}")
+        return dict(raw)
     if kind == "bool":
         if not isinstance(raw, bool):
             raise ConfigError(f"{key} must be True or False, got {raw!r}")
@@ -224,6 +266,11 @@ TASK_OPTIONS = {
     "idempotency_ttl",
     "idempotency_wait",
     "idempotency_on_crash",
+    "dlq_on_failure",
+    "schema_version",
+    "admission",
+    "admission_burst",
+    "max_queue_depth",
 }
 _RELIER_LOOKING = re.compile(r"^(rl_|relier_)|resurrect|resurect")
 
@@ -264,6 +311,16 @@ def validate_task_options(app: Any) -> None:
                 f"task {name!r}: on_soft_timeout must be a callable taking a TaskContext, "
                 f"got {hook!r}"
             )
+        dlq = getattr(task, "dlq_on_failure", None)
+        if dlq is not None and not isinstance(dlq, bool):
+            raise ConfigError(f"task {name!r}: dlq_on_failure must be True or False, got {dlq!r}")
+        version = getattr(task, "schema_version", None)
+        if version is not None and (
+            isinstance(version, bool) or not isinstance(version, int) or version < 1
+        ):
+            raise ConfigError(
+                f"task {name!r}: schema_version must be an integer >= 1, got {version!r}"
+            )
         on_crash = getattr(task, "idempotency_on_crash", None)
         if on_crash is not None and on_crash not in ("rerun", "quarantine"):
             raise ConfigError(
@@ -277,6 +334,9 @@ def validate_task_options(app: Any) -> None:
             raise ConfigError(
                 f"task {name!r}: max_resurrections must be an integer >= 0, got {value!r}"
             )
+        from .admission import validate_task
+
+        validate_task(name, task)
 
 
 def _check_timeouts(soft_name: str, hard_name: str, soft: Any, hard: Any) -> None:

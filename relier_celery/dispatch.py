@@ -46,6 +46,7 @@ DISPATCH_OPTIONS = frozenset(
         "chord",
         "reply_to",
         "idempotency_key",
+        "admission_key",
     }
 )
 
@@ -59,14 +60,20 @@ def split_options(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any
 
 def push(self: Any, *args: Any, **kwargs: Any) -> Any:
     """Dispatch this task (sync): ``task.push(1, 2, countdown=5)``; returns an AsyncResult.
-    ``idempotency_key="order-42"`` sets the key its duplicates are recognised by."""
+    ``idempotency_key="order-42"`` sets the key its duplicates are recognised by;
+    ``admission_key="tenant-7"`` scopes the task's admission rate to that caller, and a refusal
+    raises AdmissionRejected before anything is published."""
+    from .admission import admit, already_admitted
+
     task_kwargs, options = split_options(kwargs)
     key = options.pop("idempotency_key", None)
     if key is not None:
         from .idempotency import HEADER, validate_key
 
         options["headers"] = {**(options.get("headers") or {}), HEADER: validate_key(key)}
-    return self.apply_async(args, task_kwargs, **options)
+    admit(self, args, task_kwargs, options, options.pop("admission_key", None))
+    with already_admitted():
+        return self.apply_async(args, task_kwargs, **options)
 
 
 async def apush(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -82,6 +89,10 @@ def add_dispatch() -> None:
     if getattr(Task, "push", None) is not push:
         Task.push = push
         Task.apush = apush
+    if not getattr(Task.apply_async, "_relier_admission", False):
+        from .admission import guard_apply_async
+
+        Task.apply_async = guard_apply_async(Task.apply_async)
 
 
 def rl_task(*args: Any, **options: Any) -> Any:

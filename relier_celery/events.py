@@ -41,6 +41,14 @@ LEVELS: dict[str, int] = {
     "store.recovered": logging.WARNING,
     "scan.claimed": logging.WARNING,
     "config.warning": logging.WARNING,
+    "task.schema_too_new": logging.WARNING,
+    "task.migrated": logging.INFO,
+    "dlq.released": logging.WARNING,
+    "dlq.purged": logging.WARNING,
+    "dlq.expired": logging.WARNING,
+    "idempotency.interrupted": logging.ERROR,
+    "admission.rejected": logging.WARNING,
+    "admission.fail_open": logging.WARNING,
 }
 
 

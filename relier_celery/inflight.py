@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import logging
 import threading
+import traceback
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from . import events
+from . import envelope, events
 from .config import RelierConfig
 from .dlq import quarantine
 from .errors import StoreUnavailable
-from .record import Generation, TaskRecord, trace_context
+from .record import Generation, TaskRecord, as_int, trace_context
 from .resurrect import Resurrector
 from .store import Store
 
@@ -27,7 +28,7 @@ __all__ = ["Inflight", "Verdict"]
 
 logger = logging.getLogger("relier_celery")
 
-Verdict = Literal["run", "duplicate", "parked", "quarantined"]
+Verdict = Literal["run", "duplicate", "parked", "quarantined", "deferred"]
 Key = tuple[str, Generation]
 
 
@@ -53,22 +54,35 @@ class Inflight:
         self._store_down = False
         self.draining = False
         self.drain_completed = 0
+        self.accept = envelope.accepted(resurrector.app)
 
     # -- receipt ------------------------------------------------------------------------
     def receive(self, message: Any, known_tasks: Any) -> Verdict:
         """Decide what happens to one incoming message."""
         headers = message.headers
-        if not isinstance(headers, dict) or "id" not in headers or "task" not in headers:
-            # Not protocol 2: Celery decodes it and routes it (or reports it) itself.
-            return "run"
+        if not isinstance(headers, dict) or "task" not in headers:
+            return self._receive_other(message)
+        try:
+            envelope.check_headers(headers)
+        except envelope.BadMessage as bad:
+            return self._quarantine_unrecorded(envelope.raw_record(message, self.worker), bad)
         record = TaskRecord.from_message(message, self.worker)
         if record.task_name not in known_tasks:
-            self._quarantine_unrecorded(
+            verdict = self._quarantine_unrecorded(
                 record,
-                "unknown_task",
-                f"no task named {record.task_name!r} is registered on worker {self.worker}",
+                envelope.BadMessage(
+                    "unknown_task",
+                    f"no task named {record.task_name!r} is registered on worker {self.worker}",
+                ),
             )
-            return "run"  # Celery then rejects it and marks the result as failed, as usual
+            # Celery then rejects it and marks the result as failed, as usual.
+            return "parked" if verdict == "parked" else "run"
+        try:
+            args, kwargs, embed = envelope.decode_body(
+                message.body, message.content_type, message.content_encoding, self.accept
+            )
+        except envelope.BadMessage as bad:
+            return self._quarantine_unrecorded(record, bad)
         if len(record.body) > self.config.max_message_bytes:
             events.emit(
                 "task.unprotected",
@@ -100,21 +114,109 @@ class Inflight:
                 **trace_context(record.headers),
             )
             return "duplicate"
+        key = (record.task_id, gen)
         with self._lock:
-            self.local[(record.task_id, gen)] = record
+            self.local[key] = record
+        return self._check_schema(key, record, message, args, kwargs, embed)
+
+    def _check_schema(
+        self,
+        key: Key,
+        record: TaskRecord,
+        message: Any,
+        args: list[Any],
+        kwargs: dict[str, Any],
+        embed: dict[str, Any],
+    ) -> Verdict:
+        """Migrate an older message before it runs; hold back a newer one."""
+        version = envelope.message_version(record.headers)
+        task = self.resurrector.app.tasks[record.task_name]
+        local = envelope.schema_version(task)
+        if version == local:
+            return "run"
+        if version > local:
+            tries = as_int(record.headers.get(envelope.REQUEUES_HEADER))
+            why = (
+                f"{record.task_name}[{record.task_id}] has schema {version}; this worker knows "
+                f"up to {local}"
+            )
+            if tries >= self.config.schema_max_requeues:
+                self.quarantine_held(
+                    key, "schema_too_new", f"{why}, after {tries} requeue(s) for a newer worker"
+                )
+                return "quarantined"
+            events.emit(
+                "task.schema_too_new",
+                f"{why}: requeued for a newer worker in {self.config.schema_requeue_delay} s "
+                f"(try {tries + 1} of {self.config.schema_max_requeues})",
+                task_id=record.task_id,
+                task_name=record.task_name,
+                worker=self.worker,
+                schema=version,
+            )
+            return "deferred"
+        try:
+            args, kwargs = envelope.migrate(record.task_name, version, local, args, kwargs)
+            envelope.rewrite_body(message, args, kwargs, embed, local)
+        except Exception:
+            self.quarantine_held(
+                key,
+                "migration_failed",
+                f"migrating {record.task_name} arguments from schema {version} to {local} "
+                f"failed:\n{traceback.format_exc()}",
+            )
+            return "quarantined"
+        envelope.emit_migrated(record, version, local)
         return "run"
 
-    def _quarantine_unrecorded(self, record: TaskRecord, reason: str, error: str) -> None:
-        try:
-            quarantine(self.store, record, reason, error, done_ttl=self.config.completed_ttl)
-        except StoreUnavailable as exc:
-            logger.error(
-                "relier: could not quarantine %s[%s] (%s): %s",
-                record.task_name,
-                record.task_id,
-                reason,
-                exc,
+    def requeue_for_newer(self, key: Key) -> bool:
+        """Republish a held message from a newer schema, its requeue count raised by one."""
+        with self._lock:
+            record = self.local.pop(key, None)
+        if record is None:
+            return False
+        tries = as_int(record.headers.get(envelope.REQUEUES_HEADER))
+        self.resurrector.resurrect(
+            record,
+            self.worker,
+            key[1].field(key[0]),
+            "its schema is newer than this worker knows",
+            crash=False,
+            headers={envelope.REQUEUES_HEADER: tries + 1},
+        )
+        return True
+
+    def _receive_other(self, message: Any) -> Verdict:
+        """A message without protocol-2 task headers: a protocol 1 task runs (Celery converts
+        it), unprotected; anything else goes to the DLQ."""
+        record = envelope.raw_record(message, self.worker)
+        body = message.body
+        if isinstance(message.headers, dict | None) and envelope.protocol_one(
+            body, message.content_type, message.content_encoding, self.accept
+        ):
+            events.emit(
+                "task.unprotected",
+                "a Celery protocol 1 message runs without a record and will NOT be "
+                "resurrected if this worker dies: publish with task_protocol = 2",
+                worker=self.worker,
             )
+            return "run"
+        return self._quarantine_unrecorded(
+            record,
+            envelope.BadMessage(
+                "invalid_message",
+                "not a Celery task message (no 'task' header, no protocol 1 body)",
+            ),
+        )
+
+    def _quarantine_unrecorded(self, record: TaskRecord, bad: envelope.BadMessage) -> Verdict:
+        """Put a message relier never recorded into the DLQ; park it if Redis is down."""
+        try:
+            quarantine(self.store, record, bad.reason, str(bad), done_ttl=self.config.completed_ttl)
+        except StoreUnavailable as exc:
+            self._mark_store_down(exc)
+            return "parked"
+        return "quarantined"
 
     # -- final states -------------------------------------------------------------------
     @staticmethod
@@ -178,8 +280,8 @@ class Inflight:
             "its pool process died (WorkerLostError)",
         )
 
-    def quarantine_held(self, key: Key, reason: str, error: str) -> bool:
-        """Move a held delivery that cannot run to the DLQ."""
+    def quarantine_held(self, key: Key, reason: str, error: str, **extra: Any) -> bool:
+        """Move a held delivery that cannot run (or failed for good) to the DLQ."""
         with self._lock:
             record = self.local.pop(key, None)
         if record is None:
@@ -192,6 +294,7 @@ class Inflight:
             done_ttl=self.config.completed_ttl,
             held_by=self.worker,
             field=key[1].field(key[0]),
+            **extra,
         )
         return True
 

@@ -76,6 +76,18 @@ class Keys:
         """STRING: time (s since the epoch) of the last completed scan, for visibility."""
         return f"{self._base}:scan"
 
+    def admission_task(self, task_name: str, key: str | None = None) -> str:
+        """STRING with a TTL: GCRA theoretical arrival time (us) of a task's rate limit, or of
+        one caller's key (tenant, user) of it."""
+        if key is None:
+            return f"{self._base}:adm:task:{task_name}"
+        # The name's length keeps (name, key) pairs apart when names hold ':'.
+        return f"{self._base}:adm:key:{len(task_name)}:{task_name}:{key}"
+
+    def admission_queue(self, queue: str) -> str:
+        """STRING with a TTL: GCRA theoretical arrival time (us) of a queue's rate limit."""
+        return f"{self._base}:adm:queue:{queue}"
+
     def running(self, worker: str) -> str:
         """HASH with a TTL: task id -> start time (s), the tasks a worker's pool is running,
         rewritten by its heartbeat when the set changes (see relier_celery/activity.py)."""

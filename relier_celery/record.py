@@ -14,7 +14,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["CRASHES_HEADER", "RESURRECTIONS_HEADER", "Generation", "TaskRecord", "trace_context"]
+__all__ = [
+    "CRASHES_HEADER",
+    "RESURRECTIONS_HEADER",
+    "Generation",
+    "TaskRecord",
+    "as_int",
+    "trace_context",
+]
 
 # Every republish by relier raises this; it orders deliveries of one task id (Generation).
 RESURRECTIONS_HEADER = "rl_resurrections"
@@ -52,7 +59,7 @@ class Generation:
 
     @classmethod
     def from_headers(cls, headers: dict[str, Any]) -> Generation:
-        return cls(_as_int(headers.get("retries")), _as_int(headers.get(RESURRECTIONS_HEADER)))
+        return cls(as_int(headers.get("retries")), as_int(headers.get(RESURRECTIONS_HEADER)))
 
 
 def trace_context(headers: Any) -> dict[str, str]:
@@ -64,7 +71,7 @@ def trace_context(headers: Any) -> dict[str, str]:
     return {k: str(headers[k]) for k in ("traceparent", "tracestate") if headers.get(k)}
 
 
-def _as_int(value: Any) -> int:
+def as_int(value: Any) -> int:
     try:
         return max(int(value or 0), 0)
     except (TypeError, ValueError):
@@ -157,12 +164,13 @@ class TaskRecord:
     @property
     def crashes(self) -> int:
         """How many times a worker died holding this task."""
-        return _as_int(self.headers.get(CRASHES_HEADER))
+        return as_int(self.headers.get(CRASHES_HEADER))
 
-    def next_generation(self, crash: bool) -> TaskRecord:
+    def next_generation(self, crash: bool, extra: dict[str, Any] | None = None) -> TaskRecord:
         """The same message with its resurrection count (and, after a crash, its crash count)
-        raised by one."""
+        raised by one (and ``extra`` headers set)."""
         headers = copy.deepcopy(self.headers)
+        headers.update(extra or {})
         headers[RESURRECTIONS_HEADER] = self.generation.resurrections + 1
         if crash:
             headers[CRASHES_HEADER] = self.crashes + 1

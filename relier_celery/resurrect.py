@@ -12,18 +12,22 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 from typing import Any
 
 from . import events
 from .config import RelierConfig
-from .dlq import quarantine
+from .dlq import expire, quarantine
 from .errors import RelierError
 from .orphans import UnackedSweep
 from .record import TaskRecord, trace_context
 from .store import Store
 
 __all__ = ["Resurrector"]
+
+# Scanners look for DLQ entries past their retention once a minute, not on every scan.
+DLQ_EXPIRY_INTERVAL = 60.0
 
 logger = logging.getLogger("relier_celery")
 
@@ -39,6 +43,7 @@ class Resurrector:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.unacked = UnackedSweep(app, config, store)
+        self._next_expiry = 0.0
 
     def max_resurrections(self, task_name: str) -> int:
         task = self.app.tasks.get(task_name)
@@ -46,7 +51,13 @@ class Resurrector:
         return self.config.max_resurrections if value is None else int(value)
 
     def resurrect(
-        self, record: TaskRecord, held_by: str, field: str, why: str, crash: bool = True
+        self,
+        record: TaskRecord,
+        held_by: str,
+        field: str,
+        why: str,
+        crash: bool = True,
+        headers: dict[str, Any] | None = None,
     ) -> str:
         """Republish one record (or quarantine it), then drop it; return what was done.
 
@@ -66,7 +77,7 @@ class Resurrector:
                 field=field,
             )
             return "quarantined"
-        nxt = record.next_generation(crash)
+        nxt = record.next_generation(crash, headers)
         with self.app.producer_pool.acquire(block=True, timeout=10) as producer:
             nxt.publish(producer)
         self.store.take(held_by, field)
@@ -111,6 +122,9 @@ class Resurrector:
                 self.store.claim_finish(dead, self.name)
         handled += self.unacked.sweep()
         self.store.mark_scan()
+        if time.monotonic() >= self._next_expiry:
+            self._next_expiry = time.monotonic() + DLQ_EXPIRY_INTERVAL
+            expire(self.store, self.config.dlq_retention)
         return handled
 
     # -- background thread --------------------------------------------------------------

@@ -66,6 +66,18 @@ def on_task_revoked(request: Any = None, **_: Any) -> None:
         runtime.inflight.finish_task(str(task_id))
 
 
+def on_before_task_publish(sender: Any = None, headers: Any = None, **_: Any) -> None:
+    """Stamp every task message with its task's schema version (an explicit header wins)."""
+    from celery import current_app
+
+    from .envelope import SCHEMA_HEADER, schema_version
+
+    if isinstance(headers, dict) and SCHEMA_HEADER not in headers and "task" in headers:
+        task = current_app.tasks.get(sender) if isinstance(sender, str) else None
+        if task is not None:
+            headers[SCHEMA_HEADER] = schema_version(task)
+
+
 _connected = False
 
 
@@ -82,3 +94,4 @@ def connect() -> None:
     signals.worker_process_init.connect(on_worker_process_init, weak=False)
     signals.task_prerun.connect(on_task_prerun, weak=False)
     signals.task_postrun.connect(on_task_postrun, weak=False)
+    signals.before_task_publish.connect(on_before_task_publish, weak=False)

@@ -38,6 +38,7 @@ _SCRIPTS = (
     "claim_finish",
     "dlq_put",
     "retire",
+    "admit",
 )
 # Error replies that mean "Redis could not take the write now", not "relier has a bug".
 _UNAVAILABLE_ERRORS = (
@@ -260,6 +261,16 @@ class Store:
     def idem_release(self, key: str, token: str) -> bool:
         return bool(self._run("idem_release", [self.keys.idempotency(key)], [token]))
 
+    # -- admission ----------------------------------------------------------------------
+    def admit(self, buckets: list[tuple[str, int, int]], cost: int = 1) -> tuple[int, ...]:
+        """One GCRA decision over ``(key, interval_us, burst)`` buckets, all or nothing; return
+        (allowed 0/1, retry_after_ms, remaining, reset_ms, index of the refusing bucket)."""
+        keys = [key for key, _, _ in buckets]
+        args: list[Any] = [cost]
+        for _, interval_us, burst in buckets:
+            args += [interval_us, burst]
+        return tuple(int(x) for x in self._run("admit", keys, args))
+
     def drain_update(self, worker: str, fields: dict[str, Any]) -> None:
         key = self.keys.drain(worker)
 
@@ -386,6 +397,41 @@ class Store:
 
     def dlq_entries(self) -> dict[str, str]:
         return cast(dict[str, str], self.call(lambda c: c.hgetall(self.keys.dlq)))
+
+    def dlq_get(self, entry_id: str) -> str | None:
+        return cast(str | None, self.call(lambda c: c.hget(self.keys.dlq, entry_id)))
+
+    def dlq_remove(self, entry_ids: list[str]) -> int:
+        """Remove entries (after a release or a purge); return how many were there."""
+        if not entry_ids:
+            return 0
+        k = self.keys
+
+        def remove(c: redis.Redis) -> int:
+            pipe = c.pipeline(transaction=True)
+            pipe.hdel(k.dlq, *entry_ids)
+            pipe.zrem(k.dlq_index, *entry_ids)
+            return int(pipe.execute()[0])
+
+        return self.call(remove)
+
+    def dlq_older_than(self, at_ms: int, limit: int = 1000) -> list[str]:
+        """Ids of entries quarantined before ``at_ms`` (oldest first)."""
+        return cast(
+            list[str],
+            self.call(
+                lambda c: c.zrangebyscore(self.keys.dlq_index, "-inf", at_ms, start=0, num=limit)
+            ),
+        )
+
+    def forget_done(self, task_id: str) -> None:
+        """Drop a task id's done record, so a released copy is not taken for a duplicate."""
+        self.call(lambda c: c.delete(self.keys.done(task_id)))
+
+    def now_ms(self) -> int:
+        """Redis's clock in ms (every process compares ages against the same clock)."""
+        sec, usec = self.call(lambda c: c.time())
+        return int(sec) * 1000 + int(usec) // 1000
 
     # -- startup ------------------------------------------------------------------------
     def self_check(self) -> list[str]:

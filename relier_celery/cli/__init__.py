@@ -187,5 +187,7 @@ def drain(ctx: click.Context, destination: tuple[str, ...], timeout: float | Non
         ctx.exit(1)
 
 
+from . import dlq as _dlq  # noqa: E402, F401  (registers `relier dlq`)
+
 # relier inspect / tasks / workers register themselves on the group.
 from . import inspect as _inspect  # noqa: E402, F401

@@ -1,0 +1,59 @@
+"""Admission control with a real ``celery worker``: retries of an admitted task are never
+refused, and a malformed rate stops the worker at start, naming the task."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import redis
+from admission_app import app
+
+from relier_celery import AdmissionRejected, install
+from relier_celery.testing import WorkerProcess, wait_for
+
+HERE = Path(__file__).resolve().parent
+pytestmark = pytest.mark.timeout(60)
+
+
+def _worker(redis_url: str, tmp_path: Path, **env: str) -> WorkerProcess:
+    return WorkerProcess(
+        "admission_app",
+        pool="threads",
+        concurrency=1,
+        cwd=str(HERE),
+        log_path=str(tmp_path / "worker.log"),
+        env={
+            "RELIER_TEST_REDIS": redis_url,
+            "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
+            **env,
+        },
+    )
+
+
+def test_retries_of_an_admitted_task_are_not_refused(redis_url: str, tmp_path: Path) -> None:
+    r = redis.Redis.from_url(redis_url)
+    app.conf.broker_url = redis_url
+    install(app)
+    flaky = app.tasks["adm.flaky"]
+    # Given a task allowed once an hour, pushed once (its bucket is now empty)
+    flaky.push(1, failures=3)
+    with _worker(redis_url, tmp_path) as worker:
+        worker.wait_ready()
+        # When it fails and retries three times in the worker
+        wait_for(lambda: r.sismember("test:done", 1), 30, what="the task to succeed")
+    # Then every retry was published and run, and only a new dispatch is refused
+    assert int(r.get("test:flaky:1") or 0) == 4
+    assert "admission.rejected" not in worker.log()
+    with pytest.raises(AdmissionRejected):
+        flaky.push(2, failures=0)
+
+
+def test_a_malformed_rate_stops_the_worker_naming_the_task(redis_url: str, tmp_path: Path) -> None:
+    worker = _worker(redis_url, tmp_path, RELIER_TEST_BAD_ADMISSION="1").start()
+    assert worker.proc is not None
+    code = worker.proc.wait(30)
+    log = worker.log()
+    assert code != 0
+    assert "task 'adm.bad': admission: malformed rate '100 per second'" in log
