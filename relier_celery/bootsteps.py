@@ -27,7 +27,8 @@ from celery.exceptions import (
 from celery.worker import state as worker_state
 
 from . import control as _control  # noqa: F401  (registers the relier_drain command)
-from . import events
+from . import events, observe
+from .activity import RunningMarker
 from .config import validate_task_options
 from .drain import Drain
 from .envelope import check_migrations
@@ -35,6 +36,7 @@ from .errors import HardTimeout, IdempotencyInterrupted
 from .inflight import Inflight, Key
 from .lease import Lease
 from .plugin import install, new_worker_id, set_worker_id
+from .record import trace_context
 from .resurrect import Resurrector
 from .timeouts import HARD_LIMIT_ENFORCED, is_async, task_limits
 
@@ -62,15 +64,25 @@ class WorkerRuntime:
             app, self.config, self.store, name=f"scanner@{self.worker_id}"
         )
         self.inflight = Inflight(self.config, self.store, self.worker_id, self.resurrector)
-        self.lease = Lease(self.config, self.store, self.worker_id, on_renewed=self.inflight.flush)
+        # Counters in Redis, and OpenTelemetry if enabled: subscribed before the pool forks.
+        self.observers = observe.start(relier)
+        self.running = RunningMarker(
+            self.store, self.worker_id, self.config.lease_ttl, _running_requests
+        )
+        self.lease = Lease(self.config, self.store, self.worker_id, on_renewed=self._on_heartbeat)
         self.pool_cls = pool_cls
         self.drain = Drain(self)
         self.started = False
+
+    def _on_heartbeat(self) -> None:
+        self.inflight.flush()
+        self.running.publish()
 
     def start(self) -> None:
         for warning in self.store.self_check():
             events.emit("config.warning", warning)
         self.lease.acquire()
+        self.running.publish()  # "idle" / "reserved" from the start, not "held"
         if self.config.scanner_enabled:
             self.resurrector.start()
         self.started = True
@@ -106,6 +118,7 @@ class WorkerRuntime:
                 "expire by itself and any record left is resurrected",
                 worker=self.worker_id,
             )
+            self.observers.close()
             return
         events.emit(
             "worker.stopped",
@@ -115,6 +128,7 @@ class WorkerRuntime:
             handed_off=handed,
             left=left,
         )
+        self.observers.close()
 
 
 class RelierWorker(bootsteps.StartStopStep):  # type: ignore[misc]
@@ -164,6 +178,14 @@ class RelierConsumer(bootsteps.StartStopStep):  # type: ignore[misc]
                 "relier: consumer restarted; republished %d reserved task(s) that Celery forgot",
                 count,
             )
+
+
+def _running_requests() -> dict[str, float]:
+    """Task id -> start time (s since the epoch) of what the pool runs now."""
+    out: dict[str, float] = {}
+    for req in list(worker_state.active_requests):
+        out[str(req.id)] = float(req.time_start or 0.0)
+    return out
 
 
 def _wrap_consumer(c: Any, inflight: Inflight) -> None:
@@ -306,6 +328,7 @@ def _wrap_request(req: Any, key: Key, inflight: Inflight) -> None:
                 task_id=req.id,
                 task_name=req.name,
                 timeout_type="hard",
+                **trace_context(getattr(req, "request_dict", None)),
             )
         reason = _dlq_reason(req, exc, inflight.config.dlq_on_failure)
         if reason is not None:

@@ -123,6 +123,11 @@ class RelierConfig:
     """Whether a dispatch goes through when admission cannot decide (Redis down): False
     refuses it with AdmissionUnavailable, True publishes it with an admission.fail_open event."""
 
+    otel_enabled: bool = False
+    """Whether relier exports its events as OpenTelemetry spans and counters (OTLP, configured
+    by the standard OTEL_* environment variables; needs the ``otel`` extra). Off: relier does
+    not import OpenTelemetry at all."""
+
     @classmethod
     def from_app(cls, app: Any) -> RelierConfig:
         """Read and validate the ``relier_*`` settings of a Celery app."""

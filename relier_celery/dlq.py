@@ -21,7 +21,7 @@ from typing import Any
 from . import events
 from .envelope import REQUEUES_HEADER
 from .idempotency import RERUN_HEADER
-from .record import CRASHES_HEADER, RESURRECTIONS_HEADER, TaskRecord
+from .record import CRASHES_HEADER, RESURRECTIONS_HEADER, TaskRecord, trace_context
 from .store import Store
 
 __all__ = ["Entry", "entries", "expire", "find", "purge", "quarantine", "release"]
@@ -80,6 +80,7 @@ def quarantine(
         dlq_id=entry_id,
         worker=held_by or record.worker,
         resurrections=gen.resurrections,
+        **trace_context(record.headers),
     )
     return entry_id
 

@@ -20,7 +20,7 @@ from . import envelope, events
 from .config import RelierConfig
 from .dlq import quarantine
 from .errors import StoreUnavailable
-from .record import Generation, TaskRecord, as_int
+from .record import Generation, TaskRecord, as_int, trace_context
 from .resurrect import Resurrector
 from .store import Store
 
@@ -111,6 +111,7 @@ class Inflight:
                 task_name=record.task_name,
                 worker=self.worker,
                 reason=receipt.reason,
+                **trace_context(record.headers),
             )
             return "duplicate"
         key = (record.task_id, gen)

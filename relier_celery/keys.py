@@ -87,3 +87,13 @@ class Keys:
     def admission_queue(self, queue: str) -> str:
         """STRING with a TTL: GCRA theoretical arrival time (us) of a queue's rate limit."""
         return f"{self._base}:adm:queue:{queue}"
+
+    def running(self, worker: str) -> str:
+        """HASH with a TTL: task id -> start time (s), the tasks a worker's pool is running,
+        rewritten by its heartbeat when the set changes (see relier_celery/activity.py)."""
+        return f"{self._base}:running:{worker}"
+
+    @property
+    def counters(self) -> str:
+        """HASH: counter name -> how often a rare event happened, fleet-wide (counters.py)."""
+        return f"{self._base}:counters"

@@ -14,7 +14,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["CRASHES_HEADER", "RESURRECTIONS_HEADER", "Generation", "TaskRecord", "as_int"]
+__all__ = [
+    "CRASHES_HEADER",
+    "RESURRECTIONS_HEADER",
+    "Generation",
+    "TaskRecord",
+    "as_int",
+    "trace_context",
+]
 
 # Every republish by relier raises this; it orders deliveries of one task id (Generation).
 RESURRECTIONS_HEADER = "rl_resurrections"
@@ -53,6 +60,15 @@ class Generation:
     @classmethod
     def from_headers(cls, headers: dict[str, Any]) -> Generation:
         return cls(as_int(headers.get("retries")), as_int(headers.get(RESURRECTIONS_HEADER)))
+
+
+def trace_context(headers: Any) -> dict[str, str]:
+    """The W3C trace context (``traceparent``, ``tracestate``) of a task message's headers,
+    where opentelemetry-instrumentation-celery puts it; events carry it so an exporter can
+    link them to the task's trace."""
+    if not isinstance(headers, dict):
+        return {}
+    return {k: str(headers[k]) for k in ("traceparent", "tracestate") if headers.get(k)}
 
 
 def as_int(value: Any) -> int:

@@ -21,7 +21,7 @@ from .config import RelierConfig
 from .dlq import expire, quarantine
 from .errors import RelierError
 from .orphans import UnackedSweep
-from .record import TaskRecord
+from .record import TaskRecord, trace_context
 from .store import Store
 
 __all__ = ["Resurrector"]
@@ -90,6 +90,7 @@ class Resurrector:
             resurrections=nxt.generation.resurrections,
             crashes=nxt.crashes,
             reason=why,
+            **trace_context(record.headers),
         )
         return "resurrected" if crash else "handed_off"
 

@@ -11,6 +11,7 @@ import functools
 import os
 import re
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -287,6 +288,84 @@ class Store:
     def mark_scan(self) -> None:
         self.call(lambda c: c.set(self.keys.scan_stamp, c.time()[0]))
 
+    # -- visibility (relier_celery/inspect.py, activity.py, counters.py) -----------------
+    def set_running(self, worker: str, started: dict[str, float], ttl: float) -> None:
+        """Replace the set of tasks a worker's pool runs (task id -> start time, s), in one
+        round trip (MULTI, so a reader never sees it half written)."""
+        key = self.keys.running(worker)
+
+        def write(c: redis.Redis) -> None:
+            pipe = c.pipeline(transaction=True)
+            pipe.delete(key)
+            # "@": when the set was written, so an empty set still says "nothing runs".
+            fields: dict[str | bytes, str | float] = {"@": time.time()}
+            fields.update(started)
+            pipe.hset(key, mapping=fields)  # type: ignore[arg-type]
+            pipe.pexpire(key, _ms(ttl))
+            pipe.execute()
+
+        self.call(write)
+
+    def add_counters(self, increments: dict[str, int]) -> None:
+        """Add to the fleet-wide event counters (one pipelined round trip)."""
+
+        def write(c: redis.Redis) -> None:
+            pipe = c.pipeline(transaction=False)
+            for name, n in increments.items():
+                pipe.hincrby(self.keys.counters, name, n)
+            pipe.execute()
+
+        if increments:
+            self.call(write)
+
+    def counters(self) -> dict[str, int]:
+        raw = cast(dict[str, str], self.call(lambda c: c.hgetall(self.keys.counters)))
+        return {k: int(v) for k, v in raw.items()}
+
+    def overview(self) -> dict[str, Any]:
+        """What a registry snapshot starts from, in one pipelined round trip: the server time
+        (s), every lease (worker -> deadline ms), the last scan time and the counters."""
+
+        def read(c: redis.Redis) -> list[Any]:
+            pipe = c.pipeline(transaction=False)
+            pipe.time()
+            pipe.zrange(self.keys.leases, 0, -1, withscores=True)
+            pipe.get(self.keys.scan_stamp)
+            pipe.hgetall(self.keys.counters)
+            return list(pipe.execute())
+
+        (secs, micros), leases, scan, counters = self.call(read)
+        return {
+            "now": secs + micros / 1e6,
+            "leases": dict(leases),
+            "last_scan": float(scan) if scan else None,
+            "counters": {k: int(v) for k, v in counters.items()},
+        }
+
+    def workers_detail(self, workers: list[str]) -> dict[str, dict[str, Any]]:
+        """Per worker: its records, running set, drain progress and scanner claim, for every
+        worker in one pipelined round trip."""
+
+        def read(c: redis.Redis) -> list[Any]:
+            pipe = c.pipeline(transaction=False)
+            for w in workers:
+                pipe.hgetall(self.keys.held(w))
+                pipe.hgetall(self.keys.running(w))
+                pipe.hgetall(self.keys.drain(w))
+                pipe.get(self.keys.claim(w))
+            return list(pipe.execute())
+
+        flat = self.call(read) if workers else []
+        return {
+            w: {
+                "held": flat[4 * i],
+                "running": {k: float(v) for k, v in flat[4 * i + 1].items()},
+                "drain": flat[4 * i + 2],
+                "claim": flat[4 * i + 3],
+            }
+            for i, w in enumerate(workers)
+        }
+
     # -- dead letter queue --------------------------------------------------------------
     def dlq_put(
         self,
@@ -385,3 +464,12 @@ class Store:
                 "Redis restart, set appendonly yes and appendfsync everysec."
             )
         return warnings
+
+
+def list_lengths(client: redis.Redis, names: list[str]) -> list[int]:
+    """LLEN of each list, in one pipelined round trip: the broker's queue depths (kombu's Redis
+    transport keeps a queue, and each of its priority levels, as one list)."""
+    pipe = client.pipeline(transaction=False)
+    for name in names:
+        pipe.llen(name)
+    return [int(n) for n in pipe.execute()]

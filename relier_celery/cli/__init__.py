@@ -76,6 +76,9 @@ def resurrector(ctx: click.Context, once: bool) -> None:
     app.loader.import_default_modules()  # task options such as max_resurrections
     rel = _install(app)
     scanner = Resurrector(app, rel.config, rel.store, name="standalone")
+    from ..observe import start as start_observers
+
+    observers = start_observers(rel)  # counters in Redis, OpenTelemetry if enabled
     try:
         if once:
             click.echo(f"resurrected or quarantined {scanner.scan_once()} task(s)")
@@ -88,6 +91,8 @@ def resurrector(ctx: click.Context, once: bool) -> None:
         raise click.ClickException(str(exc)) from exc
     except KeyboardInterrupt:
         pass
+    finally:
+        observers.close()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -183,3 +188,6 @@ def drain(ctx: click.Context, destination: tuple[str, ...], timeout: float | Non
 
 
 from . import dlq as _dlq  # noqa: E402, F401  (registers `relier dlq`)
+
+# relier inspect / tasks / workers register themselves on the group.
+from . import inspect as _inspect  # noqa: E402, F401
