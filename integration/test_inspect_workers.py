@@ -103,9 +103,9 @@ def victim_id(redis_url: str, host_prefix: str) -> str:
 
 @pytest.mark.timeout(120)
 def test_a_worker_with_otel_enabled_exports_its_events_and_counts_them(fleet, publisher, r):
-    from otlp import Receiver
+    from relier_celery.testing import OtlpReceiver
 
-    receiver = Receiver()
+    receiver = OtlpReceiver()
     try:
         # Given a worker with relier_otel_enabled, configured by OTEL_* variables only
         worker = fleet.start(

@@ -9,12 +9,9 @@ import os
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 import pytest
 from celery import Celery
@@ -32,6 +29,7 @@ from relier_celery.plugin import install
 from relier_celery.record import TaskRecord
 from relier_celery.resurrect import Resurrector
 from relier_celery.store import Store
+from relier_celery.testing import OtlpReceiver
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_SPAN = "00f067aa0ba902b7"
@@ -193,44 +191,14 @@ def test_disabled_means_opentelemetry_is_never_imported(tmp_path: Path, redis_ur
     assert out.returncode == 0, out.stdout + out.stderr
 
 
-class _Receiver(BaseHTTPRequestHandler):
-    """A tiny OTLP/HTTP receiver: keeps every POST body by path."""
-
-    received: dict[str, list[bytes]]
-
-    def do_POST(self) -> None:
-        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        self.received.setdefault(self.path, []).append(body)
-        self.send_response(200)
-        self.send_header("Content-Type", "application/x-protobuf")
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
 @pytest.fixture
-def receiver() -> Iterator[tuple[str, dict[str, list[bytes]]]]:
-    received: dict[str, list[bytes]] = {}
-    handler = type("Handler", (_Receiver,), {"received": received})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", received
-    server.shutdown()
-    server.server_close()
+def receiver() -> Iterator[OtlpReceiver]:
+    server = OtlpReceiver()
+    yield server
+    server.close()
 
 
 def test_a_real_rl_process_exports_over_otlp_http(tmp_path: Path, redis_url: str, receiver):
-    from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
-        ExportMetricsServiceRequest,
-    )
-    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-        ExportTraceServiceRequest,
-    )
-
-    endpoint, received = receiver
     # Given an app with relier_otel_enabled, and a dead worker's traced task
     (tmp_path / "otelapp.py").write_text(
         textwrap.dedent(f"""
@@ -245,7 +213,7 @@ def test_a_real_rl_process_exports_over_otlp_http(tmp_path: Path, redis_url: str
     # When the standalone resurrector runs once, configured by OTEL_* variables only
     env = {
         **os.environ,
-        "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
+        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
         "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
         "OTEL_SERVICE_NAME": "relier-otlp-test",
     }
@@ -259,15 +227,8 @@ def test_a_real_rl_process_exports_over_otlp_http(tmp_path: Path, redis_url: str
     )
     assert out.returncode == 0, out.stderr
     # Then the receiver got the spans, with their attributes, in the task's trace
-    spans = {}
-    for body in received.get("/v1/traces", []):
-        req = ExportTraceServiceRequest.FromString(body)
-        for rs in req.resource_spans:
-            service = {a.key: a.value.string_value for a in rs.resource.attributes}
-            assert service["service.name"] == "relier-otlp-test"
-            for ss in rs.scope_spans:
-                for span in ss.spans:
-                    spans[span.name] = span
+    assert receiver.services() == {"relier-otlp-test"}
+    spans = {span.name: span for span in receiver.spans()}
     assert "rl.task.resurrected" in spans, (sorted(spans), out.stderr)
     span = spans["rl.task.resurrected"]
     attrs = {a.key: a.value for a in span.attributes}
@@ -275,12 +236,7 @@ def test_a_real_rl_process_exports_over_otlp_http(tmp_path: Path, redis_url: str
     assert attrs["rl.resurrections"].int_value == 1
     assert span.trace_id.hex() == TRACE_ID and span.parent_span_id.hex() == PARENT_SPAN
     # And the counters as OTLP metrics
-    names = set()
-    for body in received.get("/v1/metrics", []):
-        req = ExportMetricsServiceRequest.FromString(body)
-        for rm in req.resource_metrics:
-            for sm in rm.scope_metrics:
-                names |= {m.name for m in sm.metrics}
+    names = receiver.metric_names()
     assert "rl.resurrections" in names
     # And the fleet-wide counter in Redis
     assert install(app).store.counters()["resurrections"] == 1
