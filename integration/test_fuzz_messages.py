@@ -14,10 +14,12 @@ import time
 
 import pytest
 import redis
+from fleet import dlq_entries
 from fuzz_messages import (
     PROBE_ENV,
     Malformed,
     assert_serving,
+    holds_raw,
     leftovers,
     malformed_messages,
     outcome,
@@ -89,6 +91,9 @@ def test_fuzzed_malformed_messages_run_or_land_in_the_dlq(fleet, redis_url):
             + f"\n(published {ways})\n{w.log()[-3000:]}"
         )
         assert leftovers(client) == {"queue": 0, "unacked": 0, "held": 0}, w.log()[-3000:]
+        # And every DLQ entry keeps the raw bytes of the message it stands for
+        for entry in dlq_entries(client):
+            assert any(holds_raw(entry, m) for m in batch), f"no raw message in {entry}"
 
     a_batch_runs_or_lands_in_the_dlq()
 

@@ -23,6 +23,7 @@ from fuzz_messages import (
     PROBE_ENV,
     Malformed,
     assert_serving,
+    holds_raw,
     leftovers,
     outcome,
     publish,
@@ -194,6 +195,15 @@ CASES = [
     ),
     case(
         "headers_without_task", Malformed(body=GOOD, headers=hdrs(task=MISSING)), bad=UNKNOWN_LOST
+    ),
+    case(
+        "headers_without_id_pickle",
+        Malformed(body=GOOD, headers=hdrs(id=MISSING), content_type=PICKLE),
+        bad=(
+            "SILENT LOSS: ContentDisallowed -> on_invalid_task rejects (deletes) it; relier's "
+            "wrapper quarantines only what it recorded, and receive let it through unrecorded "
+            "(no 'id')."
+        ),
     ),
     case(
         "headers_task_a_list",
@@ -376,9 +386,15 @@ def test_a_malformed_message_runs_or_lands_in_the_dlq_and_the_worker_goes_on(
             return "dlq"
         return "ran" if client.llen("test:ran") > 1 else None  # more than the canary
 
+    def quarantined_raw() -> bool:
+        return any(holds_raw(entry, message) for entry in dlq_entries(client))
+
     try:
         wait_for(accounted, 10, interval=0.2, what="the message to run or reach the DLQ")
     except TimeoutError:
         pytest.fail(f"the message vanished:\n{w.log()[-3000:]}")
+    # And a message in the DLQ is there with its raw bytes
+    if accounted() == "dlq":
+        assert quarantined_raw(), f"DLQ entries without the raw message: {dlq_entries(client)}"
     # And nothing is left behind
     assert leftovers(client) == {"queue": 0, "unacked": 0, "held": 0}, w.log()[-3000:]
