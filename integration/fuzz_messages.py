@@ -111,6 +111,10 @@ class Malformed:
     raw: str | bytes | None = None
     label: str = ""
 
+    def __repr__(self) -> str:
+        fields = {k: v for k, v in self.__dict__.items() if v is not MISSING and k != "label"}
+        return "Malformed(" + ", ".join(f"{k}={v!r:.200}" for k, v in fields.items()) + ")"
+
     @property
     def task_id(self) -> Any:
         return self.headers.get("id") if isinstance(self.headers, dict) else None
