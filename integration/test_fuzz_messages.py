@@ -40,10 +40,13 @@ SETTLE = 8.0  # seconds for a batch to run or reach the DLQ after the canary ran
 def unaccounted(client: redis.Redis, batch: list[Malformed], w: WorkerProcess) -> list[Malformed]:
     """The messages of ``batch`` that neither ran nor reached the DLQ. Messages without a
     usable id are matched by count against DLQ entries and runs no id'd message explains,
-    and against the duplicates relier dropped (odd ids such as ``None`` repeat)."""
+    and against the duplicates relier dropped (odd ids such as ``None`` repeat; counted over the
+    whole worker log, so generously)."""
     missing = [m for m in batch if outcome(client, m) is None]
     known = {repr(m.task_id) for m in batch} | {str(m.task_id) for m in batch}
-    spare = sum(json.loads(raw).get("task_id") not in known for raw in client.hvals(Keys("rl").dlq))
+    spare = sum(
+        str(json.loads(raw).get("task_id")) not in known for raw in client.hvals(Keys("rl").dlq)
+    )
     spare += sum(
         raw.decode() not in known and not raw.decode().startswith("'canary")
         for raw in client.lrange("test:ran", 0, -1)
