@@ -55,11 +55,6 @@ def unaccounted(client: redis.Redis, batch: list[Malformed], w: WorkerProcess) -
     return missing[spare:]
 
 
-@pytest.mark.xfail(
-    reason="current Celery/kombu crash the worker, restart its consumer or drop the message "
-    "for many of these (see test_malformed_messages.py); passes once envelope.py lands",
-    strict=False,
-)
 @pytest.mark.timeout(90)
 def test_fuzzed_malformed_messages_run_or_land_in_the_dlq(fleet, redis_url):
     client = redis.Redis.from_url(redis_url)

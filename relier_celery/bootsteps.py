@@ -27,7 +27,7 @@ from celery.exceptions import (
 from celery.worker import state as worker_state
 
 from . import control as _control  # noqa: F401  (registers the relier_drain command)
-from . import events, observe
+from . import events, kombu_guard, observe
 from .activity import RunningMarker
 from .config import validate_task_options
 from .drain import Drain
@@ -82,6 +82,7 @@ class WorkerRuntime:
         for warning in self.store.self_check():
             events.emit("config.warning", warning)
         self.lease.acquire()
+        kombu_guard.install(self)
         self.running.publish()  # "idle" / "reserved" from the start, not "held"
         if self.config.scanner_enabled:
             self.resurrector.start()
@@ -192,6 +193,8 @@ def _wrap_consumer(c: Any, inflight: Inflight) -> None:
     create_task_handler = c.create_task_handler
     on_task_request = c.on_task_request
     on_invalid_task = c.on_invalid_task
+    on_decode_error = c.on_decode_error
+    on_unknown_message = c.on_unknown_message
 
     def relier_create_task_handler(*args: Any, **kwargs: Any) -> Any:
         handler = create_task_handler(*args, **kwargs)
@@ -200,12 +203,24 @@ def _wrap_consumer(c: Any, inflight: Inflight) -> None:
         def on_task_received(message: Any) -> None:
             try:
                 verdict = inflight.receive(message, c.strategies)
-            except Exception:
-                # Contained: relier must never crash the consumer. The task still runs.
-                logger.exception("relier: could not record a message; running it unprotected")
-                verdict = "run"
+            except Exception as exc:
+                # Contained: relier must never crash the consumer. A message relier's own
+                # checks choke on is malformed: quarantined raw, or run if even that fails.
+                logger.exception("relier: could not check a message")
+                verdict = "quarantined" if _quarantine(message, exc) else "run"
             if verdict == "run":
-                handler(message)
+                try:
+                    handler(message)
+                except c.connection_errors:
+                    raise
+                except Exception as exc:
+                    # Celery's own handler would crash the worker (or restart its consumer,
+                    # for a KeyError) and lose or loop the message: quarantine it instead.
+                    logger.exception("relier: Celery could not take a message")
+                    if _quarantine(message, exc):
+                        message.ack_log_error(logger, c.connection_errors)
+                    else:
+                        raise
             elif verdict == "duplicate" or verdict == "quarantined":
                 message.ack_log_error(logger, c.connection_errors)
             elif verdict == "deferred":
@@ -247,16 +262,31 @@ def _wrap_consumer(c: Any, inflight: Inflight) -> None:
             _wrap_request(req, key, inflight)
         return on_task_request(req)
 
+    def _quarantine(message: Any, exc: BaseException, reason: str = "invalid_message") -> bool:
+        try:
+            return inflight.quarantine_message(message, reason, f"{exc!r}")
+        except Exception:
+            logger.exception("relier: could not quarantine a malformed message")
+            return False
+
     def relier_on_invalid_task(body: Any, message: Any, exc: Exception) -> Any:
-        key = inflight.key_of(message)
-        if inflight.holds(key):
-            assert key is not None
-            inflight.quarantine_held(key, "invalid_task", repr(exc))
+        _quarantine(message, exc, "invalid_task")
         return on_invalid_task(body, message, exc)
+
+    def relier_on_decode_error(message: Any, exc: Exception) -> Any:
+        # kombu could not decompress or decode it; Celery would ack it with a log line.
+        _quarantine(message, exc, "undecodable")
+        return on_decode_error(message, exc)
+
+    def relier_on_unknown_message(body: Any, message: Any) -> Any:
+        _quarantine(message, ValueError("not a task message"), "invalid_message")
+        return on_unknown_message(body, message)
 
     c.create_task_handler = relier_create_task_handler
     c.on_task_request = relier_on_task_request
     c.on_invalid_task = relier_on_invalid_task
+    c.on_decode_error = relier_on_decode_error
+    c.on_unknown_message = relier_on_unknown_message
 
 
 def _wrap_request(req: Any, key: Key, inflight: Inflight) -> None:

@@ -27,7 +27,7 @@ from kombu import serialization
 
 from . import events
 from .errors import ConfigError
-from .record import TaskRecord
+from .record import CRASHES_HEADER, RESURRECTIONS_HEADER, TaskRecord
 
 __all__ = [
     "REQUEUES_HEADER",
@@ -71,11 +71,12 @@ def check_headers(headers: Mapping[str, Any]) -> None:
     for name in _OPTIONAL_STR:
         if headers.get(name) is not None and not isinstance(headers[name], str):
             raise BadMessage("invalid_message", f"header {name!r} is {headers[name]!r}")
-    retries = headers.get("retries")
-    if retries is not None and (
-        isinstance(retries, bool) or not isinstance(retries, int) or retries < 0
-    ):
-        raise BadMessage("invalid_message", f"header 'retries' is {retries!r}")
+    for name in ("retries", RESURRECTIONS_HEADER, CRASHES_HEADER, REQUEUES_HEADER):
+        count = headers.get(name)
+        if count is not None and (
+            isinstance(count, bool) or not isinstance(count, int) or count < 0
+        ):
+            raise BadMessage("invalid_message", f"header {name!r} is {count!r}")
     for name in ("eta", "expires"):
         value = headers.get(name)
         if value is None:
@@ -123,7 +124,18 @@ def accepted(app: Any) -> set[str]:
 def decode_body(
     body: Any, content_type: str | None, content_encoding: str | None, accept: set[str]
 ) -> tuple[list[Any], dict[str, Any], dict[str, Any]]:
-    """Decode a protocol-2 body into (args, kwargs, embed) as Celery will, or raise."""
+    """Decode a protocol-2 body into (args, kwargs, embed) as Celery will, or raise.
+
+    The content type must be one the worker accepts, exactly: kombu lets a missing type,
+    ``application/data`` and ``application/text`` through undecoded, and Celery then fails on
+    the raw bytes."""
+    if not isinstance(content_type, str) or content_type not in accept:
+        raise BadMessage(
+            "undecodable",
+            f"content type {content_type!r} is not in accept_content ({sorted(accept)})",
+        )
+    if content_encoding is not None and not isinstance(content_encoding, str):
+        raise BadMessage("undecodable", f"content encoding {content_encoding!r}")
     try:
         data = serialization.loads(body, content_type, content_encoding, accept=accept)  # type: ignore[no-untyped-call]
     except Exception as exc:  # DecodeError, ContentDisallowed, anything a decoder raises
@@ -170,12 +182,12 @@ def raw_record(message: Any, worker: str) -> TaskRecord:
     headers = message.headers if isinstance(message.headers, dict) else {}
     if not isinstance(message.headers, dict | None):
         headers = {"rl_raw_headers": _short(message.headers)}
-    body = message.body
+    body = message.body if message.body is not None else b""
     if isinstance(body, str):
         body = body.encode("utf-8", "surrogateescape")
     elif not isinstance(body, bytes | bytearray | memoryview):
         body = repr(body).encode()
-    info = message.delivery_info or {}
+    info = message.delivery_info if isinstance(message.delivery_info, dict) else {}
     task_id, task_name = headers.get("id"), headers.get("task")
     return TaskRecord(
         task_id=task_id if isinstance(task_id, str) and task_id else f"invalid-{uuid.uuid4()}",

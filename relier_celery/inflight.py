@@ -209,10 +209,32 @@ class Inflight:
             ),
         )
 
+    def quarantine_message(self, message: Any, reason: str, error: str) -> bool:
+        """Quarantine a message Celery could not take: from its record if relier holds it,
+        raw otherwise. False if Redis could not be reached."""
+        key = self.key_of(message)
+        if self.holds(key):
+            assert key is not None
+            return self.quarantine_held(key, reason, error)
+        record = envelope.raw_record(message, self.worker)
+        return self._quarantine_unrecorded(record, envelope.BadMessage(reason, error)) != "parked"
+
     def _quarantine_unrecorded(self, record: TaskRecord, bad: envelope.BadMessage) -> Verdict:
         """Put a message relier never recorded into the DLQ; park it if Redis is down."""
+        extra = {}
+        if record.task_id.startswith("invalid-") and "id" in record.headers:
+            # A malformed id is not used as a task id (it would mark a good message with the
+            # same id as done); the entry keeps it for the operator.
+            extra["original_task_id"] = str(record.headers["id"])
         try:
-            quarantine(self.store, record, bad.reason, str(bad), done_ttl=self.config.completed_ttl)
+            quarantine(
+                self.store,
+                record,
+                bad.reason,
+                str(bad),
+                done_ttl=self.config.completed_ttl,
+                **extra,
+            )
         except StoreUnavailable as exc:
             self._mark_store_down(exc)
             return "parked"

@@ -1,0 +1,150 @@
+"""Wiring into kombu's Redis transport: raw envelopes kombu cannot parse go to the DLQ.
+
+kombu's Redis transport pops a message (BRPOP) and parses its JSON envelope (body, headers,
+properties) before any consumer callback runs, so before relier's receipt check. An envelope
+that is not JSON, or lacks a field kombu reads, raises inside kombu's event loop: the worker
+process exits, or its consumer restarts, and the popped message is gone (see
+docs/dlq.md#malformed-messages). Relier checks each envelope as kombu hands it to its consumer
+and quarantines, with its raw text, one that would break kombu.
+
+Only a message written to Redis by hand (or by a buggy client) looks like this: a Celery
+publisher always writes a well-formed envelope. The check costs a few dict lookups per message.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import threading
+from typing import Any
+
+from kombu import compression
+
+from .dlq import quarantine
+from .errors import StoreUnavailable
+from .record import TaskRecord
+
+__all__ = ["install", "problem"]
+
+logger = logging.getLogger("relier_celery")
+
+
+class _Unparsable(dict[str, Any]):
+    """What the tolerant ``loads`` returns for a popped item that is not JSON."""
+
+
+def problem(payload: Any) -> str | None:
+    """Why kombu would fail on this raw envelope, or None when it is fine."""
+    if isinstance(payload, _Unparsable):
+        return f"the envelope is not JSON: {payload['error']}"
+    if not isinstance(payload, dict):
+        return f"the envelope is {type(payload).__name__}, not a JSON object"
+    props = payload.get("properties")
+    if not isinstance(props, dict):
+        return f"'properties' is {props!r}"
+    tag = props.get("delivery_tag")
+    if not isinstance(tag, str | int) or isinstance(tag, bool):
+        return f"'delivery_tag' is {tag!r}"
+    info = props.get("delivery_info")
+    if not isinstance(info, dict) or "exchange" not in info or "routing_key" not in info:
+        return f"'delivery_info' is {info!r}"
+    headers = payload.get("headers")
+    if headers is not None and not isinstance(headers, dict):
+        return f"'headers' is {type(headers).__name__}, not an object"
+    name = (headers or {}).get("compression")
+    if name:
+        try:
+            compression.get_decoder(name)  # type: ignore[no-untyped-call]
+        except Exception:
+            return f"unknown compression {name!r}"
+    body, encoding = payload.get("body"), props.get("body_encoding")
+    if body and encoding and str(encoding).lower() != "utf-8":
+        if encoding != "base64":
+            return f"unknown body_encoding {encoding!r}"
+        if not isinstance(body, str):
+            return f"a base64 body is {type(body).__name__}, not a string"
+        try:
+            base64.b64decode(body.encode(), validate=True)
+        except (binascii.Error, ValueError) as exc:
+            return f"the body is not base64: {exc}"
+    elif body is not None and not isinstance(body, str | bytes):
+        return f"the body is {type(body).__name__}"
+    return None
+
+
+# The text of the envelope this thread parsed last: kombu parses an envelope, then delivers it,
+# so a quarantined envelope keeps its exact bytes.
+_last = threading.local()
+
+
+def _quarantine_raw(runtime: Any, payload: Any, queue: str, why: str) -> None:
+    raw = getattr(_last, "text", None)
+    if raw is None or getattr(_last, "payload", None) is not payload:
+        raw = json.dumps(payload, default=str)
+    headers = payload.get("headers") if isinstance(payload, dict) else None
+    headers = headers if isinstance(headers, dict) else {}
+    task_id, task_name = headers.get("id"), headers.get("task")
+    record = TaskRecord(
+        task_id=task_id if isinstance(task_id, str) and task_id else f"invalid-{id(payload)}",
+        task_name=task_name if isinstance(task_name, str) and task_name else "<unknown>",
+        body=raw.encode("utf-8", "surrogateescape"),
+        content_type="application/x-kombu-envelope",
+        content_encoding="utf-8",
+        headers={},
+        properties={},
+        exchange="",
+        routing_key=queue,
+        worker=runtime.worker_id,
+    )
+    quarantine(
+        runtime.store,
+        record,
+        "invalid_envelope",
+        f"kombu's Redis transport could not read this message from queue {queue!r}: {why}. "
+        "The body of this entry is the raw envelope, as it was in the queue",
+        done_ttl=runtime.config.completed_ttl,
+    )
+
+
+def install(runtime: Any) -> None:
+    """Patch kombu's Redis transport once per process (a no-op for other transports)."""
+    import importlib
+
+    # Typed as Any: this patches kombu's internals, which its type hints do not describe.
+    kombu_redis: Any = importlib.import_module("kombu.transport.redis")
+    if getattr(kombu_redis.Transport._deliver, "__relier__", False):
+        return
+    strict_loads = kombu_redis.loads
+
+    def tolerant_loads(text: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            payload = strict_loads(text, *args, **kwargs)
+        except ValueError as exc:  # JSONDecodeError; kombu's unacked entries are always JSON
+            payload = _Unparsable(error=str(exc))
+        _last.text, _last.payload = text, payload
+        return payload
+
+    deliver = kombu_redis.Transport._deliver
+
+    def guarded_deliver(self: Any, message: Any, queue: Any) -> Any:
+        why = problem(message)
+        if why is None:
+            return deliver(self, message, queue)
+        try:
+            _quarantine_raw(runtime, message, str(queue), why)
+        except StoreUnavailable as exc:
+            logger.critical(
+                "relier: a malformed message popped from %r could not be quarantined (%s) and "
+                "is LOST: %s; raw: %.4000r",
+                queue,
+                exc,
+                why,
+                message,
+            )
+        return None
+
+    guarded_deliver.__relier__ = True  # type: ignore[attr-defined]
+    kombu_redis.loads = tolerant_loads
+    kombu_redis.Transport._deliver = guarded_deliver
