@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from fleet import done, held_records, send_work, wait_all_done
+from fleet import dlq_entries, done, held_records, send_work, wait_all_done
 
 from relier_celery import TaskContext, install
 from relier_celery.testing import wait_for
@@ -33,6 +33,9 @@ def test_a_stalled_async_task_gets_its_hook_then_is_cancelled(fleet, publisher, 
     log = w.log()
     assert "timeout_type=soft" in log and "timeout_type=hard" in log
     assert "task.resurrected" not in log
+    # and it waits in the DLQ (relier_dlq_on_failure), payload and traceback kept
+    [entry] = dlq_entries(r)
+    assert entry["reason"] == "hard_timeout" and "HardTimeout" in entry["error"]
 
 
 def test_a_stalled_sync_task_in_prefork_gets_its_hook_then_is_stopped(fleet, publisher, r) -> None:
@@ -48,6 +51,8 @@ def test_a_stalled_sync_task_in_prefork_gets_its_hook_then_is_stopped(fleet, pub
     log = w.log()
     assert 2 not in done(r) and int(r.get("test:started:2")) == 1
     assert "timeout_type=hard" in log and "task.resurrected" not in log
+    [entry] = dlq_entries(r)
+    assert entry["reason"] == "hard_timeout" and entry["task_id"] == task_id
 
 
 def test_a_sync_task_in_the_threads_pool_is_reported_not_stopped(fleet, publisher, r) -> None:
