@@ -27,7 +27,7 @@ from relier_celery.inspect import render, take, to_json
 from relier_celery.keys import Keys
 from relier_celery.record import TaskRecord
 from relier_celery.store import Store
-from relier_celery.testing import RedisServer
+from relier_celery.testing import RedisServer, task_headers
 
 
 def fill(store: Store, tasks: int, workers: int) -> None:
@@ -45,25 +45,13 @@ def fill(store: Store, tasks: int, workers: int) -> None:
             body=json.dumps([[i, f"order-{i:06d}"], {"priority": "normal"}, {}]).encode(),
             content_type="application/json",
             content_encoding="utf-8",
-            headers={
-                "lang": "py",
-                "task": f"shop.tasks.job_{i % 7}",
-                "id": task_id,
-                "shadow": None,
-                "eta": None,
-                "expires": None,
-                "group": None,
-                "group_index": None,
-                "retries": 0,
-                "timelimit": [None, None],
-                "root_id": task_id,
-                "parent_id": None,
-                "argsrepr": f"({i}, 'order-{i:06d}')",
-                "kwargsrepr": "{'priority': 'normal'}",
-                "origin": "gen4242@web-1",
-                "ignore_result": False,
-                "traceparent": f"00-{uuid.uuid4().hex}-{uuid.uuid4().hex[:16]}-01",
-            },
+            headers=task_headers(
+                task_id,
+                f"shop.tasks.job_{i % 7}",
+                argsrepr=f"({i}, 'order-{i:06d}')",
+                kwargsrepr="{'priority': 'normal'}",
+                traceparent=f"00-{uuid.uuid4().hex}-{uuid.uuid4().hex[:16]}-01",
+            ),
             properties={"correlation_id": task_id, "reply_to": str(uuid.uuid4())},
             exchange="",
             routing_key="celery",

@@ -29,6 +29,7 @@ import redis
 from hypothesis import strategies as st
 from kombu import Connection
 
+from relier_celery import testing
 from relier_celery.keys import Keys
 from relier_celery.testing import WorkerProcess, wait_for
 
@@ -62,28 +63,7 @@ MISSING = object()  # an envelope field left out altogether
 
 def task_headers(task_id: str | None = None, task: str = "chaos.work", **extra: Any) -> dict:
     """Protocol 2 headers as Celery's publisher writes them."""
-    task_id = task_id or str(uuid.uuid4())
-    return {
-        "lang": "py",
-        "task": task,
-        "id": task_id,
-        "shadow": None,
-        "eta": None,
-        "expires": None,
-        "group": None,
-        "group_index": None,
-        "retries": 0,
-        "timelimit": [None, None],
-        "root_id": task_id,
-        "parent_id": None,
-        "argsrepr": "()",
-        "kwargsrepr": "{}",
-        "origin": "fuzz@test",
-        "ignore_result": None,
-        "stamped_headers": None,
-        "stamps": {},
-        **extra,
-    }
+    return testing.task_headers(task_id, task, origin="fuzz@test", **extra)
 
 
 def task_body(args: Any = (), kwargs: Any = None, embed: Any = None) -> bytes:

@@ -20,6 +20,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Mapping, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -32,6 +33,7 @@ __all__ = [
     "WorkerProcess",
     "find_redis_server",
     "free_port",
+    "task_headers",
     "wait_for",
 ]
 
@@ -262,6 +264,35 @@ class WorkerProcess:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def task_headers(
+    task_id: str | None = None, task: str = "tasks.add", **extra: Any
+) -> dict[str, Any]:
+    """Protocol 2 task message headers as Celery's publisher writes them (``extra`` replaces or
+    adds fields), for tests that publish or record messages by hand."""
+    task_id = task_id or str(uuid.uuid4())
+    return {
+        "lang": "py",
+        "task": task,
+        "id": task_id,
+        "shadow": None,
+        "eta": None,
+        "expires": None,
+        "group": None,
+        "group_index": None,
+        "retries": 0,
+        "timelimit": [None, None],
+        "root_id": task_id,
+        "parent_id": None,
+        "argsrepr": "()",
+        "kwargsrepr": "{}",
+        "origin": "test@relier",
+        "ignore_result": None,
+        "stamped_headers": None,
+        "stamps": {},
+        **extra,
+    }
 
 
 class OtlpReceiver:
