@@ -14,31 +14,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
-from collections.abc import Callable
 
 from celery import Celery
+from stats import interleaved, pct
 
 from relier_celery.admission import admit, parse_limit
 from relier_celery.plugin import install
 from relier_celery.testing import RedisServer
-
-
-def interleaved(fns: list[Callable[[], object]], calls: int) -> list[list[float]]:
-    """Time each function once per round, round after round, so that a busy machine (other
-    processes, CPU frequency) weighs on every series alike: the ratios stay meaningful."""
-    out: list[list[float]] = [[] for _ in fns]
-    for _ in range(calls):
-        for fn, series in zip(fns, out, strict=True):
-            start = time.perf_counter()
-            fn()
-            series.append((time.perf_counter() - start) * 1e6)
-    return out
-
-
-def pct(values: list[float], p: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))]
 
 
 def main() -> int:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import redis
 from celery import Celery
+from stats import pct
 
 from relier_celery.testing import RedisServer, WorkerProcess, wait_for
 
@@ -117,11 +118,6 @@ def recovery(url: str, kills: int, per_kill: int) -> list[float]:
         return delays
     finally:
         app.close()
-
-
-def pct(values: list[float], p: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))]
 
 
 def main() -> int:

@@ -12,25 +12,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
+
+from stats import pct, timed
 
 from relier_celery.keys import Keys
 from relier_celery.store import Store
 from relier_celery.testing import RedisServer
-
-
-def timed(fn: object, calls: int) -> list[float]:
-    out = []
-    for i in range(calls):
-        start = time.perf_counter()
-        fn(i)  # type: ignore[operator]
-        out.append((time.perf_counter() - start) * 1e6)
-    return out
-
-
-def pct(values: list[float], p: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))]
 
 
 def main() -> int:

@@ -22,6 +22,8 @@ import time
 import uuid
 from pathlib import Path
 
+from stats import timed
+
 from relier_celery.activity import RunningMarker
 from relier_celery.inspect import render, take, to_json
 from relier_celery.keys import Keys
@@ -66,15 +68,6 @@ def fill(store: Store, tasks: int, workers: int) -> None:
     time.sleep(0.05)
 
 
-def timed(fn: object, runs: int) -> list[float]:
-    out = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()  # type: ignore[operator]
-        out.append((time.perf_counter() - start) * 1000)
-    return out
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tasks", type=int, default=10_000)
@@ -98,9 +91,11 @@ def main() -> int:
             f"JSON {size / 1e6:.1f} MB"
         )
         figures = {
-            "snapshot": timed(lambda: take(store, 600), args.runs),
-            "snapshot + JSON": timed(lambda: json.dumps(to_json(take(store, 600))), args.runs),
-            "snapshot + text": timed(lambda: render(take(store, 600)), args.runs),
+            "snapshot": timed(lambda _: take(store, 600), args.runs, 1e3),
+            "snapshot + JSON": timed(
+                lambda _: json.dumps(to_json(take(store, 600))), args.runs, 1e3
+            ),
+            "snapshot + text": timed(lambda _: render(take(store, 600)), args.runs, 1e3),
         }
         Path(tmp, "benchapp.py").write_text(
             "from celery import Celery\n"
@@ -116,8 +111,8 @@ def main() -> int:
             )
 
         runs = max(3, args.runs // 4)
-        figures["process: rl inspect --json"] = timed(lambda: cli("inspect", "--json"), runs)
-        figures["process: rl config (start-up)"] = timed(lambda: cli("config"), runs)
+        figures["process: rl inspect --json"] = timed(lambda _: cli("inspect", "--json"), runs, 1e3)
+        figures["process: rl config (start-up)"] = timed(lambda _: cli("config"), runs, 1e3)
     for name, values in figures.items():
         print(f"{name:>31}: p50 {statistics.median(values):7.1f} ms, max {max(values):7.1f} ms")
     return 0
