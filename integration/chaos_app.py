@@ -303,3 +303,13 @@ else:
     @app.task(name="chaos.versioned", schema_version=2)
     def versioned_v2(order: int, amount: float, currency: str) -> None:
         _versioned(order, amount, currency)
+
+
+@app.task(name="chaos.idem_oom", idempotent=True)
+def idem_oom(tag: str) -> str:
+    """An idempotent task whose first attempt kills its own pool process mid-run, as the OOM
+    killer would, while its worker lives on (WorkerLostError: resurrected at once)."""
+    if r().incr(f"test:attempts:{tag}") == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    r().sadd("test:done", tag)
+    return tag

@@ -157,3 +157,14 @@ def _quarantined_orders(r) -> set[int]:
         if entry["reason"] == "idempotency_interrupted":
             out.add(int(entry["error"].split("'strict-", 1)[1].split("'", 1)[0]))
     return out
+
+
+def test_an_idempotent_task_whose_pool_process_died_runs_again_at_once(fleet, publisher, r):
+    # Given an idempotent task whose pool process is killed mid-run (its claim left behind,
+    # under the lease of a worker that is still alive)
+    fleet.start(concurrency=1)
+    publisher.send_task("chaos.idem_oom", args=("o1",))
+    # Then its resurrection (same task id) takes its own stale claim over and completes,
+    # instead of waiting for the claim to expire (idempotency_ttl)
+    wait_for(lambda: "o1" in r.smembers("test:done"), 20, what="the resurrected task")
+    assert int(r.get("test:attempts:o1")) == 2

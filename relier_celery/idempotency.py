@@ -4,7 +4,8 @@ One Lua script claims a key or reads what it holds (``idem_claim.lua``): no reco
 (in flight, with a fresh fencing token); a stored result -> returned at once and the task body
 is skipped; in flight under a live owner -> the duplicate does not run (it waits a bounded time
 for the result, then is retried later); in flight under a dead owner (its worker's lease ran
-out) -> taken over, so the run is repeated. A failed run releases the claim so a retry can run; a
+out, or the same task id claiming again after a hard time limit killed its attempt) -> taken
+over, so the run is repeated. A failed run releases the claim so a retry can run; a
 stale owner can never store over a newer owner's result (fencing).
 
 What a crash means. Relier stores the result right after the body returns, so a duplicate,
@@ -27,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import uuid
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any
@@ -139,7 +141,9 @@ class IdempotencyLock:
         self.ttl = ttl
         self.claim_ttl = claim_ttl
         self.lease = lease
-        self.owner = owner or f"lock:{key}"
+        # A lock's owner is unique: the claim script lets a claim by the same owner (the same
+        # task id, after a hard time limit killed its earlier attempt) take over.
+        self.owner = owner or f"lock:{uuid.uuid4().hex}"
         self.fingerprint = fingerprint or "-"
         self.on_crash = on_crash
         self.already_executed = False

@@ -62,7 +62,12 @@ def test_a_bad_key_is_a_clear_error(bad) -> None:
 
 
 def _lock(
-    store: Store, key: str = "k", lease: str = "", args: str = "a", on_crash: str = "rerun"
+    store: Store,
+    key: str = "k",
+    lease: str = "",
+    args: str = "a",
+    on_crash: str = "rerun",
+    owner: str = "",
 ) -> IdempotencyLock:
     return IdempotencyLock(
         store,
@@ -70,10 +75,28 @@ def _lock(
         ttl=60,
         claim_ttl=60,
         lease=lease,
-        owner="t",
+        owner=owner,
         fingerprint=args,
         on_crash=on_crash,
     )
+
+
+def test_the_same_task_id_takes_its_own_stale_claim_over(store: Store) -> None:
+    # Given a claim left by a task whose attempt a hard time limit killed (worker alive)
+    store.renew_lease("w1", ttl=30)
+    stale = _lock(store, lease="w1", owner="task-1").acquire()
+    # When another task id claims the key, it must wait; the same task id's retry takes over
+    with pytest.raises(IdempotencyBusy):
+        _lock(store, lease="w1", owner="task-2").acquire()
+    retry = _lock(store, lease="w1", owner="task-1").acquire()
+    assert retry.taken_over and not stale.store("stale") and retry.store("ok")
+
+
+def test_two_locks_on_one_key_never_hold_it_together(store: Store) -> None:
+    first = IdempotencyLock(store, "k", ttl=60, claim_ttl=60).acquire()
+    with pytest.raises(IdempotencyBusy):
+        IdempotencyLock(store, "k", ttl=60, claim_ttl=60).acquire()
+    first.release()
 
 
 def test_claim_then_busy_then_done(store: Store) -> None:

@@ -4,7 +4,7 @@
 -- KEYS[2]  leases ZSET (worker id -> deadline ms)
 -- KEYS[3]  fencing counter STRING
 -- ARGV[1]  claimant's lease id (a worker id), or "" when the claim lives by its TTL alone
--- ARGV[2]  claimant's task id (or a lock name)
+-- ARGV[2]  claimant's task id (or a unique lock owner)
 -- ARGV[3]  hash of the call's arguments
 -- ARGV[4]  ttl of an in-flight claim in ms (a safety net: a live owner's lease decides)
 -- ARGV[5]  what a claim left by a dead owner means: "rerun" (take it over), "quarantine"
@@ -37,6 +37,11 @@ if state then
     alive = deadline ~= false and tonumber(deadline) >= now
   end
   if state == 'interrupted' then
+    alive = false
+  end
+  if redis.call('HGET', KEYS[1], 'task_id') == ARGV[2] then
+    -- The same task id claims again: its earlier attempt is over (relier runs one delivery of
+    -- a task id at a time), killed without releasing the claim (a hard time limit).
     alive = false
   end
   if alive then
