@@ -232,12 +232,14 @@ def fenced(order: int, seconds: float) -> dict:
 
 
 def _pay(kind: str, order: int, seconds: float) -> dict:
-    """Work, then one side effect naming the process that made it, then return."""
-    time.sleep(seconds / 2)
-    r().rpush(f"test:{kind}:before:{order}", os.getpid())
-    time.sleep(seconds / 2)
+    """Work, then one side effect naming the process that made it, then return. Runs in
+    progress are listed (pool pid -> worker pid) so a test can kill a worker mid-run."""
+    r().hset(f"test:{kind}:running", os.getpid(), os.getppid())
+    r().rpush(f"test:{kind}:started:{order}", os.getpid())
+    time.sleep(seconds)
     r().rpush(f"test:{kind}:{order}", f"{os.getppid()}:{os.getpid()}")
     r().sadd(f"test:{kind}:done", order)
+    r().hdel(f"test:{kind}:running", os.getpid())
     return {"order": order, "pid": os.getpid()}
 
 

@@ -82,11 +82,19 @@ def _chaos(
     for order in range(orders):
         for _ in range(2):
             publisher.send_task(task, args=(order, seconds[order]))
-    killed = []
+    kind = "paid" if task == "chaos.pay" else "strict"
+    killed: list[int] = []
     deadline = time.monotonic() + 30
     while len(killed) < 4 and time.monotonic() < deadline:
-        time.sleep(rng.uniform(1.0, 2.0))
-        killed.append(fleet.kill_random(rng).pid)
+        time.sleep(rng.uniform(0.5, 1.0))
+        # a worker that is running a payment right now
+        running = {int(ppid) for ppid in r.hvals(f"test:{kind}:running")}
+        victims = [w for w in fleet.alive() if w.pid in running]
+        if not victims:
+            continue
+        victim = rng.choice(victims)
+        victim.kill()
+        killed.append(victim.pid)
         fleet.start(concurrency=2)
     return killed, seconds
 
@@ -114,7 +122,7 @@ def test_chaos_idempotent_side_effects_happen_once_per_key(fleet, publisher, r) 
         assert all(ppid in killed for ppid, _ in effects[:-1]), (order, effects, killed)
         repeated_in_window += len(effects) - 1
     assert repeated_in_window <= 1, f"{repeated_in_window} repeats in the crash window"
-    interrupted = sum(r.llen(f"test:paid:before:{o}") for o in range(orders)) - orders
+    interrupted = sum(r.llen(f"test:paid:started:{o}") for o in range(orders)) - orders
     print(
         f"runs interrupted and repeated: {interrupted}; repeats after the effect: "
         f"{repeated_in_window}"
