@@ -8,7 +8,7 @@ records.
 Each case's ``celery_alone`` says what Celery and kombu 5.7 do with it without relier (found
 by the fuzzer, read in their code and seen on a live worker), and so which of relier's checks
 catches it: envelope.py (headers and body, before Celery sees a message), kombu_guard.py (raw
-envelopes, before kombu parses them) or bootsteps.py (what Celery's handlers would drop). See
+envelopes, before kombu parses them) or consumer_hooks.py (what Celery's handlers would drop). See
 docs/malformed-messages.md for the whole catalog.
 
 One worker serves every case (a fresh one only if a case killed it), so the whole file runs in
