@@ -384,7 +384,8 @@ def outcome(client: redis.Redis, m: Malformed) -> str | None:
         return "ran"
     for raw in client.hvals(keys.dlq):
         entry = json.loads(raw)
-        if str(task_id) in (entry.get("task_id"), entry.get("original_task_id")):
+        kept = (entry.get("message") or {}).get("headers") or {}
+        if str(task_id) in (entry.get("task_id"), str(kept.get("id"))):
             return "dlq"
     if client.exists(keys.done(str(task_id))):
         return "ran"

@@ -40,6 +40,7 @@ __all__ = [
     "migrate",
     "migration",
     "raw_record",
+    "raw_record_of",
     "schema_version",
 ]
 
@@ -176,32 +177,51 @@ def _short(value: Any) -> str:
     return text if len(text) <= 200 else text[:200] + "..."
 
 
-def raw_record(message: Any, worker: str) -> TaskRecord:
+def raw_record(
+    worker: str,
+    headers: Any,
+    body: Any,
+    content_type: Any = None,
+    content_encoding: Any = None,
+    delivery_info: Any = None,
+) -> TaskRecord:
     """A DLQ-able record of any message, however malformed: raw body bytes, headers kept as
-    far as they are a dict."""
-    headers = message.headers if isinstance(message.headers, dict) else {}
-    if not isinstance(message.headers, dict | None):
-        headers = {"rl_raw_headers": _short(message.headers)}
-    body = message.body if message.body is not None else b""
-    if isinstance(body, str):
+    far as they are a dict (so a malformed ``id`` stays readable in the entry). Only a
+    well-formed ``id`` becomes the record's task id: a malformed one must not mark a good
+    message with the same id as done."""
+    if not isinstance(headers, dict):
+        headers = {} if headers is None else {"rl_raw_headers": _short(headers)}
+    if body is None:
+        body = b""
+    elif isinstance(body, str):
         body = body.encode("utf-8", "surrogateescape")
     elif not isinstance(body, bytes | bytearray | memoryview):
         body = repr(body).encode()
-    info = message.delivery_info if isinstance(message.delivery_info, dict) else {}
+    info = delivery_info if isinstance(delivery_info, dict) else {}
     task_id, task_name = headers.get("id"), headers.get("task")
     return TaskRecord(
         task_id=task_id if isinstance(task_id, str) and task_id else f"invalid-{uuid.uuid4()}",
         task_name=task_name if isinstance(task_name, str) and task_name else "<unknown>",
         body=bytes(body),
-        content_type=message.content_type if isinstance(message.content_type, str) else None,
-        content_encoding=(
-            message.content_encoding if isinstance(message.content_encoding, str) else None
-        ),
+        content_type=content_type if isinstance(content_type, str) else None,
+        content_encoding=content_encoding if isinstance(content_encoding, str) else None,
         headers=dict(headers),
         properties={},
         exchange=str(info.get("exchange") or ""),
         routing_key=str(info.get("routing_key") or ""),
         worker=worker,
+    )
+
+
+def raw_record_of(message: Any, worker: str) -> TaskRecord:
+    """:func:`raw_record` of a kombu message."""
+    return raw_record(
+        worker,
+        message.headers,
+        message.body,
+        message.content_type,
+        message.content_encoding,
+        message.delivery_info,
     )
 
 

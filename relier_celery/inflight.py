@@ -65,7 +65,7 @@ class Inflight:
         try:
             envelope.check_headers(headers)
         except envelope.BadMessage as bad:
-            return self._quarantine_unrecorded(envelope.raw_record(message, self.worker), bad)
+            return self._quarantine_unrecorded(envelope.raw_record_of(message, self.worker), bad)
         record = TaskRecord.from_message(message, self.worker)
         if record.task_name not in known_tasks:
             verdict = self._quarantine_unrecorded(
@@ -189,7 +189,7 @@ class Inflight:
     def _receive_other(self, message: Any) -> Verdict:
         """A message without protocol-2 task headers: a protocol 1 task runs (Celery converts
         it), unprotected; anything else goes to the DLQ."""
-        record = envelope.raw_record(message, self.worker)
+        record = envelope.raw_record_of(message, self.worker)
         body = message.body
         if isinstance(message.headers, dict | None) and envelope.protocol_one(
             body, message.content_type, message.content_encoding, self.accept
@@ -216,25 +216,13 @@ class Inflight:
         if self.holds(key):
             assert key is not None
             return self.quarantine_held(key, reason, error)
-        record = envelope.raw_record(message, self.worker)
+        record = envelope.raw_record_of(message, self.worker)
         return self._quarantine_unrecorded(record, envelope.BadMessage(reason, error)) != "parked"
 
     def _quarantine_unrecorded(self, record: TaskRecord, bad: envelope.BadMessage) -> Verdict:
         """Put a message relier never recorded into the DLQ; park it if Redis is down."""
-        extra = {}
-        if record.task_id.startswith("invalid-") and "id" in record.headers:
-            # A malformed id is not used as a task id (it would mark a good message with the
-            # same id as done); the entry keeps it for the operator.
-            extra["original_task_id"] = str(record.headers["id"])
         try:
-            quarantine(
-                self.store,
-                record,
-                bad.reason,
-                str(bad),
-                done_ttl=self.config.completed_ttl,
-                **extra,
-            )
+            quarantine(self.store, record, bad.reason, str(bad), done_ttl=self.config.completed_ttl)
         except StoreUnavailable as exc:
             self._mark_store_down(exc)
             return "parked"

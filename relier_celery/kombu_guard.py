@@ -22,9 +22,9 @@ from typing import Any
 
 from kombu import compression
 
+from . import envelope
 from .dlq import quarantine
 from .errors import StoreUnavailable
-from .record import TaskRecord
 
 __all__ = ["install", "problem"]
 
@@ -84,19 +84,13 @@ def _quarantine_raw(runtime: Any, payload: Any, queue: str, why: str) -> None:
     if raw is None or getattr(_last, "payload", None) is not payload:
         raw = json.dumps(payload, default=str)
     headers = payload.get("headers") if isinstance(payload, dict) else None
-    headers = headers if isinstance(headers, dict) else {}
-    task_id, task_name = headers.get("id"), headers.get("task")
-    record = TaskRecord(
-        task_id=task_id if isinstance(task_id, str) and task_id else f"invalid-{id(payload)}",
-        task_name=task_name if isinstance(task_name, str) and task_name else "<unknown>",
-        body=raw.encode("utf-8", "surrogateescape"),
-        content_type="application/x-kombu-envelope",
-        content_encoding="utf-8",
-        headers={},
-        properties={},
-        exchange="",
-        routing_key=queue,
-        worker=runtime.worker_id,
+    record = envelope.raw_record(
+        runtime.worker_id,
+        headers if isinstance(headers, dict) else None,
+        raw,
+        "application/x-kombu-envelope",
+        "utf-8",
+        {"routing_key": queue},
     )
     quarantine(
         runtime.store,
