@@ -30,6 +30,7 @@ from typing import Any
 
 from . import events
 from .errors import AdmissionRejected, AdmissionUnavailable, ConfigError, StoreUnavailable
+from .keys import caller_key
 
 __all__ = [
     "Limit",
@@ -47,8 +48,6 @@ __all__ = [
 # A depth refusal has no arrival arithmetic to say when room comes back: callers are asked to
 # wait this long, about the time a worker takes to drain a few messages.
 DEPTH_RETRY_AFTER = 1.0
-# Caller keys are part of a Redis key name; bound them like idempotency keys.
-MAX_KEY_LENGTH = 200
 
 _UNITS = {
     "s": 1.0,
@@ -203,13 +202,7 @@ _admitted: contextvars.ContextVar[bool] = contextvars.ContextVar("relier_admitte
 
 
 def _validate_key(key: Any) -> str:
-    if not isinstance(key, str) or not key:
-        raise ConfigError(f"admission_key must be a non-empty string, got {key!r}")
-    if len(key) > MAX_KEY_LENGTH:
-        raise ConfigError(
-            f"admission_key may be {MAX_KEY_LENGTH} characters at most, got {len(key)}"
-        )
-    return key
+    return caller_key(key, "admission_key", ConfigError)
 
 
 def admit(

@@ -41,6 +41,7 @@ from .errors import (
     IdempotencyInterrupted,
     StoreUnavailable,
 )
+from .keys import caller_key
 from .store import Store
 
 __all__ = [
@@ -57,7 +58,6 @@ HEADER = "idempotency_key"
 # Set by a DLQ release: the operator approves repeating an interrupted run.
 RERUN_HEADER = "rl_rerun_interrupted"
 ON_CRASH = ("rerun", "quarantine")
-MAX_KEY_LENGTH = 256
 # Defaults: results are kept an hour; a duplicate waits up to 30 s for the running copy.
 DEFAULT_TTL = 3600.0
 DEFAULT_WAIT = 30.0
@@ -91,13 +91,7 @@ def default_key(task_name: str, args: Any, kwargs: Any) -> str:
 
 
 def validate_key(key: Any) -> str:
-    if not isinstance(key, str) or not key:
-        raise IdempotencyError(f"an idempotency key must be a non-empty string, got {key!r}")
-    if len(key) > MAX_KEY_LENGTH:
-        raise IdempotencyError(
-            f"an idempotency key may be {MAX_KEY_LENGTH} characters at most, got {len(key)}"
-        )
-    return key
+    return caller_key(key, "an idempotency key", IdempotencyError)
 
 
 def _serialize(result: Any, what: str) -> str:

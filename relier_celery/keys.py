@@ -8,8 +8,22 @@ enough; the trade-off is written down in docs/design.md.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-__all__ = ["Keys"]
+__all__ = ["MAX_CALLER_KEY", "Keys", "caller_key"]
+
+# A caller's key (an idempotency key, an admission key) becomes part of a Redis key name.
+MAX_CALLER_KEY = 256
+
+
+def caller_key(value: Any, what: str, error: type[Exception]) -> str:
+    """Check a caller-provided key before it goes into a Redis key name; raise ``error``
+    naming ``what`` if it is not a non-empty string of at most MAX_CALLER_KEY characters."""
+    if not isinstance(value, str) or not value:
+        raise error(f"{what} must be a non-empty string, got {value!r}")
+    if len(value) > MAX_CALLER_KEY:
+        raise error(f"{what} may be {MAX_CALLER_KEY} characters at most, got {len(value)}")
+    return value
 
 
 @dataclass(frozen=True)
