@@ -300,6 +300,8 @@ else:
 
     @migration("chaos.versioned", from_version=1)
     def add_currency(args: list, kwargs: dict) -> tuple[list, dict]:
+        if args[1] < 0:
+            raise ValueError(f"cannot migrate a negative amount {args[1]}")
         return [*args, "EUR"], kwargs
 
     @app.task(name="chaos.versioned", schema_version=2)

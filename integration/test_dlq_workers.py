@@ -143,3 +143,16 @@ def test_mixed_deploy_every_task_runs_on_a_worker_that_understands_it(fleet, pub
             migrated += 1
     assert migrated >= 1, "no old-format task reached the new worker"
     assert not dlq_entries(r)
+
+
+def test_a_migration_that_raises_lands_in_the_dlq_and_the_worker_goes_on(fleet, publisher, r):
+    # Given a worker of deploy 2, whose migration from schema 1 refuses negative amounts
+    fleet.start(concurrency=1, RELIER_TEST_SCHEMA="2")
+    # When an old-format message it cannot migrate arrives
+    task_id = publisher.send_task("chaos.versioned", args=(7, -1.0)).id
+    # Then it waits in the DLQ, original body and traceback kept, and nothing ran
+    entry = entry_for(r, task_id=task_id, reason="migration_failed")
+    assert "cannot migrate a negative amount" in entry["error"] and "Traceback" in entry["error"]
+    assert json.loads(base64.b64decode(entry["message"]["body"]))[0] == [7, -1.0]
+    assert not r.exists("test:versioned:7")
+    canary(publisher, r)

@@ -151,3 +151,58 @@ def test_purge_asks_first_unless_yes(cli, store: Store, client: redis.Redis) -> 
     assert [e["id"] for e in dlq.entries(store)] == [recent]
     bad = cli("purge", "--all", "--older-than", "soon", "--yes")
     assert bad.exit_code == 2 and "not a duration" in bad.output
+
+
+def test_the_scanner_expires_entries_past_retention(redis_url: str, client: redis.Redis) -> None:
+    from relier_celery.plugin import install
+    from relier_celery.resurrect import Resurrector
+
+    # Given an app keeping DLQ entries 60 s, and an entry quarantined 100 s ago
+    app = Celery("expiry", broker=redis_url, set_as_current=False)
+    app.conf.relier_dlq_retention = 60
+    relier = install(app)
+    old, new = _put(relier.store, "old"), _put(relier.store, "new")
+    client.zadd(Keys("rl").dlq_index, {old: (time.time() - 100) * 1000})
+    # When a worker's scanner scans
+    Resurrector(app, relier.config, relier.store).scan_once()
+    # Then the old entry is gone and the new one kept
+    assert [e["id"] for e in dlq.entries(relier.store)] == [new]
+
+
+class _Task:
+    acks_late = False
+    acks_on_timeout = True
+    dlq_on_failure = None
+
+
+class _Req:
+    def __init__(self, **task_attrs: object) -> None:
+        self.task = type("T", (_Task,), task_attrs)()
+
+
+def test_which_failures_go_to_the_dlq() -> None:
+    from celery.exceptions import Ignore, Reject, Retry, TaskRevokedError, TimeLimitExceeded
+
+    from relier_celery.consumer_hooks import _dlq_reason
+    from relier_celery.errors import HardTimeout, IdempotencyInterrupted
+
+    req = _Req()
+    # final failures go, each with its reason
+    assert _dlq_reason(req, ValueError("x"), True) == "exception"
+    assert _dlq_reason(req, HardTimeout("x"), True) == "hard_timeout"
+    assert _dlq_reason(req, TimeLimitExceeded(3), True) == "hard_timeout"
+    assert _dlq_reason(req, Reject("no", requeue=False), True) == "rejected"
+    # what is not final never goes: a retry, an ignore, a revoke, Celery's own requeues
+    for exc in (Retry(), Ignore(), TaskRevokedError("t"), Reject("again", requeue=True)):
+        assert _dlq_reason(req, exc, True) is None, exc
+    assert (
+        _dlq_reason(_Req(acks_late=True, acks_on_timeout=False), TimeLimitExceeded(3), True) is None
+    )
+    # relier_dlq_on_failure off, and the task option overriding it either way
+    assert _dlq_reason(req, ValueError("x"), False) is None
+    assert _dlq_reason(_Req(dlq_on_failure=True), ValueError("x"), False) == "exception"
+    assert _dlq_reason(_Req(dlq_on_failure=False), ValueError("x"), True) is None
+    # an interrupted idempotent run always goes: never repeated unasked
+    assert _dlq_reason(_Req(dlq_on_failure=False), IdempotencyInterrupted("x"), False) == (
+        "idempotency_interrupted"
+    )

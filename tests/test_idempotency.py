@@ -291,3 +291,32 @@ def test_with_redis_down_an_idempotent_task_never_runs_unprotected_and_is_retrie
     assert ran == []
     assert [e.name for e in seen].count("idempotency.unavailable") == 3  # 1 run + 2 retries
     assert result.failed() and isinstance(result.result, StoreUnavailable)
+
+
+def test_a_result_that_cannot_be_kept_is_reported_and_the_run_not_failed() -> None:
+    from relier_celery import events
+    from relier_celery.testing import RedisServer
+
+    # Given relier's Redis, which dies while the task body runs (after the claim)
+    server = RedisServer()
+    app = Celery("idem_store_down", broker="memory://", set_as_current=False)
+    app.conf.relier_redis_url = server.start()
+    runs = []
+
+    @app.task(name="idem.store_down", shared=False, idempotent=True)
+    def charge(order):
+        runs.append(order)
+        server.stop()
+        return {"charged": order}
+
+    install(app)
+    seen = []
+    events.subscribe(seen.append)
+    try:
+        result = app.tasks["idem.store_down"].apply(args=(3,))
+    finally:
+        events.unsubscribe(seen.append)
+        server.stop()
+    # Then the side effect happened once, the task succeeded, and the lost result is loud
+    assert runs == [3] and result.successful() and result.result == {"charged": 3}
+    assert "idempotency.store_failed" in [e.name for e in seen]
