@@ -13,8 +13,6 @@ publisher always writes a well-formed envelope. The check costs a few dict looku
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import logging
 import threading
@@ -29,6 +27,10 @@ from .errors import StoreUnavailable
 __all__ = ["install", "problem"]
 
 logger = logging.getLogger("relier_celery")
+
+
+class _BadBody(Exception):
+    """kombu could not decode an envelope's body (raised while kombu builds its Message)."""
 
 
 class _Unparsable(dict[str, Any]):
@@ -59,18 +61,11 @@ def problem(payload: Any) -> str | None:
             compression.get_decoder(name)  # type: ignore[no-untyped-call]
         except Exception:
             return f"unknown compression {name!r}"
-    body, encoding = payload.get("body"), props.get("body_encoding")
-    if body and encoding and str(encoding).lower() != "utf-8":
-        if encoding != "base64":
-            return f"unknown body_encoding {encoding!r}"
-        if not isinstance(body, str):
-            return f"a base64 body is {type(body).__name__}, not a string"
-        try:
-            base64.b64decode(body.encode(), validate=True)
-        except (binascii.Error, ValueError) as exc:
-            return f"the body is not base64: {exc}"
-    elif body is not None and not isinstance(body, str | bytes):
+    body = payload.get("body")
+    if body is not None and not isinstance(body, str | bytes):
         return f"the body is {type(body).__name__}"
+    # A body kombu cannot decode (bad base64, unknown body_encoding) is caught as kombu decodes
+    # it (see install): checking here would decode every body twice.
     return None
 
 
@@ -120,12 +115,23 @@ def install(runtime: Any) -> None:
         _last.text, _last.payload = text, payload
         return payload
 
+    decode_body = kombu_redis.Channel.decode_body
+
+    def checked_decode_body(self: Any, body: Any, encoding: Any = None) -> Any:
+        try:
+            return decode_body(self, body, encoding)
+        except Exception as exc:
+            raise _BadBody(f"kombu cannot decode the body ({encoding!r}): {exc!r}") from None
+
     deliver = kombu_redis.Transport._deliver
 
     def guarded_deliver(self: Any, message: Any, queue: Any) -> Any:
         why = problem(message)
         if why is None:
-            return deliver(self, message, queue)
+            try:
+                return deliver(self, message, queue)
+            except _BadBody as exc:  # raised building kombu's Message: not yet in "unacked"
+                why = str(exc)
         try:
             _quarantine_raw(runtime, message, str(queue), why)
         except StoreUnavailable as exc:
@@ -142,3 +148,4 @@ def install(runtime: Any) -> None:
     guarded_deliver.__relier__ = True  # type: ignore[attr-defined]
     kombu_redis.loads = tolerant_loads
     kombu_redis.Transport._deliver = guarded_deliver
+    kombu_redis.Channel.decode_body = checked_decode_body
