@@ -58,8 +58,8 @@ def r() -> redis.Redis:
 
 @app.task(name="chaos.work")
 def work(n: int, seconds: float = 0.0, pad: str = "") -> int:
-    """Sleep, then record one completed execution of ``n``."""
-    r().incr(f"test:started:{n}")
+    """Sleep, then record one completed execution of ``n`` (and the order of the starts)."""
+    r().pipeline(transaction=False).incr(f"test:started:{n}").rpush("test:order", n).execute()
     time.sleep(seconds)
     r().incr(f"test:runs:{n}")
     r().sadd("test:done", n)

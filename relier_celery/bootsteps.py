@@ -24,6 +24,7 @@ from .config import validate_task_options
 from .consumer_hooks import wrap_consumer
 from .drain import Drain
 from .envelope import check_migrations
+from .fetch import enable_for_consumer
 from .inflight import Inflight
 from .lease import Lease
 from .plugin import install, new_worker_id, set_worker_id
@@ -154,6 +155,7 @@ class RelierConsumer(bootsteps.StartStopStep):  # type: ignore[misc]
         self.first_start = True
         if self.runtime is not None and not getattr(c, "_relier_wrapped", False):
             wrap_consumer(c, self.runtime.inflight)
+            enable_for_consumer(c, self.runtime)
             c._relier_wrapped = True
 
     def start(self, c: Any) -> None:

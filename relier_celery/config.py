@@ -73,9 +73,15 @@ class RelierConfig:
     scanner_enabled: bool = True
     """Whether each worker runs a scanner. Turn off only if a standalone resurrector runs."""
 
+    reliable_fetch: bool = True
+    """Whether a worker on the Redis broker takes each message from its queue into its held
+    record in one atomic step (relier_celery/fetch.py), instead of kombu's BRPOP and unacked
+    hash. Needs relier's state in the broker's Redis; off, relier records what kombu hands it."""
+
     unacked_sweep: bool = True
     """Whether scanners return to their queue the broker deliveries of a worker that died
-    before recording them (Redis broker only; see relier_celery/orphans.py)."""
+    before recording them (only for workers without the reliable fetch; see
+    relier_celery/orphans.py)."""
 
     claim_ttl: float = CLAIM_TTL
     """Seconds a scanner's claim on a dead worker's tasks lasts before another may retake it."""
@@ -84,11 +90,12 @@ class RelierConfig:
     """Resurrections a task gets before it is quarantined in the dead letter queue."""
 
     completed_ttl: float = COMPLETED_TTL
-    """Seconds a completion record is kept to recognise late broker redeliveries. Keep it
-    above the broker's visibility timeout."""
+    """Seconds a completion record is kept to recognise late broker redeliveries (the reliable
+    fetch off: it keeps none). Keep it above the broker's visibility timeout."""
 
     max_message_bytes: int = MAX_MESSAGE_BYTES
-    """Largest message body relier records. A larger one runs unprotected, with an error log."""
+    """Largest message body relier records at receipt (the reliable fetch off). A larger one runs
+    unprotected, with an error log."""
 
     drain_timeout: float = DRAIN_TIMEOUT
     """Seconds running tasks get to finish when the worker drains (SIGTERM, relier drain);

@@ -24,6 +24,7 @@ from celery.worker import state as worker_state
 
 from . import events
 from .errors import HardTimeout, IdempotencyInterrupted
+from .fetch import FIELD, PROTECTED
 from .inflight import Inflight, Key
 from .record import trace_context
 
@@ -52,6 +53,11 @@ def wrap_consumer(c: Any, inflight: Inflight) -> None:
                 logger.exception("relier: could not check a message")
                 verdict = "quarantined" if _quarantine(message, exc) else "run"
             if verdict == "run":
+                if FIELD in (message.delivery_info or {}) and inflight.holds(
+                    inflight.key_of(message)
+                ):
+                    # Relier removes this record when the task ends, not Celery's ack.
+                    message.delivery_info[PROTECTED] = True
                 try:
                     handler(message)
                 except c.connection_errors:
@@ -214,19 +220,33 @@ def _wrap_request(req: Any, key: Key, inflight: Inflight) -> None:
                 )
             except Exception:
                 logger.exception("relier: could not quarantine %s[%s]", req.name, req.id)
-        inflight.finish(key)
+        if not _celery_requeues(req, exc):
+            inflight.finish(key)
+        # else Celery gives the message back through req.reject, our wrapper below.
         return on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
 
     def relier_reject(requeue: bool = False) -> Any:
-        if requeue:
-            # The broker gets the message back: its next delivery must not be a duplicate.
+        if requeue and not req.acknowledged:
+            # The broker gets the message back: its next delivery must not be a duplicate
+            # (with the reliable fetch, the record itself moves back to the queue).
             inflight.requeued(key)
+        else:
+            inflight.finish(key)  # dropped, or acked already: Celery lets it go
         return reject(requeue=requeue)
 
     req.execute_using_pool = relier_execute_using_pool
     req.on_success = relier_on_success
     req.on_failure = relier_on_failure
     req.reject = relier_reject
+
+
+def _celery_requeues(req: Any, exc: BaseException) -> bool:
+    """Whether Celery's on_failure gives the message back to the broker (req.reject with
+    requeue): a Reject(requeue=True), or a hard time limit with acks_late and no ack on it."""
+    if isinstance(exc, Reject):
+        return bool(exc.requeue)
+    task = req.task
+    return bool(isinstance(exc, TimeLimitExceeded) and task.acks_late and not task.acks_on_timeout)
 
 
 def _dlq_reason(req: Any, exc: BaseException, dlq_on_failure: bool) -> str | None:

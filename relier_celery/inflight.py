@@ -20,7 +20,7 @@ from . import envelope, events
 from .config import RelierConfig
 from .dlq import quarantine
 from .errors import StoreUnavailable
-from .record import Generation, TaskRecord, as_int, trace_context
+from .record import FETCH_FIELD, FETCH_QUEUE, Generation, TaskRecord, as_int, trace_context
 from .resurrect import Resurrector
 from .store import Store
 
@@ -36,6 +36,7 @@ Key = tuple[str, Generation]
 class _Pending:
     key: Key
     finished: bool
+    field: str | None  # set for a fetched delivery: its completion is dropping this field
 
 
 class Inflight:
@@ -67,6 +68,9 @@ class Inflight:
         except envelope.BadMessage as bad:
             return self._quarantine_unrecorded(envelope.raw_record_of(message, self.worker), bad)
         record = TaskRecord.from_message(message, self.worker)
+        info = message.delivery_info or {}
+        if FETCH_FIELD in info:  # a quarantine then drops its held field in the same step
+            record.field_name = str(info[FETCH_FIELD])
         if record.task_name not in known_tasks:
             verdict = self._quarantine_unrecorded(
                 record,
@@ -83,6 +87,15 @@ class Inflight:
             )
         except envelope.BadMessage as bad:
             return self._quarantine_unrecorded(record, bad)
+        if FETCH_FIELD in info:
+            # The reliable fetch took it from its queue into this worker's held hash already.
+            record.field_name = str(info[FETCH_FIELD])
+            record.queue_key = str(info[FETCH_QUEUE])
+            record.delivery_tag = str(message.delivery_tag)
+            key = (record.task_id, record.generation)
+            with self._lock:
+                self.local[key] = record
+            return self._check_schema(key, record, message, args, kwargs, embed)
         if len(record.body) > self.config.max_message_bytes:
             events.emit(
                 "task.unprotected",
@@ -179,7 +192,7 @@ class Inflight:
         self.resurrector.resurrect(
             record,
             self.worker,
-            key[1].field(key[0]),
+            record.held_field(),
             "its schema is newer than this worker knows",
             crash=False,
             headers={envelope.REQUEUES_HEADER: tries + 1},
@@ -221,8 +234,17 @@ class Inflight:
 
     def _quarantine_unrecorded(self, record: TaskRecord, bad: envelope.BadMessage) -> Verdict:
         """Put a message relier never recorded into the DLQ; park it if Redis is down."""
+        held = record.field_name is not None
         try:
-            quarantine(self.store, record, bad.reason, str(bad), done_ttl=self.config.completed_ttl)
+            quarantine(
+                self.store,
+                record,
+                bad.reason,
+                str(bad),
+                done_ttl=self.config.completed_ttl,
+                held_by=self.worker if held else None,
+                field=record.field_name,
+            )
         except StoreUnavailable as exc:
             self._mark_store_down(exc)
             return "parked"
@@ -242,26 +264,36 @@ class Inflight:
     def finish(self, key: Key) -> None:
         """A delivery reached a final state: remove its record, remember it finished."""
         with self._lock:
-            if self.local.pop(key, None) is None:
+            record = self.local.pop(key, None)
+            if record is None:
                 return
             if self.draining:
                 self.drain_completed += 1
-        self._complete(key, finished=True)
+        self._complete(_Pending(key, True, record.field_name))
 
     def requeued(self, key: Key) -> None:
         """Celery gives the message back to the broker (Reject(requeue=True)): forget the
-        delivery without marking it finished, so its next delivery runs."""
+        delivery without marking it finished, so its next delivery runs. A fetched record is
+        moved back to its queue by the transport's reject itself (fetch.py)."""
         with self._lock:
-            self.local.pop(key, None)
-        self._complete(key, finished=False)
+            record = self.local.pop(key, None)
+        if record is None or record.field_name is None:
+            self._complete(_Pending(key, False, None))
 
-    def _complete(self, key: Key, finished: bool) -> None:
+    def _complete(self, item: _Pending) -> None:
         """One round trip; on a Redis error the completion waits for the heartbeat's flush."""
         try:
-            self.store.complete(key[0], self.worker, key[1], self.config.completed_ttl, finished)
+            self._store_completion(item)
         except StoreUnavailable as exc:
             self._mark_store_down(exc)
-            self._pending.append(_Pending(key, finished))
+            self._pending.append(item)
+
+    def _store_completion(self, item: _Pending) -> None:
+        if item.field is not None:  # fetched: its record is the whole footprint
+            self.store.ack(self.worker, item.field)
+        else:
+            task_id, gen = item.key
+            self.store.complete(task_id, self.worker, gen, self.config.completed_ttl, item.finished)
 
     def finish_task(self, task_id: str) -> None:
         """Remove every delivery of a task id this worker holds (a revoke names only the id)."""
@@ -271,10 +303,7 @@ class Inflight:
     def flush(self) -> None:
         """Retry completions that failed while Redis was unreachable (called by the heartbeat)."""
         while self._pending:
-            item = self._pending[0]
-            self.store.complete(
-                item.key[0], self.worker, item.key[1], self.config.completed_ttl, item.finished
-            )
+            self._store_completion(self._pending[0])
             self._pending.popleft()
 
     def worker_lost(self, key: Key) -> str:
@@ -286,7 +315,7 @@ class Inflight:
         return self.resurrector.resurrect(
             record,
             self.worker,
-            record.generation.field(key[0]),
+            record.held_field(),
             "its pool process died (WorkerLostError)",
         )
 
@@ -303,7 +332,7 @@ class Inflight:
             error,
             done_ttl=self.config.completed_ttl,
             held_by=self.worker,
-            field=key[1].field(key[0]),
+            field=record.held_field(),
             **extra,
         )
         return True
@@ -318,10 +347,10 @@ class Inflight:
         as a hand-off, which does not count against max_resurrections; return how many."""
         count = 0
         for field, raw in self.store.held(self.worker).items():
-            task_id = field.split("|", 1)[0]
+            record = TaskRecord.loads(raw, field)
+            task_id = record.task_id
             if (only is not None and task_id not in only) or task_id in exclude:
                 continue
-            record = TaskRecord.loads(raw)
             with self._lock:
                 self.local.pop((record.task_id, record.generation), None)
             self.resurrector.resurrect(record, self.worker, field, why, crash=False)
@@ -334,7 +363,7 @@ class Inflight:
             record = self.local.pop(key, None)
         if record is None:
             return False
-        self.resurrector.resurrect(record, self.worker, key[1].field(key[0]), why, crash=False)
+        self.resurrector.resurrect(record, self.worker, record.held_field(), why, crash=False)
         return True
 
     def recover_after_restart(self, running: set[str]) -> int:

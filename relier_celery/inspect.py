@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from .counters import COUNTED
-from .record import CRASHES_HEADER, RESURRECTIONS_HEADER
+from .record import CRASHES_HEADER, RESURRECTIONS_HEADER, TaskRecord
 from .store import Store, list_lengths
 
 __all__ = [
@@ -169,12 +168,12 @@ def take(
         dead = deadline <= now
         claim = d["claim"]
         count_running = 0
-        for raw in d["held"].values():
+        for held_field, raw in d["held"].items():
             try:
-                rec = json.loads(raw)
-                headers = rec.get("headers") or {}
-                task_id = str(rec["task_id"])
-                received = float(rec.get("received_at") or now)
+                rec = TaskRecord.loads(raw, held_field)  # a receipt's record or a fetched envelope
+                headers = rec.headers if isinstance(rec.headers, dict) else {}
+                task_id = str(rec.task_id)
+                received = float(rec.received_at or now)
             except (ValueError, KeyError, TypeError, AttributeError):
                 unreadable += 1
                 continue
@@ -187,13 +186,13 @@ def take(
             else:
                 state = RESERVED if known else HELD
             since = started if started else received
-            queue = str(rec.get("routing_key") or "")
+            queue = str(rec.routing_key or "")
             if queue_of is not None:
-                queue = queue_of(str(rec.get("exchange") or ""), queue)
+                queue = queue_of(str(rec.exchange or ""), queue)
             tasks.append(
                 TaskView(
                     task_id=task_id,
-                    task_name=str(rec.get("task_name")),
+                    task_name=str(rec.task_name),
                     worker=w,
                     state=state,
                     queue=queue,

@@ -47,8 +47,13 @@ class Keys:
         return f"{self._base}:owners"
 
     def held(self, worker: str) -> str:
-        """HASH: ``task_id|retries|resurrections`` -> the message record, per worker."""
+        """HASH per worker: ``task_id|retries|resurrections`` -> the message record (receipt),
+        or a fetch field -> the envelope as taken from its queue (the reliable fetch)."""
         return f"{self._base}:held:{worker}"
+
+    def nap(self, worker: str) -> str:
+        """LIST that never exists: a worker that may not fetch blocks on it for a moment."""
+        return f"{self._base}:nap:{worker}"
 
     def claim(self, worker: str) -> str:
         """STRING with a TTL: a scanner's claim on a dead worker's tasks."""

@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from kombu import compression
@@ -24,7 +26,7 @@ from . import envelope
 from .dlq import quarantine
 from .errors import StoreUnavailable
 
-__all__ = ["install", "problem"]
+__all__ = ["fetched_slot", "install", "problem"]
 
 logger = logging.getLogger("relier_celery")
 
@@ -74,11 +76,30 @@ def problem(payload: Any) -> str | None:
 _last = threading.local()
 
 
+class _Slot:
+    """The held field of the envelope being delivered, when the reliable fetch took it."""
+
+    def __init__(self, worker: str, field: str) -> None:
+        self.worker, self.field, self.quarantined = worker, field, False
+
+
+@contextmanager
+def fetched_slot(worker: str, field: str) -> Iterator[_Slot]:
+    """Around the delivery of a fetched envelope: a quarantine drops its held field in the
+    same step as it writes the DLQ entry."""
+    _last.slot = slot = _Slot(worker, field)
+    try:
+        yield slot
+    finally:
+        _last.slot = None
+
+
 def _quarantine_raw(runtime: Any, payload: Any, queue: str, why: str) -> None:
     raw = getattr(_last, "text", None)
     if raw is None or getattr(_last, "payload", None) is not payload:
         raw = json.dumps(payload, default=str)
     headers = payload.get("headers") if isinstance(payload, dict) else None
+    slot: _Slot | None = getattr(_last, "slot", None)
     record = envelope.raw_record(
         runtime.worker_id,
         headers if isinstance(headers, dict) else None,
@@ -94,7 +115,11 @@ def _quarantine_raw(runtime: Any, payload: Any, queue: str, why: str) -> None:
         f"kombu's Redis transport could not read this message from queue {queue!r}: {why}. "
         "The body of this entry is the raw envelope, as it was in the queue",
         done_ttl=runtime.config.completed_ttl,
+        held_by=slot.worker if slot is not None else None,
+        field=slot.field if slot is not None else None,
     )
+    if slot is not None:
+        slot.quarantined = True
 
 
 def install(runtime: Any) -> None:

@@ -41,6 +41,9 @@ class UnackedSweep:
         self.config = config
         self.store = store
         self._conn: Any = None
+        # Workers with the reliable fetch write no unacked entries: nothing of theirs can be
+        # orphaned there (a worker whose fetch could not be used turns the sweep back on).
+        self.enabled = config.unacked_sweep and not config.reliable_fetch
 
     def _channel(self) -> Any | None:
         if self._conn is None:
@@ -58,7 +61,7 @@ class UnackedSweep:
 
     def sweep(self) -> int:
         """Restore every orphaned delivery found; return how many."""
-        if not self.config.unacked_sweep:
+        if not self.enabled:
             return 0
         try:
             return self._sweep()

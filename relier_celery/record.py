@@ -11,11 +11,15 @@ import base64
 import copy
 import json
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
     "CRASHES_HEADER",
+    "FETCHED_MARK",
+    "FETCH_FIELD",
+    "FETCH_QUEUE",
     "RESURRECTIONS_HEADER",
     "Generation",
     "TaskRecord",
@@ -28,6 +32,13 @@ RESURRECTIONS_HEADER = "rl_resurrections"
 # Only republishes after a worker died holding the task raise this; max_resurrections bounds
 # it. A hand-off at a clean shutdown or after a consumer restart is not the task's fault.
 CRASHES_HEADER = "rl_crashes"
+
+# First line of a held record written by the reliable fetch (fetch.lua), not by receipt.
+FETCHED_MARK = "rlf1\n"
+# delivery_info keys the reliable fetch sets on a message it took: its field in the worker's
+# held hash and the queue list it came from.
+FETCH_FIELD = "rl_field"
+FETCH_QUEUE = "rl_queue"
 
 # AMQP message properties worth carrying over; the rest (delivery_tag, delivery_info,
 # body_encoding) belong to one delivery by one transport and must not be copied.
@@ -93,6 +104,16 @@ class TaskRecord:
     routing_key: str
     worker: str
     received_at: float = field(default_factory=time.time)
+    # Set for a message relier's reliable fetch took from its queue (fetch.py): the queue's
+    # list it came from (where it goes back to), its field in the worker's held hash and its
+    # transport delivery tag.
+    queue_key: str | None = None
+    field_name: str | None = None
+    delivery_tag: str | None = None
+
+    def held_field(self) -> str:
+        """The field of this delivery in its worker's held hash."""
+        return self.field_name or self.generation.field(self.task_id)
 
     @property
     def generation(self) -> Generation:
@@ -145,7 +166,13 @@ class TaskRecord:
         )
 
     @classmethod
-    def loads(cls, raw: str | bytes) -> TaskRecord:
+    def loads(cls, raw: str | bytes, field_name: str | None = None) -> TaskRecord:
+        """A record as stored in a held hash: relier's own JSON (written at receipt), or the
+        queue's raw envelope as the reliable fetch moved it (``FETCHED_MARK`` first)."""
+        if isinstance(raw, bytes):
+            raw = raw.decode()
+        if raw.startswith(FETCHED_MARK):
+            return cls.from_fetched(raw, field_name)
         data = json.loads(raw)
         return cls(
             task_id=data["task_id"],
@@ -159,6 +186,65 @@ class TaskRecord:
             routing_key=data["routing_key"],
             worker=data["worker"],
             received_at=data["received_at"],
+        )
+
+    @classmethod
+    def from_fetched(cls, raw: str, field_name: str | None = None) -> TaskRecord:
+        """Parse what fetch.lua stored: mark, worker, queue list, fetch time (ms), envelope."""
+        _, worker, queue_key, at_ms, envelope = raw.split("\n", 4)
+        record = cls.from_envelope(json.loads(envelope), worker, queue_key)
+        record.received_at = int(at_ms) / 1000.0
+        record.field_name = field_name
+        return record
+
+    @classmethod
+    def from_envelope(
+        cls, payload: dict[str, Any], worker: str, queue_key: str | None = None
+    ) -> TaskRecord:
+        """A record of a kombu Redis envelope (the JSON kombu keeps in its queue lists)."""
+        props = payload.get("properties") or {}
+        headers = dict(payload.get("headers") or {})
+        info = props.get("delivery_info") or {}
+        body: Any = payload.get("body") or ""
+        if props.get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        elif isinstance(body, str):
+            body = body.encode(payload.get("content-encoding") or "utf-8")
+        tag = props.get("delivery_tag")
+        return cls(
+            task_id=str(headers.get("id")),
+            task_name=str(headers.get("task")),
+            body=bytes(body),
+            content_type=payload.get("content-type"),
+            content_encoding=payload.get("content-encoding"),
+            headers=headers,
+            properties={k: props[k] for k in _KEPT_PROPERTIES if props.get(k) is not None},
+            exchange=str(info.get("exchange") or ""),
+            routing_key=str(info.get("routing_key") or ""),
+            worker=worker,
+            queue_key=queue_key,
+            delivery_tag=None if tag is None else str(tag),
+        )
+
+    def envelope(self) -> str:
+        """This message as kombu's Redis transport keeps it in a queue list, so that it can go
+        back into its queue directly (at the head, for a resurrection) instead of through a
+        publish (at the tail)."""
+        props: dict[str, Any] = copy.deepcopy(self.properties)
+        props.update(
+            body_encoding="base64",
+            delivery_info={"exchange": self.exchange, "routing_key": self.routing_key},
+            delivery_tag=self.delivery_tag or uuid.uuid4().hex,
+        )
+        return json.dumps(
+            {
+                "body": base64.b64encode(self.body).decode("ascii"),
+                "content-encoding": self.content_encoding,
+                "content-type": self.content_type,
+                "headers": self.headers,
+                "properties": props,
+            },
+            default=str,
         )
 
     @property

@@ -19,6 +19,7 @@ from typing import Any
 from . import events
 from .config import RelierConfig
 from .dlq import expire, quarantine
+from .envelope import raw_record
 from .errors import RelierError
 from .orphans import UnackedSweep
 from .record import TaskRecord, trace_context
@@ -78,9 +79,15 @@ class Resurrector:
             )
             return "quarantined"
         nxt = record.next_generation(crash, headers)
-        with self.app.producer_pool.acquire(block=True, timeout=10) as producer:
-            nxt.publish(producer)
-        self.store.take(held_by, field)
+        if record.queue_key is not None:
+            # Fetched: back to the head of the list it came from, in one step with dropping
+            # the record (it was delivered before everything queued behind it).
+            if not self.store.requeue(held_by, field, record.queue_key, nxt.envelope(), True):
+                return "gone"  # it completed, or another scanner moved it, meanwhile
+        else:
+            with self.app.producer_pool.acquire(block=True, timeout=10) as producer:
+                nxt.publish(producer)
+            self.store.take(held_by, field)
         events.emit(
             "task.resurrected" if crash else "task.handed_off",
             f"{record.task_name}[{record.task_id}] republished: {why}",
@@ -93,6 +100,19 @@ class Resurrector:
             **trace_context(record.headers),
         )
         return "resurrected" if crash else "handed_off"
+
+    def _unreadable(self, dead: str, field: str, raw: str, exc: Exception) -> None:
+        """A held record that cannot be parsed goes to the DLQ raw, never back in a loop."""
+        quarantine(
+            self.store,
+            raw_record(dead, None, raw, "application/x-relier-record", "utf-8"),
+            "invalid_envelope",
+            f"the record {field!r} held by dead worker {dead} cannot be read ({exc!r}); the "
+            "body of this entry is the record as it was in Redis",
+            done_ttl=self.config.completed_ttl,
+            held_by=dead,
+            field=field,
+        )
 
     def scan_once(self) -> int:
         """One scan over every expired lease; return how many tasks were resurrected or
@@ -112,9 +132,9 @@ class Resurrector:
             try:
                 for field, raw in claimed.items():
                     try:
-                        record = TaskRecord.loads(raw)
-                    except (ValueError, KeyError) as exc:
-                        logger.error("relier: unreadable record %s of %s: %r", field, dead, exc)
+                        record = TaskRecord.loads(raw, field)
+                    except (ValueError, KeyError, TypeError) as exc:
+                        self._unreadable(dead, field, raw, exc)
                         continue
                     self.resurrect(record, dead, field, "its worker's lease expired")
                     handled += 1

@@ -25,7 +25,7 @@ from .errors import StoreUnavailable
 from .keys import Keys
 from .record import Generation
 
-__all__ = ["Receipt", "Store"]
+__all__ = ["Receipt", "Store", "script_text"]
 
 _SCRIPTS = (
     "idem_claim",
@@ -39,6 +39,7 @@ _SCRIPTS = (
     "dlq_put",
     "retire",
     "admit",
+    "requeue",
 )
 # Error replies that mean "Redis could not take the write now", not "relier has a bug".
 _UNAVAILABLE_ERRORS = (
@@ -66,6 +67,12 @@ class Receipt:
     recorded: bool
     reason: str = ""
     detail: str = ""
+
+
+def script_text(name: str) -> str:
+    """The source of one of relier's Lua scripts (fetch.py sends ``fetch`` on kombu's own
+    connection)."""
+    return _script_text(name)
 
 
 @functools.cache
@@ -194,6 +201,21 @@ class Store:
             ],
         )
         return bool(removed)
+
+    def ack(self, worker: str, field: str) -> bool:
+        """A fetched delivery reached a final state: drop its record (the reliable fetch's
+        acknowledgement, one round trip; nothing about it outlives it)."""
+        return bool(self.call(lambda c: c.hdel(self.keys.held(worker), field)))
+
+    def requeue(self, worker: str, field: str, queue_key: str, envelope: str, head: bool) -> bool:
+        """Move a fetched delivery back into its queue list (at the head, or the tail), in one
+        step with dropping its record; False if the worker no longer held it."""
+        out = self._run(
+            "requeue",
+            [self.keys.held(worker), queue_key],
+            [field, envelope, "head" if head else "tail"],
+        )
+        return bool(out)
 
     def known(self, task_ids: set[str]) -> set[str]:
         """The task ids some worker holds or recently finished (one pipelined round trip)."""

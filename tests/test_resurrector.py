@@ -171,6 +171,7 @@ def _orphan(app: Celery, redis_url: str, task: str, age: float = 60.0) -> str:
 def test_an_orphaned_delivery_goes_back_to_its_queue(redis_url: str) -> None:
     # Given a delivery taken by a worker that died before recording it
     app = Celery("orphans", broker=redis_url)
+    app.conf.relier_reliable_fetch = False  # the sweep is for workers on kombu's own fetch
     relier = install(app)
 
     @app.task(name="jobs.orphan", shared=False)
@@ -188,6 +189,7 @@ def test_an_orphaned_delivery_goes_back_to_its_queue(redis_url: str) -> None:
 
 def test_a_recorded_young_or_foreign_delivery_is_left_alone(redis_url: str) -> None:
     app = Celery("orphans2", broker=redis_url)
+    app.conf.relier_reliable_fetch = False
     relier = install(app)
 
     @app.task(name="jobs.held", shared=False)
