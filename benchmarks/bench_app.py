@@ -1,13 +1,22 @@
 """The benchmark's Celery app; relier is enabled only when BENCH_RELIER=1, so vanilla Celery
-and Celery + relier run the same tasks on the same Redis."""
+and Celery + relier run the same tasks on the same Redis.
+
+At ``worker_ready`` the worker writes its bootsteps and whether ``relier_celery`` was imported
+to ``bench:bootsteps``, so a benchmark can show that its vanilla side ran without relier. Only
+celery and redis are imported here: the vanilla side may run from a virtualenv without relier.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 import time
+from typing import Any
 
 import redis
 from celery import Celery
+from celery.signals import worker_ready
 
 REDIS_URL = os.environ.get("BENCH_REDIS", "redis://127.0.0.1:6379/0")
 
@@ -17,6 +26,15 @@ if os.environ.get("BENCH_RELIER") == "1":
     app.conf.imports = ("relier_celery",)
 
 _r = redis.Redis.from_url(REDIS_URL)
+
+
+@worker_ready.connect
+def report_bootsteps(sender: Any = None, **_: Any) -> None:
+    """``sender`` is the consumer; its controller is the WorkController."""
+    steps = sorted([*sender.controller.blueprint.steps, *sender.blueprint.steps])
+    _r.set(
+        "bench:bootsteps", json.dumps({"steps": steps, "imported": "relier_celery" in sys.modules})
+    )
 
 
 @app.task(name="bench.noop")

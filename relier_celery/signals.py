@@ -1,9 +1,13 @@
 """Signal handlers, connected when ``relier_celery`` is imported (``weak=False``).
 
+Celery's signals are global: every handler here first asks :func:`~relier_celery.plugin.enabled`
+about the app concerned and returns at once for an app that did not enable relier, so importing
+the package (Celery's CLI does, in every process) changes no other app's worker or publisher.
+
 ``worker_init`` fires in every worker (also under ``celery.contrib.testing``) after the loader
-imported the app's ``imports`` and before the blueprints are built: that is where relier adds
-its bootsteps. ``worker_shutdown`` fires after the pool finished its tasks: that is where the
-lease is retired.
+imported the app's ``imports`` and before the blueprints are built: that is where relier decides
+whether the app enabled it and adds its bootsteps. ``worker_shutdown`` fires after the pool
+finished its tasks: that is where the lease is retired.
 """
 
 from __future__ import annotations
@@ -12,37 +16,57 @@ from typing import Any
 
 from celery import signals
 
+from .plugin import decide, enabled
+
 __all__ = ["connect"]
 
 
+def _current_app() -> Any:
+    """The app Celery made current (the worker's own, in a worker and its pool processes): for
+    the signals whose sender is a hostname or a task name."""
+    from celery import current_app
+
+    return current_app._get_current_object()
+
+
 def on_worker_init(sender: Any = None, **_: Any) -> None:
+    app = sender.app
+    # Decided afresh: the loader has just imported the app's ``imports``, so this is final.
+    if not decide(app):
+        return
     from .bootsteps import RelierConsumer, RelierWorker
 
-    app = sender.app
     app.steps["worker"].add(RelierWorker)
     app.steps["consumer"].add(RelierConsumer)
 
 
 def on_worker_shutdown(sender: Any = None, **_: Any) -> None:
+    if not enabled(getattr(sender, "app", None)):
+        return
     runtime = getattr(sender, "relier", None)
     if runtime is not None:
         runtime.stop()
 
 
 def on_task_prerun(task: Any = None, **_: Any) -> None:
+    if task is None or not enabled(task.app):
+        return
     from .timeouts import begin
 
-    if task is not None:
-        begin(task)
+    begin(task)
 
 
-def on_task_postrun(**_: Any) -> None:
+def on_task_postrun(task: Any = None, **_: Any) -> None:
+    if task is None or not enabled(task.app):
+        return
     from .timeouts import end
 
     end()
 
 
 def on_worker_process_init(**_: Any) -> None:
+    if not enabled(_current_app()):
+        return
     from .timeouts import install_drain_hook_signal
 
     install_drain_hook_signal()
@@ -50,6 +74,8 @@ def on_worker_process_init(**_: Any) -> None:
 
 def on_worker_shutting_down(sig: Any = None, how: Any = None, **_: Any) -> None:
     """Any shutdown signal (SIGTERM, SIGINT, SIGQUIT, warm or cold) starts relier's drain."""
+    if not enabled(_current_app()):
+        return
     from .bootsteps import WorkerRuntime
 
     runtime = WorkerRuntime.current
@@ -57,7 +83,10 @@ def on_worker_shutting_down(sig: Any = None, how: Any = None, **_: Any) -> None:
         runtime.drain.begin(f"{sig} ({how} shutdown)")
 
 
-def on_task_revoked(request: Any = None, **_: Any) -> None:
+def on_task_revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
+    app = getattr(sender, "app", None)
+    if not enabled(app if app is not None else _current_app()):
+        return
     from .bootsteps import WorkerRuntime
 
     runtime = WorkerRuntime.current
@@ -67,13 +96,19 @@ def on_task_revoked(request: Any = None, **_: Any) -> None:
 
 
 def on_before_task_publish(sender: Any = None, headers: Any = None, **_: Any) -> None:
-    """Stamp every task message with its task's schema version (an explicit header wins)."""
-    from celery import current_app
+    """Stamp every task message with its task's schema version (an explicit header wins).
 
+    The signal names neither the app nor the producer, only the task: the app is the current
+    one, as Celery's own ``current_app`` lookups assume."""
+    if not isinstance(headers, dict) or "task" not in headers:
+        return
+    app = _current_app()
+    if not enabled(app):
+        return
     from .envelope import SCHEMA_HEADER, schema_version
 
-    if isinstance(headers, dict) and SCHEMA_HEADER not in headers and "task" in headers:
-        task = current_app.tasks.get(sender) if isinstance(sender, str) else None
+    if SCHEMA_HEADER not in headers:
+        task = app.tasks.get(sender) if isinstance(sender, str) else None
         if task is not None:
             headers[SCHEMA_HEADER] = schema_version(task)
 

@@ -156,7 +156,10 @@ class WorkerProcess:
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
         log_path: str | None = None,
+        python: str | None = None,
     ) -> None:
+        """``python``: the interpreter to run Celery with (default: this one), e.g. another
+        virtualenv's, to compare with a worker where relier is not installed."""
         self.app = app
         self.pool = pool
         self.concurrency = concurrency
@@ -165,13 +168,14 @@ class WorkerProcess:
         self.env = {**os.environ, **(env or {})}
         self.cwd = cwd
         self.log_path = log_path or tempfile.mkstemp(prefix="relier-worker-", suffix=".log")[1]
+        self.python = python or sys.executable
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> WorkerProcess:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [
-                    sys.executable,
+                    self.python,
                     "-m",
                     "celery",
                     "-A",
