@@ -57,3 +57,11 @@ def hold(self, n: int, seconds: float) -> None:  # type: ignore[no-untyped-def]
     """Record each start of ``n`` and the worker it ran on, then hold the worker a while."""
     _r.rpush(f"bench:starts:{n}", f"{time.time()}|{self.request.hostname}")
     time.sleep(seconds)
+
+
+@app.task(name="bench.job", bind=True)
+def job(self, n: int, seconds: float) -> None:  # type: ignore[no-untyped-def]
+    """A unit of a backlog: record each start (time, worker), work, record the end."""
+    _r.rpush(f"bench:starts:{n}", f"{time.time()}|{self.request.hostname}")
+    time.sleep(seconds)
+    _r.pipeline(transaction=False).sadd("bench:ended", n).incr(f"bench:runs:{n}").execute()

@@ -108,6 +108,17 @@ def flaky(self, n: int, failures: int) -> int:  # type: ignore[no-untyped-def]
     return n
 
 
+@app.task(name="chaos.reject_once")
+def reject_once(n: int) -> int:
+    """Give the message back to the broker the first time (Reject(requeue=True)), then run."""
+    from celery.exceptions import Reject
+
+    if r().incr(f"test:reject_once:{n}") == 1:
+        raise Reject("not yet", requeue=True)
+    r().sadd("test:done", n)
+    return n
+
+
 @app.task(name="chaos.boom")
 def boom(n: int) -> None:
     """Always fail."""

@@ -43,3 +43,18 @@ def test_an_eta_task_redelivered_by_the_visibility_timeout_runs_once(fleet, publ
     # Then it ran once: never redelivered (reliable fetch), or redeliveries dropped (kombu's)
     assert int(r.get("test:runs:9")) == 1
     assert any("task.duplicate_dropped" in w.log() for w in workers) != reliable
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("reliable", FETCH_MODES)
+def test_reject_with_requeue_gives_the_message_back_and_it_runs_again(
+    fleet, publisher, r, reliable
+):
+    # Given acks_late (Celery gives a rejected message back to the broker only then)
+    fleet.start(concurrency=2, RELIER_TEST_ACKS_LATE="1", **fetch_env(reliable))
+    # When a task raises Reject(requeue=True) the first time
+    publisher.send_task("chaos.reject_once", args=(5,))
+    # Then it comes back and runs, and no record is left behind
+    wait_all_done(r, {5}, 30, fleet)
+    assert int(r.get("test:reject_once:5")) == 2
+    wait_for(lambda: held_records(r) == 0, 10, what="every record removed")

@@ -20,7 +20,7 @@ from relier_celery.testing import wait_for
 pytestmark = pytest.mark.integration
 
 # Bounds of the busy-fleet chaos run: enough short tasks that every kill lands mid-stream.
-CHAOS_TASKS = 3000
+CHAOS_TASKS = 8000
 CHAOS_KILLS = 12
 
 
