@@ -109,6 +109,8 @@ def wrap_consumer(c: Any, inflight: Inflight) -> None:
         if inflight.holds(key):
             assert key is not None
             _wrap_request(req, key, inflight)
+            if key[1].resurrections and _ahead_of_reserved(c, on_task_request, req):
+                return None
         return on_task_request(req)
 
     def _quarantine(message: Any, exc: BaseException, reason: str = "invalid_message") -> bool:
@@ -136,6 +138,21 @@ def wrap_consumer(c: Any, inflight: Inflight) -> None:
     c.on_invalid_task = relier_on_invalid_task
     c.on_decode_error = relier_on_decode_error
     c.on_unknown_message = relier_on_unknown_message
+
+
+def _ahead_of_reserved(c: Any, on_task_request: Any, req: Any) -> bool:
+    """Put a task relier gave back (resurrected, handed off) first among the requests waiting
+    for a pool slot, ahead of what this worker prefetched after it was first delivered; False
+    when it needs no wait or the pool has no such queue (only prefork's semaphore has one)."""
+    w = c.controller
+    sem = getattr(w, "semaphore", None)
+    process = getattr(type(w), "_process_task_sem", None)
+    if sem is None or getattr(on_task_request, "__func__", None) is not process:
+        return False
+    if sem.value > 0:
+        return False  # a slot is free: it starts now anyway
+    sem._waiting.appendleft((w._process_task, (req,), {}))
+    return True
 
 
 def _wrap_request(req: Any, key: Key, inflight: Inflight) -> None:

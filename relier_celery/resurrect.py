@@ -33,6 +33,18 @@ DLQ_EXPIRY_INTERVAL = 60.0
 logger = logging.getLogger("relier_celery")
 
 
+def _in_delivery_order(records: list[TaskRecord]) -> list[TaskRecord]:
+    """The order to put a dead worker's tasks back in, so that the first delivered is the
+    first taken again (what it was running before what it had prefetched): fetched ones are
+    pushed onto the head of their queue, so the newest goes first; published ones join the
+    tail, so the oldest goes first."""
+    fetched = [r for r in records if r.queue_key is not None]
+    published = [r for r in records if r.queue_key is None]
+    fetched.sort(key=lambda r: r.received_at, reverse=True)
+    published.sort(key=lambda r: r.received_at)
+    return fetched + published
+
+
 class Resurrector:
     """Scans for dead workers and resurrects their tasks."""
 
@@ -130,13 +142,14 @@ class Resurrector:
                 scanner=self.name,
             )
             try:
+                records: list[TaskRecord] = []
                 for field, raw in claimed.items():
                     try:
-                        record = TaskRecord.loads(raw, field)
+                        records.append(TaskRecord.loads(raw, field))
                     except (ValueError, KeyError, TypeError) as exc:
                         self._unreadable(dead, field, raw, exc)
-                        continue
-                    self.resurrect(record, dead, field, "its worker's lease expired")
+                for record in _in_delivery_order(records):
+                    self.resurrect(record, dead, record.held_field(), "its worker's lease expired")
                     handled += 1
             finally:
                 self.store.claim_finish(dead, self.name)

@@ -266,3 +266,65 @@ def test_an_unreadable_fetched_record_goes_to_the_dlq_raw(
     assert _held(client, "dead/1/x") == {}
     (entry,) = [json.loads(v) for v in client.hvals("rl:{rl}:dlq")]
     assert entry["reason"] == "invalid_envelope" and client.llen("celery") == 0
+
+
+def test_a_dead_workers_tasks_go_back_first_delivered_first_taken(
+    app: Celery, client: redis.Redis
+) -> None:
+    # Given a dead worker that fetched three tasks, one after the other
+    runtime = _runtime(app, worker="dead/2/y")
+    _lease(runtime.store, "dead/2/y", ttl=0.05)
+    for n, at_ms in enumerate([1000, 2000, 3000]):
+        headers = {"id": f"t{n}", "task": "jobs.a"}
+        envelope = json.dumps(
+            {
+                "body": "W1tdLCB7fSwge31d",
+                "content-encoding": "utf-8",
+                "content-type": "application/json",
+                "headers": headers,
+                "properties": {
+                    "delivery_tag": f"tag{n}",
+                    "body_encoding": "base64",
+                    "delivery_info": {"exchange": "", "routing_key": "celery"},
+                },
+            }
+        )
+        raw = f"{FETCHED_MARK}dead/2/y\ncelery\n{at_ms}\n{envelope}"
+        client.hset("rl:{rl}:held:dead/2/y", f"f{n}", raw)
+    client.lpush("celery", json.dumps({"headers": {"id": "later"}}))
+    time.sleep(0.1)
+    # When a scanner puts them back
+    assert runtime.resurrector.scan_once() == 3
+    # Then the first delivered is the first taken again, all ahead of what was queued after
+    assert [m["headers"]["id"] for m in _queued(client)] == ["t0", "t1", "t2", "later"]
+
+
+def test_a_resurrected_request_waits_first_for_a_pool_slot() -> None:
+    from kombu.asynchronous.semaphore import LaxBoundedSemaphore
+
+    from relier_celery.consumer_hooks import _ahead_of_reserved
+
+    class Worker:
+        def __init__(self) -> None:
+            self.semaphore = LaxBoundedSemaphore(1)
+            self.ran: list[str] = []
+
+        def _process_task(self, req: str) -> None:
+            self.ran.append(req)
+
+        def _process_task_sem(self, req: str) -> bool:
+            return bool(self.semaphore.acquire(self._process_task, req))
+
+    w = Worker()
+    c = SimpleNamespace(controller=w)
+    w._process_task_sem("running")  # takes the one slot
+    w._process_task_sem("reserved-1")
+    w._process_task_sem("reserved-2")
+    # A resurrected request goes first among the waiting ones
+    assert _ahead_of_reserved(c, w._process_task_sem, "resurrected")
+    for _ in range(4):  # three hand the slot on to a waiter, the fourth frees it
+        w.semaphore.release()
+    assert w.ran == ["running", "resurrected", "reserved-1", "reserved-2"]
+    # With a free slot, or another pool, it takes the usual path
+    assert not _ahead_of_reserved(c, w._process_task_sem, "x")  # a slot is free now
+    assert not _ahead_of_reserved(c, lambda req: None, "x")
