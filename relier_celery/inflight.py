@@ -347,7 +347,11 @@ class Inflight:
         as a hand-off, which does not count against max_resurrections; return how many."""
         count = 0
         for field, raw in self.store.held(self.worker).items():
-            record = TaskRecord.loads(raw, field)
+            try:
+                record = TaskRecord.loads(raw, field)
+            except (ValueError, KeyError, TypeError) as exc:
+                self.resurrector.quarantine_unreadable(self.worker, field, raw, exc)
+                continue
             task_id = record.task_id
             if (only is not None and task_id not in only) or task_id in exclude:
                 continue

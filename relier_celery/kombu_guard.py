@@ -160,6 +160,17 @@ def install(runtime: Any) -> None:
         try:
             _quarantine_raw(runtime, message, str(queue), why)
         except StoreUnavailable as exc:
+            if getattr(_last, "slot", None) is not None:
+                # Fetched: it stays in this worker's held hash, and goes back to its queue at
+                # the next hand-off, or to the DLQ from there if this worker dies.
+                logger.error(
+                    "relier: a malformed message from %r could not be quarantined (%s); it "
+                    "stays held by this worker: %s",
+                    queue,
+                    exc,
+                    why,
+                )
+                return None
             logger.critical(
                 "relier: a malformed message popped from %r could not be quarantined (%s) and "
                 "is LOST: %s; raw: %.4000r",

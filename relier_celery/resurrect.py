@@ -113,13 +113,13 @@ class Resurrector:
         )
         return "resurrected" if crash else "handed_off"
 
-    def _unreadable(self, dead: str, field: str, raw: str, exc: Exception) -> None:
+    def quarantine_unreadable(self, dead: str, field: str, raw: str, exc: Exception) -> None:
         """A held record that cannot be parsed goes to the DLQ raw, never back in a loop."""
         quarantine(
             self.store,
             raw_record(dead, None, raw, "application/x-relier-record", "utf-8"),
             "invalid_envelope",
-            f"the record {field!r} held by dead worker {dead} cannot be read ({exc!r}); the "
+            f"the record {field!r} held by worker {dead} cannot be read ({exc!r}); the "
             "body of this entry is the record as it was in Redis",
             done_ttl=self.config.completed_ttl,
             held_by=dead,
@@ -147,7 +147,7 @@ class Resurrector:
                     try:
                         records.append(TaskRecord.loads(raw, field))
                     except (ValueError, KeyError, TypeError) as exc:
-                        self._unreadable(dead, field, raw, exc)
+                        self.quarantine_unreadable(dead, field, raw, exc)
                 for record in _in_delivery_order(records):
                     self.resurrect(record, dead, record.held_field(), "its worker's lease expired")
                     handled += 1
