@@ -66,6 +66,16 @@ def work(n: int, seconds: float = 0.0, pad: str = "") -> int:
     return n
 
 
+@app.task(name="chaos.until")
+def until(n: int, wall_time: float) -> int:
+    """Like work, but its body ends at a given wall-clock time (to end at a window's edge)."""
+    r().pipeline(transaction=False).incr(f"test:started:{n}").rpush("test:order", n).execute()
+    time.sleep(max(wall_time - time.time(), 0.0))
+    r().incr(f"test:runs:{n}")
+    r().sadd("test:done", n)
+    return n
+
+
 @app.task(name="chaos.poison", max_resurrections=2)
 def poison(tag: str) -> None:
     """Kill the worker running it (the main process, then itself), every time."""

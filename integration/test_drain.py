@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -14,6 +15,7 @@ import time
 import pytest
 from fleet import HERE, held_records, send_work, wait_all_done
 
+from relier_celery import drain
 from relier_celery.testing import wait_for
 
 CONF = json.dumps({"relier_drain_timeout": 3})
@@ -149,3 +151,33 @@ def test_the_same_drain_with_sigterm_remapped_to_a_soft_cold_shutdown(fleet, pub
     assert leaving.proc is not None
     leaving.proc.wait(30)
     _exactly_once(r, fleet)
+
+
+@pytest.mark.timeout(240)
+def test_tasks_ending_at_the_edge_of_the_drain_window_run_exactly_once(fleet, publisher, r):
+    # Given, round after round, a worker whose running tasks end right at the edge of its
+    # drain window (2 s, then the 1 s its tasks' hooks get), some just before, some just after
+    conf = json.dumps({"relier_drain_timeout": 2})
+    rng = random.Random(14)
+    sent: list[int] = []
+    for round_ in range(4):
+        leaving = fleet.start(concurrency=3, RELIER_TEST_CONF=conf)
+        sigterm_at = time.time() + 6.0
+        ns = [round_ * 10 + i for i in range(3)]
+        for n in ns:
+            edge = sigterm_at + 2.0 + drain.HOOK_GRACE
+            publisher.send_task("chaos.until", args=(n, edge + rng.uniform(-0.15, 0.15)))
+        sent += ns
+        wait_for(lambda ns=ns: all(r.get(f"test:started:{n}") for n in ns), 15, what="starts")
+        staying = fleet.start(concurrency=3, RELIER_TEST_CONF=conf)
+        # When it gets SIGTERM
+        time.sleep(max(sigterm_at - time.time(), 0.0))
+        leaving.kill(signal.SIGTERM)
+        assert leaving.proc is not None and leaving.proc.wait(30) == 0
+        wait_all_done(r, set(sent), 30, fleet)
+        staying.stop(timeout=20)
+    # Then every task completed exactly once: none both finished here and handed off
+    time.sleep(1.0)
+    runs = {n: int(r.get(f"test:runs:{n}") or 0) for n in sent}
+    assert all(v == 1 for v in runs.values()), runs
+    assert held_records(r) == 0

@@ -194,7 +194,7 @@ def _wrap_request(req: Any, key: Key, inflight: Inflight) -> None:
             # Stopped by the drain, or cancelled by Celery's own cold shutdown (which would
             # lose it with acks_late off): hand it off, not a crash.
             try:
-                inflight.hand_off_key(key, "its worker stopped it while draining")
+                inflight.hand_off_stopped(key, "its worker stopped it while draining")
             except Exception:
                 logger.exception("relier: hand-off of %s[%s] failed", req.name, req.id)
             worker_state.task_ready(req)

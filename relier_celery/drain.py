@@ -8,8 +8,10 @@ settings say) or the ``relier_drain`` remote command, the worker drains:
 2. What has not started (prefetched, reserved, ETA) is handed off at once: republished from
    relier's record as the next generation (not a crash), so another worker runs it now.
 3. Running tasks get ``relier_drain_timeout`` seconds to finish.
-4. What still runs then is handed off too, and its pool processes are stopped (prefork) or the
-   process exits (threads, solo: a running thread cannot be stopped otherwise).
+4. What still runs then is stopped first (prefork: its pool processes are SIGKILLed, and each
+   is handed off as Celery reports it lost), so a task is never both finished here and handed
+   off; what is still recorded then is handed off. Threads and solo: a running thread cannot be
+   stopped, so the rest is handed off and the process exits at once.
 5. One accounting line: ``completed N, handed off M, returned K, lost 0``.
 
 Progress is kept in Redis so ``celery -A app relier drain`` can report it per worker. A second
@@ -39,6 +41,8 @@ logger = logging.getLogger("relier_celery")
 PROGRESS_EVERY = 0.5
 # Time the soft-timeout hooks of tasks still running at the end of the window get to run.
 HOOK_GRACE = 1.0
+# Longest wait for Celery to report the pool processes the drain stopped.
+STOP_WAIT = 10.0
 
 
 def _running_ids() -> set[str]:
@@ -126,9 +130,15 @@ class Drain:
             if still:
                 self._fire_hooks()
                 still = _running_ids()
+            if still and self._prefork():
+                # Stop first, hand off after: a task whose body ended meanwhile completes (its
+                # record goes), a stopped one is handed off as Celery reports it lost
+                # (consumer_hooks), and only what is still recorded then moves below.
+                self._stop_tasks(still)
             handed = inflight.hand_off(
                 only=still, why="it was still running when its worker's drain window ended"
             )
+            handed += inflight.drain_stopped
             # Anything that arrived meanwhile and never started goes too.
             returned += inflight.hand_off(exclude=_running_ids(), why="its worker drained")
         except Exception as exc:
@@ -153,6 +163,25 @@ class Drain:
         self.finished.set()
         if handed:
             self._stop_running()
+
+    def _prefork(self) -> bool:
+        from celery.concurrency.prefork import TaskPool as Prefork
+
+        pool = self.runtime.pool_cls
+        return isinstance(pool, type) and issubclass(pool, Prefork)
+
+    def _stop_tasks(self, ids: set[str]) -> None:
+        """SIGKILL the pool processes running ``ids``; wait (bounded) until Celery has reported
+        each of them: finished, or lost (then handed off by relier's on_failure)."""
+        from celery.worker import state as worker_state
+
+        for request in list(worker_state.active_requests):
+            if request.id in ids and request.worker_pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(request.worker_pid, signal.SIGKILL)
+        deadline = time.monotonic() + STOP_WAIT
+        while _running_ids() & ids and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def _fire_hooks(self) -> None:
         """Let tasks still running save their progress (their soft-timeout hooks) before they

@@ -55,6 +55,7 @@ class Inflight:
         self._store_down = False
         self.draining = False
         self.drain_completed = 0
+        self.drain_stopped = 0  # running tasks the drain stopped, handed off as they ended
         self.accept = envelope.accepted(resurrector.app)
 
     # -- receipt ------------------------------------------------------------------------
@@ -360,6 +361,13 @@ class Inflight:
             self.resurrector.resurrect(record, self.worker, field, why, crash=False)
             count += 1
         return count
+
+    def hand_off_stopped(self, key: Key, why: str) -> bool:
+        """Hand off a running task the drain (or Celery's cold shutdown) stopped."""
+        handed = self.hand_off_key(key, why)
+        if handed and self.draining:
+            self.drain_stopped += 1
+        return handed
 
     def hand_off_key(self, key: Key, why: str) -> bool:
         """Hand off one delivery this worker holds (from its in-memory record)."""
