@@ -66,6 +66,18 @@ def work(n: int, seconds: float = 0.0, pad: str = "") -> int:
     return n
 
 
+@app.task(name="chaos.traced", bind=True)
+def traced(self, n: int, seconds: float) -> int:
+    """Like work, and every start and end is written down with its worker and time."""
+    where = {"n": n, "host": self.request.hostname, "pid": os.getpid()}
+    r().rpush("test:trace", json.dumps({**where, "event": "start", "t": time.time()}))
+    time.sleep(seconds)
+    r().rpush("test:trace", json.dumps({**where, "event": "end", "t": time.time()}))
+    r().incr(f"test:runs:{n}")
+    r().sadd("test:done", n)
+    return n
+
+
 @app.task(name="chaos.until")
 def until(n: int, wall_time: float) -> int:
     """Like work, but its body ends at a given wall-clock time (to end at a window's edge)."""

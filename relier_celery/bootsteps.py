@@ -24,9 +24,10 @@ from .config import validate_task_options
 from .consumer_hooks import wrap_consumer
 from .drain import Drain
 from .envelope import check_migrations
+from .fence import give_up
 from .fetch import enable_for_consumer
 from .inflight import Inflight
-from .lease import Lease
+from .lease import Lease, attach_clock
 from .plugin import install, new_worker_id, set_worker_id
 from .resurrect import Resurrector
 from .timeouts import HARD_LIMIT_ENFORCED, is_async, task_limits
@@ -60,8 +61,16 @@ class WorkerRuntime:
         self.running = RunningMarker(
             self.store, self.worker_id, self.config.lease_ttl, _running_requests
         )
-        self.lease = Lease(self.config, self.store, self.worker_id, on_renewed=self._on_heartbeat)
+        self.lease = Lease(
+            self.config,
+            self.store,
+            self.worker_id,
+            on_renewed=self._on_heartbeat,
+            on_lost=lambda: give_up(self),
+        )
+        attach_clock(app, self.lease.clock)  # before the pool forks: its processes share it
         self.pool_cls = pool_cls
+        self.prefork = _is_prefork(pool_cls)
         self.drain = Drain(self)
         self.started = False
 
@@ -154,7 +163,7 @@ class RelierConsumer(bootsteps.StartStopStep):  # type: ignore[misc]
         self.runtime: WorkerRuntime | None = getattr(c.controller, "relier", None)
         self.first_start = True
         if self.runtime is not None and not getattr(c, "_relier_wrapped", False):
-            wrap_consumer(c, self.runtime.inflight)
+            wrap_consumer(c, self.runtime.inflight, self.runtime.lease.clock)
             enable_for_consumer(c, self.runtime)
             c._relier_wrapped = True
 
@@ -181,12 +190,16 @@ def _running_requests() -> dict[str, float]:
     return out
 
 
+def _is_prefork(pool_cls: Any) -> bool:
+    from celery.concurrency.prefork import TaskPool as Prefork
+
+    return isinstance(pool_cls, type) and issubclass(pool_cls, Prefork)
+
+
 def _apply_hard_timeouts(app: Any, pool_cls: Any) -> None:
     """Sync tasks' hard timeouts become Celery's own time_limit, which only the prefork pool
     enforces (by killing the pool process); elsewhere relier can only report them."""
-    from celery.concurrency.prefork import TaskPool as Prefork
-
-    prefork = isinstance(pool_cls, type) and issubclass(pool_cls, Prefork)
+    prefork = _is_prefork(pool_cls)
     HARD_LIMIT_ENFORCED["value"] = prefork
     for name, task in sorted(app.tasks.items()):
         hard = task_limits(task).hard

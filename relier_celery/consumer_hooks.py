@@ -26,14 +26,15 @@ from . import events
 from .errors import HardTimeout, IdempotencyInterrupted
 from .fetch import FIELD, PROTECTED
 from .inflight import Inflight, Key
-from .record import trace_context
+from .lease import LeaseClock
+from .record import HELD_KEY, trace_context
 
 __all__ = ["wrap_consumer"]
 
 logger = logging.getLogger("relier_celery")
 
 
-def wrap_consumer(c: Any, inflight: Inflight) -> None:
+def wrap_consumer(c: Any, inflight: Inflight, clock: LeaseClock) -> None:
     create_task_handler = c.create_task_handler
     on_task_request = c.on_task_request
     on_invalid_task = c.on_invalid_task
@@ -108,7 +109,7 @@ def wrap_consumer(c: Any, inflight: Inflight) -> None:
         key = inflight.key_of(req.message)
         if inflight.holds(key):
             assert key is not None
-            _wrap_request(req, key, inflight)
+            _wrap_request(req, key, inflight, clock)
             if key[1].resurrections and _ahead_of_reserved(c, on_task_request, req):
                 return None
         return on_task_request(req)
@@ -155,7 +156,7 @@ def _ahead_of_reserved(c: Any, on_task_request: Any, req: Any) -> bool:
     return True
 
 
-def _wrap_request(req: Any, key: Key, inflight: Inflight) -> None:
+def _wrap_request(req: Any, key: Key, inflight: Inflight, clock: LeaseClock) -> None:
     """Hook a request's final callbacks (instance attributes win over Celery's methods)."""
     on_success = req.on_success
     on_failure = req.on_failure
@@ -170,11 +171,26 @@ def _wrap_request(req: Any, key: Key, inflight: Inflight) -> None:
             if not req.acknowledged:
                 req.acknowledge()
             raise TaskRevokedError(req.id)  # Celery then frees the pool slot it had taken
+        if not inflight.to_pool(key, req.request_dict, clock.epoch):
+            # Given up when this worker lost its lease (or handed off): it runs elsewhere.
+            events.emit(
+                "task.fenced",
+                f"{req.name}[{req.id}] is no longer this worker's (given up when its lease "
+                "was lost): not started here",
+                task_id=req.id,
+                task_name=req.name,
+                worker=inflight.worker,
+            )
+            worker_state.task_ready(req)
+            if not req.acknowledged:
+                req.acknowledge()
+            raise TaskRevokedError(req.id)
         return execute_using_pool(pool, **kwargs)
 
     def relier_on_success(failed__retval__runtime: Any, **kwargs: Any) -> Any:
         if not failed__retval__runtime[0]:
-            inflight.finish(key)
+            # With HELD_KEY stamped, the pool process dropped the record itself (completion.py).
+            inflight.finish(key, in_pool=HELD_KEY in req.request_dict)
         # A failure is routed by Celery to req.on_failure, our wrapper below.
         return on_success(failed__retval__runtime, **kwargs)
 

@@ -35,6 +35,7 @@ COUNTED: dict[str, str] = {
     "admission.rejected": "admission_rejects",
     "drain.finished": "drains",
     "lease.lost": "leases_lost",
+    "task.fenced": "fenced",
 }
 # Seconds between two flushes; about one heartbeat.
 FLUSH_INTERVAL = 1.0

@@ -29,6 +29,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from . import events
+from .fence import kill_pool_tasks
 
 if TYPE_CHECKING:
     from .bootsteps import WorkerRuntime
@@ -165,20 +166,12 @@ class Drain:
             self._stop_running()
 
     def _prefork(self) -> bool:
-        from celery.concurrency.prefork import TaskPool as Prefork
-
-        pool = self.runtime.pool_cls
-        return isinstance(pool, type) and issubclass(pool, Prefork)
+        return self.runtime.prefork
 
     def _stop_tasks(self, ids: set[str]) -> None:
         """SIGKILL the pool processes running ``ids``; wait (bounded) until Celery has reported
         each of them: finished, or lost (then handed off by relier's on_failure)."""
-        from celery.worker import state as worker_state
-
-        for request in list(worker_state.active_requests):
-            if request.id in ids and request.worker_pid:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(request.worker_pid, signal.SIGKILL)
+        kill_pool_tasks(ids)
         deadline = time.monotonic() + STOP_WAIT
         while _running_ids() & ids and time.monotonic() < deadline:
             time.sleep(0.05)

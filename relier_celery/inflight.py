@@ -20,7 +20,16 @@ from . import envelope, events
 from .config import RelierConfig
 from .dlq import quarantine
 from .errors import StoreUnavailable
-from .record import FETCH_FIELD, FETCH_QUEUE, Generation, TaskRecord, as_int, trace_context
+from .record import (
+    EPOCH_KEY,
+    FETCH_FIELD,
+    FETCH_QUEUE,
+    HELD_KEY,
+    Generation,
+    TaskRecord,
+    as_int,
+    trace_context,
+)
 from .resurrect import Resurrector
 from .store import Store
 
@@ -56,6 +65,9 @@ class Inflight:
         self.draining = False
         self.drain_completed = 0
         self.drain_stopped = 0  # running tasks the drain stopped, handed off as they ended
+        # Held fields of fetched deliveries whose pool process dropped the record itself when
+        # the task succeeded (completion.py); dropped again, in one batch, by the heartbeat.
+        self._done_in_pool: list[str] = []
         self.accept = envelope.accepted(resurrector.app)
 
     # -- receipt ------------------------------------------------------------------------
@@ -262,14 +274,39 @@ class Inflight:
     def holds(self, key: Key | None) -> bool:
         return key is not None and key in self.local
 
-    def finish(self, key: Key) -> None:
-        """A delivery reached a final state: remove its record, remember it finished."""
+    def to_pool(self, key: Key, request_dict: dict[str, Any], epoch: int) -> bool:
+        """A request goes to the pool: False if this worker no longer holds it (given up when
+        its lease was lost, or handed off), else stamp what the pool process checks."""
+        with self._lock:
+            record = self.local.get(key)
+            if record is None:
+                return False
+            request_dict[EPOCH_KEY] = epoch
+            if record.field_name is not None:
+                request_dict[HELD_KEY] = [self.worker, record.field_name]
+        return True
+
+    def give_up(self, clock: Any) -> list[TaskRecord]:
+        """The lease was lost: raise the clock's epoch and forget every held delivery, in one
+        step with :meth:`to_pool`, so none of them reaches a pool process as this lease's."""
+        with self._lock:
+            clock.lost()
+            records = list(self.local.values())
+            self.local.clear()
+        return records
+
+    def finish(self, key: Key, in_pool: bool = False) -> None:
+        """A delivery reached a final state: remove its record, remember it finished.
+        ``in_pool``: its pool process dropped the record already (completion.py)."""
         with self._lock:
             record = self.local.pop(key, None)
             if record is None:
                 return
             if self.draining:
                 self.drain_completed += 1
+            if in_pool and record.field_name is not None:
+                self._done_in_pool.append(record.field_name)
+                return
         self._complete(_Pending(key, True, record.field_name))
 
     def requeued(self, key: Key) -> None:
@@ -302,7 +339,17 @@ class Inflight:
             self.finish(key)
 
     def flush(self) -> None:
-        """Retry completions that failed while Redis was unreachable (called by the heartbeat)."""
+        """Retry completions that failed while Redis was unreachable, and drop again what pool
+        processes dropped (in case one could not reach Redis): called by the heartbeat."""
+        with self._lock:
+            fields, self._done_in_pool = self._done_in_pool, []
+        if fields:
+            try:
+                self.store.ack_many(self.worker, fields)
+            except Exception:
+                with self._lock:
+                    self._done_in_pool[:0] = fields
+                raise
         while self._pending:
             self._store_completion(self._pending[0])
             self._pending.popleft()

@@ -17,9 +17,11 @@ from typing import Any
 
 __all__ = [
     "CRASHES_HEADER",
+    "EPOCH_KEY",
     "FETCHED_MARK",
     "FETCH_FIELD",
     "FETCH_QUEUE",
+    "HELD_KEY",
     "RESURRECTIONS_HEADER",
     "Generation",
     "TaskRecord",
@@ -39,6 +41,11 @@ FETCHED_MARK = "rlf1\n"
 # held hash and the queue list it came from.
 FETCH_FIELD = "rl_field"
 FETCH_QUEUE = "rl_queue"
+# Keys the worker adds to a request's dict as it hands it to the pool (the pool process reads
+# them as ``task.request.<key>``): the lease epoch it was received under (lease.gate), and
+# for a fetched delivery the worker id and held field its completion drops (completion.py).
+EPOCH_KEY = "rl_epoch"
+HELD_KEY = "rl_held"
 
 # AMQP message properties worth carrying over; the rest (delivery_tag, delivery_info,
 # body_encoding) belong to one delivery by one transport and must not be copied.

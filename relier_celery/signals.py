@@ -51,9 +51,19 @@ def on_worker_shutdown(sender: Any = None, **_: Any) -> None:
 def on_task_prerun(task: Any = None, **_: Any) -> None:
     if task is None or not enabled(task.app):
         return
+    from .lease import gate
     from .timeouts import begin
 
+    gate(task)  # only under a live lease, only what this lease received
     begin(task)
+
+
+def on_task_success(sender: Any = None, **_: Any) -> None:
+    if sender is None or not enabled(getattr(sender, "app", None)):
+        return
+    from .completion import record_success
+
+    record_success(sender)
 
 
 def on_task_postrun(task: Any = None, **_: Any) -> None:
@@ -129,4 +139,5 @@ def connect() -> None:
     signals.worker_process_init.connect(on_worker_process_init, weak=False)
     signals.task_prerun.connect(on_task_prerun, weak=False)
     signals.task_postrun.connect(on_task_postrun, weak=False)
+    signals.task_success.connect(on_task_success, weak=False)
     signals.before_task_publish.connect(on_before_task_publish, weak=False)

@@ -207,6 +207,10 @@ class Store:
         acknowledgement, one round trip; nothing about it outlives it)."""
         return bool(self.call(lambda c: c.hdel(self.keys.held(worker), field)))
 
+    def ack_many(self, worker: str, fields: list[str]) -> int:
+        """Drop many fetched records in one round trip (absent ones are no-ops)."""
+        return int(self.call(lambda c: c.hdel(self.keys.held(worker), *fields)))
+
     def requeue(self, worker: str, field: str, queue_key: str, envelope: str, head: bool) -> bool:
         """Move a fetched delivery back into its queue list (at the head, or the tail), in one
         step with dropping its record; False if the worker no longer held it."""

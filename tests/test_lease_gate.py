@@ -1,0 +1,185 @@
+"""The local side of the lease (lease.LeaseClock, lease.gate), the give-up when it was lost
+(Inflight.to_pool / give_up) and completion recorded in the pool process (completion.py)."""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+import time
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from relier_celery import events
+from relier_celery.completion import record_success
+from relier_celery.config import RelierConfig
+from relier_celery.inflight import Inflight
+from relier_celery.lease import Lease, LeaseClock, attach_clock, gate
+from relier_celery.plugin import Relier, _installed
+from relier_celery.record import EPOCH_KEY, HELD_KEY, Generation, TaskRecord
+from relier_celery.store import Store
+
+
+class _App:
+    """Stands for a Celery app (weakly referenced, like one)."""
+
+
+@pytest.fixture
+def captured():
+    seen: list[events.Event] = []
+    events.subscribe(seen.append)
+    yield seen
+    events.unsubscribe(seen.append)
+
+
+def _read_in_child(clock: LeaseClock, out: Any) -> None:
+    time.sleep(0.2)  # the parent writes meanwhile
+    out.put((clock.deadline, clock.epoch))
+
+
+def test_the_clock_is_shared_with_processes_forked_before_it_changes() -> None:
+    clock = LeaseClock(4.0)
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    child = ctx.Process(target=_read_in_child, args=(clock, out))
+    child.start()
+    clock.renewed(100.0)
+    clock.lost()
+    deadline, epoch = out.get(timeout=5)
+    child.join(5)
+    assert (deadline, epoch) == (100.0 + 4.0 - clock.margin, 1)
+
+
+def test_a_renewal_extends_the_local_deadline_by_the_ttl_less_a_margin() -> None:
+    clock = LeaseClock(4.0)
+    assert not clock.live()  # never renewed: nothing may start
+    sent = time.monotonic()
+    clock.renewed(sent)
+    assert clock.live() and clock.deadline == pytest.approx(sent + 3.5)
+    clock.renewed(sent - 10)
+    assert not clock.live()
+
+
+def _task(app: Any, epoch: int | None) -> Any:
+    request = SimpleNamespace(id="t1", hostname="w")
+    if epoch is not None:
+        setattr(request, EPOCH_KEY, epoch)
+    return SimpleNamespace(app=app, name="demo.add", request=request)
+
+
+def test_the_gate_waits_for_a_renewal_before_a_task_starts(captured) -> None:
+    app = _App()
+    clock = LeaseClock(1.0)
+    attach_clock(app, clock)
+    threading.Timer(0.3, lambda: clock.renewed(time.monotonic())).start()
+    started = time.monotonic()
+    gate(_task(app, 0))
+    assert time.monotonic() - started >= 0.25
+    assert [e.name for e in captured] == ["lease.waited"]
+
+
+def test_the_gate_lets_a_live_lease_through_at_once_and_ignores_what_relier_does_not_hold(
+    captured,
+) -> None:
+    app = _App()
+    clock = LeaseClock(4.0)
+    attach_clock(app, clock)
+    gate(_task(app, None))  # not stamped (unprotected, eager): no gate, even without a lease
+    clock.renewed(time.monotonic())
+    gate(_task(app, 0))
+    assert captured == []
+
+
+def test_a_delivery_of_an_earlier_epoch_is_fenced(captured) -> None:
+    app = _App()
+    clock = LeaseClock(4.0)
+    attach_clock(app, clock)
+    clock.renewed(time.monotonic())
+    clock.lost()
+    gate(_task(app, 0))  # in the worker's own process (threads, solo): reported, not killed
+    assert [e.name for e in captured] == ["task.fenced"]
+
+
+def test_a_renewal_that_finds_the_lease_lost_gives_up_before_the_clock_is_live(
+    store: Store,
+) -> None:
+    config = RelierConfig.from_mapping(
+        {"relier_lease_ttl": 0.2, "relier_heartbeat_interval": 0.05}, broker_url=store.url
+    )
+    seen: list[bool] = []
+    lease = Lease(config, store, "w1", on_lost=lambda: seen.append(lease.clock.live()))
+    lease.renew()
+    assert lease.clock.live() and seen == []
+    time.sleep(0.3)
+    lease.renew()
+    assert seen == [False] and lease.clock.live()
+
+
+def _inflight(store: Store) -> Inflight:
+    config = RelierConfig.from_mapping({}, broker_url=store.url)
+    conf = SimpleNamespace(accept_content=["json"])
+    resurrector = SimpleNamespace(app=SimpleNamespace(conf=conf))
+    return Inflight(config, store, "w1", resurrector)  # type: ignore[arg-type]
+
+
+def _record(task_id: str, field: str | None) -> TaskRecord:
+    return TaskRecord(
+        task_id=task_id,
+        task_name="demo.add",
+        body=b"[]",
+        content_type="application/json",
+        content_encoding="utf-8",
+        headers={"id": task_id, "task": "demo.add"},
+        properties={},
+        exchange="",
+        routing_key="celery",
+        worker="w1",
+        field_name=field,
+    )
+
+
+def test_a_request_reaches_the_pool_stamped_only_while_its_delivery_is_held(store: Store) -> None:
+    inflight = _inflight(store)
+    clock = LeaseClock(4.0)
+    key = ("t1", Generation())
+    inflight.local[key] = _record("t1", "f7")
+    request: dict[str, Any] = {}
+    assert inflight.to_pool(key, request, clock.epoch)
+    assert request == {EPOCH_KEY: 0, HELD_KEY: ["w1", "f7"]}
+    given = inflight.give_up(clock)
+    assert [r.task_id for r in given] == ["t1"] and clock.epoch == 1
+    assert not inflight.to_pool(key, {}, clock.epoch)
+
+
+def test_a_success_recorded_in_the_pool_is_dropped_again_in_one_batch(store: Store) -> None:
+    inflight = _inflight(store)
+    held = store.keys.held("w1")
+    store.call(lambda c: c.hset(held, mapping={"f1": "x", "f2": "y"}))
+    inflight.local[("t1", Generation())] = _record("t1", "f1")
+    inflight.local[("t2", Generation())] = _record("t2", "f2")
+    inflight.finish(("t1", Generation()), in_pool=True)
+    inflight.finish(("t2", Generation()), in_pool=True)
+    assert inflight.local == {}
+    assert store.call(lambda c: c.hlen(held)) == 2  # nothing sent per task
+    inflight.flush()
+    assert store.call(lambda c: c.hlen(held)) == 0
+
+
+def test_the_pool_process_drops_the_record_of_a_task_whose_body_succeeded(store: Store) -> None:
+    app = _App()
+    _installed[app] = Relier(app, RelierConfig.from_mapping({}, broker_url=store.url), store)
+    clock = LeaseClock(4.0)
+    attach_clock(app, clock)
+    held = store.keys.held("w1")
+    store.call(lambda c: c.hset(held, mapping={"f1": "x", "f2": "y"}))
+    clock.renewed(time.monotonic())
+    task = _task(app, 0)
+    setattr(task.request, HELD_KEY, ["w1", "f1"])
+    record_success(task)
+    assert store.call(lambda c: c.hkeys(held)) == ["f2"]
+    # A body that ended after its worker lost the lease drops nothing: it was given up.
+    clock.lost()
+    setattr(task.request, HELD_KEY, ["w1", "f2"])
+    record_success(task)
+    assert store.call(lambda c: c.hkeys(held)) == ["f2"]
