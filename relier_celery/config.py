@@ -48,6 +48,8 @@ DLQ_RETENTION = 14 * 24 * 3600.0
 # 20 times (5 minutes: a rolling deploy), before it is quarantined.
 SCHEMA_REQUEUE_DELAY = 15.0
 SCHEMA_MAX_REQUEUES = 20
+# The URL scheme of a Redis behind Sentinel, as kombu spells it.
+SENTINEL = "sentinel://"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +58,11 @@ class RelierConfig:
 
     redis_url: str
     """Where relier keeps its state. Defaults to the broker URL when the broker is Redis."""
+
+    redis_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    """Extra keyword arguments of relier's Redis client. With a ``sentinel://`` URL (kombu's
+    spelling, ``sentinel://h1:26379;sentinel://h2:26379``) ``master_name`` is required, and
+    ``sentinel_kwargs`` and ``min_other_sentinels`` go to the Sentinel client."""
 
     prefix: str = "rl"
     """Prefix (and Redis Cluster hash tag) of every relier key."""
@@ -141,6 +148,14 @@ class RelierConfig:
         conf = app.conf
         settings = {k: conf[k] for k in conf if isinstance(k, str) and k.startswith("relier_")}
         broker = conf.broker_url or ""
+        if broker.startswith(SENTINEL) and settings.get("relier_redis_url") is None:
+            # Relier's state on the broker's Sentinel-managed Redis: the same master by default.
+            transport = conf.broker_transport_options or {}
+            options = dict(settings.get("relier_redis_options") or {})
+            for name in ("master_name", "sentinel_kwargs", "min_other_sentinels"):
+                if name in transport:
+                    options.setdefault(name, transport[name])
+            settings["relier_redis_options"] = options
         return cls.from_mapping(settings, broker_url=broker)
 
     @classmethod
@@ -157,7 +172,7 @@ class RelierConfig:
                 raise ConfigError(f"unknown setting {key!r}: {fix}")
             values[name] = _coerce(key, fields[name], raw)
         if "redis_url" not in values or values["redis_url"] is None:
-            if not broker_url.startswith(("redis://", "rediss://", "unix://")):
+            if not broker_url.startswith(("redis://", "rediss://", "unix://", SENTINEL)):
                 raise ConfigError(
                     "relier_redis_url is not set and the broker is not Redis "
                     f"({mask_url(broker_url) or 'unset'}): set relier_redis_url = 'redis://host:6379/0'"
@@ -204,6 +219,12 @@ class RelierConfig:
         from .admission import parse_queue_rules
 
         parse_queue_rules(self.admission)
+        if self.redis_url.startswith(SENTINEL) and not self.redis_options.get("master_name"):
+            raise ConfigError(
+                f"relier_redis_url {mask_url(self.redis_url)!r} is a Sentinel URL: set "
+                "relier_redis_options = {'master_name': '<the monitored master>'} (or "
+                "broker_transport_options['master_name'] when it is the broker's)"
+            )
         if not re.fullmatch(r"[A-Za-z0-9_.\-]+", self.prefix):
             raise ConfigError(
                 f"relier_prefix {self.prefix!r} may hold only letters, digits, '_', '.' and '-'"
@@ -214,7 +235,11 @@ class RelierConfig:
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            out[f"relier_{f.name}"] = mask_url(value) if f.name == "redis_url" else value
+            if f.name == "redis_url":
+                value = mask_url(value)
+            elif f.name == "redis_options":
+                value = {k: "***" if "password" in k else v for k, v in value.items()}
+            out[f"relier_{f.name}"] = value
         return out
 
 
@@ -249,7 +274,9 @@ def _coerce(key: str, field: dataclasses.Field[Any], raw: Any) -> Any:
 
 
 def mask_url(url: str) -> str:
-    """Hide the password of a URL so it can be printed or logged."""
+    """Hide the password of a URL (of each of kombu's ``;``-separated URLs) for printing."""
+    if ";" in url:
+        return ";".join(mask_url(part) for part in url.split(";"))
     try:
         parts = urlsplit(url)
     except ValueError:

@@ -50,7 +50,9 @@ def install(app: Any) -> Relier:
         relier = _installed.get(app)
         if relier is None:
             config = RelierConfig.from_app(app)
-            relier = Relier(app, config, Store(config.redis_url, Keys(config.prefix)))
+            relier = Relier(
+                app, config, Store(config.redis_url, Keys(config.prefix), config.redis_options)
+            )
             _installed[app] = relier
             _enabled[app] = True
             from .dispatch import add_dispatch

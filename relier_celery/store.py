@@ -8,15 +8,17 @@ surface as :class:`StoreUnavailable`, never as a silent no-op.
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, TypeVar, cast
+from urllib.parse import unquote, urlsplit
 
 import redis
 from redis.commands.core import Script
@@ -25,7 +27,7 @@ from .errors import StoreUnavailable
 from .keys import Keys
 from .record import Generation
 
-__all__ = ["Receipt", "Store", "script_text"]
+__all__ = ["Receipt", "Store", "connect", "parse_sentinel_url", "script_text"]
 
 _SCRIPTS = (
     "idem_claim",
@@ -58,6 +60,8 @@ DRAIN_RECORD_TTL = 86400
 SOCKET_TIMEOUT = 5.0
 
 T = TypeVar("T")
+# redis-py's Sentinel client has no type hints.
+_Sentinel: Any = importlib.import_module("redis.sentinel").Sentinel
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,52 @@ def _script_text(name: str) -> str:
     return resources.files("relier_celery").joinpath(f"scripts/{name}.lua").read_text()
 
 
+def parse_sentinel_url(url: str) -> tuple[list[tuple[str, int]], dict[str, Any]]:
+    """kombu's Sentinel spelling, ``sentinel://[user:password@]host:port[/db];sentinel://...``:
+    the sentinels, and the master's credentials and database (from the first URL naming them)."""
+    nodes: list[tuple[str, int]] = []
+    master: dict[str, Any] = {}
+    for part in filter(None, (p.strip() for p in url.split(";"))):
+        parsed = urlsplit(part)
+        if parsed.scheme != "sentinel" or not parsed.hostname:
+            raise ValueError(f"not a sentinel://host:port URL: {part.split('@')[-1]!r}")
+        nodes.append((parsed.hostname, parsed.port or 26379))
+        if parsed.password is not None:
+            master.setdefault("password", unquote(parsed.password))
+        if parsed.username:
+            master.setdefault("username", unquote(parsed.username))
+        db = parsed.path.strip("/")
+        if db:
+            master.setdefault("db", int(db))
+    return nodes, master
+
+
+def connect(url: str, options: Mapping[str, Any] | None = None) -> redis.Redis:
+    """A client of relier's Redis: a plain URL, or the master behind Sentinel (it follows a
+    failover: each new connection asks the sentinels where the master is now)."""
+    common: dict[str, Any] = {
+        "decode_responses": True,
+        "socket_timeout": SOCKET_TIMEOUT,
+        "socket_connect_timeout": SOCKET_TIMEOUT,
+        "health_check_interval": 30,
+    }
+    extra = dict(options or {})
+    if not url.startswith("sentinel://"):
+        return redis.Redis.from_url(url, **{**common, **extra})
+    nodes, master = parse_sentinel_url(url)
+    name = extra.pop("master_name")
+    sentinels = _Sentinel(
+        nodes,
+        min_other_sentinels=int(extra.pop("min_other_sentinels", 0)),
+        sentinel_kwargs=extra.pop("sentinel_kwargs", None)
+        or {"socket_timeout": SOCKET_TIMEOUT, "socket_connect_timeout": SOCKET_TIMEOUT},
+    )
+    return cast(
+        redis.Redis,
+        sentinels.master_for(name, redis_class=redis.Redis, **{**common, **master, **extra}),
+    )
+
+
 def _ms(seconds: float) -> int:
     return max(int(seconds * 1000), 1)
 
@@ -87,9 +137,10 @@ def _ms(seconds: float) -> int:
 class Store:
     """Relier's state in Redis, under one key prefix."""
 
-    def __init__(self, url: str, keys: Keys) -> None:
+    def __init__(self, url: str, keys: Keys, options: Mapping[str, Any] | None = None) -> None:
         self.url = url
         self.keys = keys
+        self.options = dict(options or {})
         self._lock = threading.Lock()
         self._pid = -1
         self._client: redis.Redis | None = None
@@ -101,13 +152,7 @@ class Store:
         if self._pid != os.getpid() or self._client is None:
             with self._lock:
                 if self._pid != os.getpid() or self._client is None:
-                    client = redis.Redis.from_url(
-                        self.url,
-                        decode_responses=True,
-                        socket_timeout=SOCKET_TIMEOUT,
-                        socket_connect_timeout=SOCKET_TIMEOUT,
-                        health_check_interval=30,
-                    )
+                    client = connect(self.url, self.options)
                     self._scripts = {n: client.register_script(_script_text(n)) for n in _SCRIPTS}
                     self._client = client
                     self._pid = os.getpid()

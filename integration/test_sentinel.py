@@ -1,0 +1,79 @@
+"""Redis Sentinel: the broker on kombu's Sentinel transport and relier's state on the same
+Sentinel-managed master (kombu's ``sentinel://...;sentinel://...`` spelling), with the reliable
+fetch. The primary is SIGKILLed mid-run and the sentinels promote the replica: nothing that
+Redis acknowledged is lost (docs/sentinel.md)."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Iterator
+
+import pytest
+import redis
+from celery import Celery
+from fleet import Fleet, wait_chaos_done
+from sentinel_nodes import MASTER, SentinelGroup
+
+from relier_celery.testing import RedisServer, wait_for
+
+TASKS = 400
+TRANSPORT = {"master_name": MASTER, "unacked_restore_interval": 1}
+
+
+@pytest.fixture
+def group() -> Iterator[SentinelGroup]:
+    g = SentinelGroup().start()
+    yield g
+    g.stop()
+
+
+@pytest.fixture
+def results_url() -> Iterator[str]:
+    """Where tasks count their runs: apart from the Redis that fails over."""
+    server = RedisServer()
+    yield server.start()
+    server.stop()
+
+
+@pytest.mark.timeout(240)
+def test_a_failover_mid_run_loses_no_task_and_the_fetch_follows_the_new_master(
+    group: SentinelGroup, results_url: str, tmp_path
+) -> None:
+    results = redis.Redis.from_url(results_url, decode_responses=True)
+    fleet = Fleet(group.url, tmp_path)
+    fleet.env = {
+        "RELIER_TEST_RESULTS": results_url,
+        "RELIER_TEST_CONF": json.dumps({"broker_transport_options": TRANSPORT}),
+    }
+    publisher = Celery("publisher", broker=group.url)
+    publisher.conf.broker_transport_options = TRANSPORT
+    try:
+        workers = [fleet.start(concurrency=2) for _ in range(2)]
+        rng = random.Random(17)
+        ids = {
+            n: publisher.send_task("chaos.work", args=(n, rng.uniform(0.03, 0.08))).id
+            for n in range(TASKS)
+        }
+        group.replicate_now()  # every task message is on the replica too
+        wait_for(lambda: len(results.smembers("test:done")) >= 40, 30, what="work under way")
+        old = group.master_port()
+        group.kill_primary()
+        wait_for(lambda: group.master_port() != old, 30, what="the sentinels to fail over")
+        failed_over = time.time()
+        wait_chaos_done(results, ids, 120, fleet)
+        twice = sum(1 for n in ids if int(results.get(f"test:runs:{n}") or 0) > 1)
+        print(
+            f"sentinel: all {TASKS} done {time.time() - failed_over:.1f} s after the failover, "
+            f"{twice} ran twice"
+        )
+        logs = fleet.logs()
+        # The reliable fetch ran on the Sentinel transport, before and after the failover.
+        assert "relier_reliable_fetch is on, but" not in logs, logs
+        master = redis.Redis(port=group.master_port(), decode_responses=True)
+        assert master.hlen("unacked") == 0, "kombu's fetch was used"
+        assert all(w.proc is not None and w.proc.poll() is None for w in workers), logs
+    finally:
+        fleet.stop_all()
+        publisher.close()
