@@ -281,6 +281,7 @@ class Inflight:
             record = self.local.get(key)
             if record is None:
                 return False
+            request_dict.pop(HELD_KEY, None)  # never one a message carried in
             request_dict[EPOCH_KEY] = epoch
             if record.field_name is not None:
                 request_dict[HELD_KEY] = [self.worker, record.field_name]

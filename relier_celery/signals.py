@@ -116,7 +116,12 @@ def on_before_task_publish(sender: Any = None, headers: Any = None, **_: Any) ->
     if not enabled(app):
         return
     from .envelope import SCHEMA_HEADER, schema_version
+    from .record import EPOCH_KEY, HELD_KEY
 
+    # A retry copies its request's custom headers, these included: they belong to the worker
+    # that ran that delivery, never to a new message.
+    headers.pop(EPOCH_KEY, None)
+    headers.pop(HELD_KEY, None)
     if SCHEMA_HEADER not in headers:
         task = app.tasks.get(sender) if isinstance(sender, str) else None
         if task is not None:

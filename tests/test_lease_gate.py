@@ -10,6 +10,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from celery import Celery, current_app
 
 from relier_celery import events
 from relier_celery.completion import record_success
@@ -18,6 +19,7 @@ from relier_celery.inflight import Inflight
 from relier_celery.lease import Lease, LeaseClock, attach_clock, gate
 from relier_celery.plugin import Relier, _installed
 from relier_celery.record import EPOCH_KEY, HELD_KEY, Generation, TaskRecord
+from relier_celery.signals import on_before_task_publish
 from relier_celery.store import Store
 
 
@@ -183,3 +185,27 @@ def test_the_pool_process_drops_the_record_of_a_task_whose_body_succeeded(store:
     setattr(task.request, HELD_KEY, ["w1", "f2"])
     record_success(task)
     assert store.call(lambda c: c.hkeys(held)) == ["f2"]
+
+
+def test_a_message_never_carries_the_pool_stamps_of_the_delivery_it_was_made_from() -> None:
+    app = Celery("stamps", broker="redis://127.0.0.1:1/0", set_as_current=False)
+    app.conf.imports = ("relier_celery",)
+    headers = {"task": "demo.add", "id": "t2", EPOCH_KEY: 3, HELD_KEY: ["w0", "f9"]}
+    previous = current_app._get_current_object()
+    app.set_current()
+    try:
+        on_before_task_publish(sender="demo.add", headers=headers)
+    finally:
+        previous.set_current()
+    assert EPOCH_KEY not in headers and HELD_KEY not in headers
+
+
+def test_a_delivery_recorded_without_the_fetch_drops_a_held_field_it_came_with(
+    store: Store,
+) -> None:
+    inflight = _inflight(store)
+    key = ("t1", Generation())
+    inflight.local[key] = _record("t1", None)  # the receipt path: completed by the main process
+    request: dict[str, Any] = {HELD_KEY: ["w0", "f9"]}
+    assert inflight.to_pool(key, request, 5)
+    assert request == {EPOCH_KEY: 5}
