@@ -66,6 +66,20 @@ def test_worker_app_applies_the_tests_settings_over_the_users_app_and_enables_re
     assert app.conf.imports == ("users_app.tasks", "relier_celery")
 
 
+def test_worker_app_refuses_an_app_that_installed_relier_with_its_own_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "installed_app.py").write_text(
+        "from celery import Celery\n"
+        "import relier_celery\n"
+        "app = Celery('installed_app', broker='redis://prod:6379/0', set_as_current=False)\n"
+        "relier_celery.install(app)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(RuntimeError, match="would use redis://prod:6379/0"):
+        plugin.worker_app("installed_app:app")
+
+
 def _pytest(
     tmp_path: Path, source: str, *args: str, **env: str
 ) -> subprocess.CompletedProcess[str]:

@@ -79,7 +79,17 @@ def worker_app(target: str) -> Any:
     settings of ``RELIER_PYTEST_CONFIG`` over its own, and enable relier in it."""
     from celery.app.utils import find_app
 
+    from ..plugin import get
+
     app = find_app(target)
+    installed = get(app)
+    if installed is not None:
+        # install() read the app's settings once, so its store would stay on that Redis.
+        raise RuntimeError(
+            f"{target} called relier_celery.install(app) when it was imported, so relier in this "
+            f"worker would use {installed.config.redis_url}, not the test's Redis: enable relier "
+            "with imports=('relier_celery',) and call install(app) where you publish"
+        )
     encoded = os.environ.get(CONFIG_ENV)
     if encoded:
         app.conf.update(pickle.loads(base64.b64decode(encoded)))
