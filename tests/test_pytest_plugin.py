@@ -44,6 +44,8 @@ def test_relier_app_publishes_to_the_throwaway_redis_with_relier_installed(
     assert app.conf.result_backend == relier_redis_url  # type: ignore[attr-defined]
     installed = get(app)
     assert installed is not None and installed.config.max_resurrections == 7
+    # relier's own state too, whatever the user's app names
+    assert installed.config.redis_url == relier_redis_url
 
 
 def test_worker_app_applies_the_tests_settings_over_the_users_app_and_enables_relier(

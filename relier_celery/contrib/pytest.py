@@ -112,6 +112,8 @@ def _effective_config(
     return {
         "broker_url": redis_url,
         "result_backend": redis_url,
+        # Also when the app names its own: a test's worker never writes to that (production) one.
+        "relier_redis_url": redis_url,
         **config,
         **(mark.kwargs if mark else {}),
     }
