@@ -113,7 +113,8 @@ class Run:
 def read_outcomes(path: Path) -> tuple[dict[str, str], dict[str, str]]:
     """Per test: passed, failed (the test), error (setup, teardown or collection), skipped.
 
-    The last attempt counts: a rerun of pytest-rerunfailures starts the test afresh."""
+    The last attempt counts: a rerun of pytest-rerunfailures starts the test afresh. Within an
+    attempt a failed phase stays failed."""
     phases: dict[str, dict[str, str]] = {}
     messages: dict[str, str] = {}
     if path.exists():
@@ -123,7 +124,10 @@ def read_outcomes(path: Path) -> tuple[dict[str, str], dict[str, str]]:
             if rec["outcome"] == "rerun":
                 phases[nodeid] = {}
                 continue
-            phases.setdefault(nodeid, {})[rec["when"]] = rec["outcome"]
+            attempt = phases.setdefault(nodeid, {})
+            # A failed subtest reports a failed call before the test's own call report.
+            if attempt.get(rec["when"]) != "failed":
+                attempt[rec["when"]] = rec["outcome"]
             if "message" in rec:
                 messages[nodeid] = rec["message"]
     outcomes = {}
