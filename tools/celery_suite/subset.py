@@ -34,7 +34,7 @@ CI_SUBSET = (
     f"{_CANVAS}::test_chord::test_nested_chord",
     f"{_CANVAS}::test_chord::test_parallel_chords",
     f"{_CANVAS}::test_chord::test_chord_on_error",
-    f"{_CANVAS}::test_chord::test_error_propagates_from_chord",
+    f"{_CANVAS}::test_chord::test_error_propagates_from_chord2",
     f"{_CANVAS}::test_chord::test_mutable_errback_called_by_chord_from_chain",
     f"{_CANVAS}::test_chord::test_immutable_errback_called_by_chord_from_group",
     f"{_CANVAS}::test_chord::test_mutable_errback_called_by_chord_from_group",
