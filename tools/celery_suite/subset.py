@@ -28,7 +28,7 @@ CI_SUBSET = (
     f"{_TASKS}::test_task_redis_result_backend::test_retry_preserves_ignore_result_false",
     f"{_TASKS}::test_class_based_tasks::test_class_based_task_retried",
     # chords: order, re-applied frozen chord, empty header, nesting, errors and errbacks
-    # (not test_error_propagates_from_chord: 60 s of waiting by design)
+    # (chord2, not test_error_propagates_from_chord: an xfail on Redis that waits 60 s)
     f"{_CANVAS}::test_chord::test_chord_order",
     f"{_CANVAS}::test_chord::test_reapplying_frozen_chord_dispatches_body_again",
     f"{_CANVAS}::test_chord::test_empty_header_chord",
