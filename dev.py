@@ -3,6 +3,9 @@
 
     python3 dev.py demo   # set up .venv, then run the demo (workers, a SIGKILL, tasks back)
     python3 dev.py test   # set up .venv, then run lint, types and the whole test suite
+    python3 dev.py celery-suite [--subset ci|full] [--relier|--vanilla|--both]
+                          # Celery's own integration suite, vanilla and with relier, compared
+                          # (docs/celery-suite.md)
 
 Setting up creates ``.venv`` and installs the package with its dev extra (only when
 pyproject.toml changed since the last install). Extra arguments go to pytest.
@@ -44,12 +47,14 @@ def setup() -> None:
 
 def main() -> None:
     args = sys.argv[1:]
-    if not args or args[0] not in ("demo", "test", "setup"):
+    if not args or args[0] not in ("demo", "test", "setup", "celery-suite"):
         sys.exit(__doc__)
     setup()
     try:
         if args[0] == "demo":
             run(PY, "examples/demo.py", *args[1:])
+        elif args[0] == "celery-suite":
+            run(PY, "tools/celery_suite/run.py", *args[1:])
         elif args[0] == "test":
             run(
                 PY,
@@ -61,6 +66,7 @@ def main() -> None:
                 "integration",
                 "examples",
                 "benchmarks",
+                "tools",
             )
             run(PY, "-m", "mypy")
             run(PY, "-m", "pytest", "tests", "integration", *args[1:])
