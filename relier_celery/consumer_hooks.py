@@ -110,7 +110,7 @@ def wrap_consumer(c: Any, inflight: Inflight, clock: LeaseClock) -> None:
         if inflight.holds(key):
             assert key is not None
             _wrap_request(req, key, inflight, clock)
-            if key[1].resurrections and _ahead_of_reserved(c, on_task_request, req):
+            if key.generation.resurrections and _ahead_of_reserved(c, on_task_request, req):
                 return None
         return on_task_request(req)
 
