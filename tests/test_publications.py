@@ -225,3 +225,21 @@ def test_the_key_of_a_message_and_of_its_record_agree() -> None:
     record = TaskRecord.from_message(message, "w1")
     record.field_name = "f9"
     assert Inflight.key_of(message) == Key.of_record(record) == Key("t1#p1", Generation(), "f9")
+
+
+def test_a_consumer_restart_hands_back_a_replacement_waiting_under_a_running_tasks_id(
+    store: Store,
+) -> None:
+    # Given the replaced task still running and its replacement reserved, on one worker
+    inflight = _inflight(store)
+    handed: list[str] = []
+    inflight.resurrector.resurrect = lambda record, *_, **__: handed.append(record.delivery_id)  # type: ignore[method-assign]
+    replaced = _Message(task_headers("t1", task="demo.add", **{PUBLICATION_HEADER: "p1"}))
+    replacement = _Message(task_headers("t1", task="demo.add", **{PUBLICATION_HEADER: "p2"}))
+    inflight.receive(replaced, {"demo.add"})
+    inflight.receive(replacement, {"demo.add"})
+    # When the consumer restarts (Celery forgets what it reserved; the running one goes on)
+    count = inflight.recover_after_restart({Inflight.key_of(replaced)})  # type: ignore[arg-type]
+    # Then the replacement is handed back, the running task keeps its record
+    assert count == 1 and handed == ["t1#p2"]
+    assert list(inflight.local) == [Inflight.key_of(replaced)]
