@@ -110,7 +110,7 @@ def wrap_consumer(c: Any, inflight: Inflight, clock: LeaseClock) -> None:
         if inflight.holds(key):
             assert key is not None
             _wrap_request(req, key, inflight, clock)
-            if key[1].resurrections and _ahead_of_reserved(c, on_task_request, req):
+            if key.generation.resurrections and _ahead_of_reserved(c, on_task_request, req):
                 return None
         else:
             # Not relier's to gate or complete, whatever headers it was published with.

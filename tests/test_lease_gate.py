@@ -15,7 +15,7 @@ from celery import Celery, current_app
 from relier_celery import events
 from relier_celery.completion import record_success
 from relier_celery.config import RelierConfig
-from relier_celery.inflight import Inflight
+from relier_celery.inflight import Inflight, Key
 from relier_celery.lease import Lease, LeaseClock, attach_clock, gate
 from relier_celery.plugin import Relier, _installed
 from relier_celery.record import EPOCH_KEY, HELD_KEY, Generation, TaskRecord
@@ -144,7 +144,7 @@ def _record(task_id: str, field: str | None) -> TaskRecord:
 def test_a_request_reaches_the_pool_stamped_only_while_its_delivery_is_held(store: Store) -> None:
     inflight = _inflight(store)
     clock = LeaseClock(4.0)
-    key = ("t1", Generation())
+    key = Key("t1", Generation(), "f7")
     inflight.local[key] = _record("t1", "f7")
     request: dict[str, Any] = {}
     assert inflight.to_pool(key, request, clock.epoch)
@@ -158,10 +158,10 @@ def test_a_success_recorded_in_the_pool_is_dropped_again_in_one_batch(store: Sto
     inflight = _inflight(store)
     held = store.keys.held("w1")
     store.call(lambda c: c.hset(held, mapping={"f1": "x", "f2": "y"}))
-    inflight.local[("t1", Generation())] = _record("t1", "f1")
-    inflight.local[("t2", Generation())] = _record("t2", "f2")
-    inflight.finish(("t1", Generation()), in_pool=True)
-    inflight.finish(("t2", Generation()), in_pool=True)
+    inflight.local[Key("t1", Generation(), "f1")] = _record("t1", "f1")
+    inflight.local[Key("t2", Generation(), "f2")] = _record("t2", "f2")
+    inflight.finish(Key("t1", Generation(), "f1"), in_pool=True)
+    inflight.finish(Key("t2", Generation(), "f2"), in_pool=True)
     assert inflight.local == {}
     assert store.call(lambda c: c.hlen(held)) == 2  # nothing sent per task
     inflight.flush()
