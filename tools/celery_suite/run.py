@@ -311,6 +311,27 @@ def report(runs: list[Run]) -> int:
     return status
 
 
+def baseline_path(subset: str, celery_version: str) -> Path:
+    """Vanilla's outcomes of a selection for one celery version, committed with the project."""
+    return HERE / "baseline" / f"{subset}-celery-{celery_version}.json"
+
+
+def load_baseline(path: Path) -> Run:
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return Run("vanilla", outcomes=dict(data["outcomes"]), seconds=0.0)
+
+
+def save_baseline(path: Path, run: Run, celery_version: str, subset: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {
+        "celery": celery_version,
+        "subset": subset,
+        "outcomes": dict(sorted(run.outcomes.items())),
+    }
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    print(f"vanilla baseline written: {path}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dev.py celery-suite", description=__doc__.split("\n")[0])
     parser.add_argument("--subset", choices=("ci", "full"), default="full")
@@ -319,9 +340,22 @@ def main(argv: list[str] | None = None) -> int:
     which.add_argument("--vanilla", dest="modes", action="store_const", const=("vanilla",))
     which.add_argument("--relier", dest="modes", action="store_const", const=("relier",))
     parser.add_argument("--fetch-only", action="store_true", help="download and extract, no run")
+    parser.add_argument(
+        "--baseline",
+        action="store_true",
+        help="run relier only and compare with vanilla's recorded outcomes for this celery "
+        "version (tools/celery_suite/baseline/); vanilla runs too when none is recorded",
+    )
+    parser.add_argument(
+        "--record-baseline", action="store_true", help="write vanilla's outcomes as the baseline"
+    )
     args, pytest_args = parser.parse_known_args(argv)
     modes = args.modes or ("vanilla", "relier")
     celery_version = installed_version("celery")
+    recorded = baseline_path(args.subset, celery_version)
+    use_baseline = args.baseline and recorded.exists()
+    if use_baseline:
+        modes = ("relier",)
     try:
         suite = fetch_suite(celery_version)
     except NoSdist as exc:
@@ -332,15 +366,25 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     stamp = time.strftime("%Y%m%d-%H%M%S")
     runs = []
+    if use_baseline:
+        print(f"vanilla: the recorded outcomes of {recorded.relative_to(ROOT)}", flush=True)
+        runs.append(load_baseline(recorded))
     for mode in modes:
         out = CACHE / "results" / f"{stamp}-{args.subset}-{mode}"
         runs.append(run_suite(suite, mode, args.subset, out, pytest_args))
+        if mode == "vanilla" and (args.record_baseline or (args.baseline and not use_baseline)):
+            save_baseline(recorded, runs[-1], celery_version, args.subset)
     status = report(runs)
     summary = {
         "celery": celery_version,
         "subset": args.subset,
         "runs": {
-            r.mode: {"counts": dict(r.count()), "seconds": round(r.seconds), "cut": r.cut}
+            r.mode: {
+                "counts": dict(r.count()),
+                "seconds": round(r.seconds),
+                "cut": r.cut,
+                "recorded": use_baseline and r.mode == "vanilla",
+            }
             for r in runs
         },
         "pass_vanilla_not_relier": compare(*runs) if len(runs) == 2 else None,
