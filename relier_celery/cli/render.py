@@ -222,26 +222,30 @@ def figures(snap: Snapshot, scan_interval: float | None = None) -> list[Text]:
     scan = "never" if s["last_scan_age"] is None else f"{_dur(s['last_scan_age'])} ago"
     every = "" if scan_interval is None else f" (every {scan_interval:g}s)"
     lost = Text(f"{s['lost']} lost", style="bold red" if s["lost"] else "green")
-    first = Text.assemble(
+    tasks = Text.assemble(
         (f"{s['running']} running", "green"),
         f" · {s['reserved'] + s['held']} reserved · ",
         (
             f"{s['awaiting_resurrection']} awaiting resurrection",
             "red" if s["awaiting_resurrection"] else "",
         ),
-        f" · {s['workers_alive']} worker(s) alive, {s['workers_idle']} idle, ",
-        (f"{s['workers_dead']} dead", "red" if s["workers_dead"] else ""),
         " · ",
         lost,
+    )
+    workers = Text.assemble(
+        f"workers: {s['workers_alive']} alive, {s['workers_idle']} idle, ",
+        (f"{s['workers_dead']} dead", "red" if s["workers_dead"] else ""),
         f" · last scan {scan}{every}",
     )
-    second = Text(
+    fleet = Text(
         f"completed {completed(snap)} · resurrected {c.get('resurrections', 0)} · handed off "
-        f"{c.get('hand_offs', 0)} · quarantined {c.get('quarantines', 0)} · lost {s['lost']} · "
-        f"recovery p50 {_secs(rec['p50'])} p95 {_secs(rec['p95'])} "
-        f"(last hour, {rec['count']} sample(s))"
+        f"{c.get('hand_offs', 0)} · quarantined {c.get('quarantines', 0)} · lost {s['lost']}"
     )
-    return [first, second]
+    recovery = Text(
+        f"recovery p50 {_secs(rec['p50'])} p95 {_secs(rec['p95'])} (last hour, "
+        f"{rec['count']} sample{'' if rec['count'] == 1 else 's'})"
+    )
+    return [tasks, workers, fleet, recovery]
 
 
 def live_view(
