@@ -13,14 +13,9 @@ processes; ``term`` sends SIGTERM (a drain); ``stop`` freezes the worker and its
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import json
-import os
-import random
-import signal
 import time
-from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -28,24 +23,15 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn
 
-from .. import dlq as dead_letters
-from .. import proc
-from ..errors import RelierError
-from ..inspect import RUNNING, Snapshot, take
 from ..store import parse_sentinel_url
 from . import _app, _install, relier
-from .follow import IN_PLACE, QUARANTINED, RECOVERED, UNAFFECTED, Followed, Tracker
-from .inspect import _queue_namer
+from .follow import IN_PLACE, QUARANTINED, RECOVERED, UNAFFECTED, Followed
+from .kill import ALIVE, POLL, ChaosRun
 from .render import short_id
 
 __all__ = ["chaos_group", "is_loopback", "worker_kill"]
 
 MODES = ("main", "child", "term", "stop")
-# Seconds between two looks at the registry while following.
-POLL = 0.1
-# Broker list entries searched for a followed task id (LRANGE), per queue list.
-QUEUE_SCAN_LIMIT = 10_000
-_ALIVE = ("alive", "idle")
 
 
 def is_loopback(url: str) -> bool:
@@ -89,124 +75,6 @@ def _check_target(app: Any, rel: Any, allow_remote: bool) -> None:
                 f"{what} ({mask_url(url)}) is not on this machine's loopback: chaos refuses "
                 "to run against what may be a shared fleet. Pass --allow-remote if you mean it"
             )
-
-
-class _Chaos:
-    """One run: the kills, the follower and what they saw."""
-
-    def __init__(self, app: Any, rel: Any, out: Callable[[str], None]) -> None:
-        self.app, self.rel, self.out = app, rel, out
-        self.queue_of, self.queue_names = _queue_namer(app)
-        self.tracker = Tracker()
-        self.kills: list[dict[str, Any]] = []
-        self.hit: set[str] = set()
-        self.stopped: list[tuple[float, list[int]]] = []
-        self.rng = random.Random()
-
-    def snapshot(self) -> Snapshot:
-        try:
-            return take(self.rel.store, self.rel.config.lease_ttl, self.queue_of)
-        except RelierError as exc:
-            raise click.ClickException(str(exc)) from exc
-
-    def candidates(self, snap: Snapshot, name: str | None) -> list[str]:
-        """Live workers of this host whose recorded process is still the same process."""
-        out = []
-        for w in snap.workers:
-            if w.status not in _ALIVE or w.worker in self.hit:
-                continue
-            if name is not None and name not in (w.worker, w.worker.split("/", 1)[0]):
-                continue
-            if proc.matches(snap.processes.get(w.worker, {})):
-                out.append(w.worker)
-        return out
-
-    def pick(self, snap: Snapshot, workers: list[str]) -> str:
-        """The worker holding the most tasks (ties broken at random)."""
-        held = {w: sum(1 for t in snap.tasks if t.worker == w) for w in workers}
-        best = max(held.values())
-        return self.rng.choice(sorted(w for w, n in held.items() if n == best))
-
-    def kill(self, snap: Snapshot, worker: str, mode: str) -> list[Followed]:
-        record = snap.processes[worker]
-        pid = int(record["pid"])
-        views = [t for t in snap.tasks if t.worker == worker]
-        if mode == "child":
-            children = proc.children(pid)
-            if not children:
-                raise click.ClickException(
-                    f"worker {worker} has no pool process to kill (a solo or threads pool?): "
-                    "use --mode main"
-                )
-            targets, sig = [self.rng.choice(children)], signal.SIGKILL
-            views = [t for t in views if t.state == RUNNING]
-        elif mode == "stop":
-            targets, sig = [pid, *proc.children(pid)], signal.SIGSTOP
-        else:
-            targets, sig = [pid], signal.SIGKILL if mode == "main" else signal.SIGTERM
-        if not proc.matches(record):  # the worker exited since the snapshot
-            return []
-        at = time.time()
-        for target in targets:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(target, sig)
-        if mode == "stop":
-            self.stopped.append((time.monotonic() + 2 * self.rel.config.lease_ttl, targets))
-        self.hit.add(worker)
-        followed = self.tracker.add(views, worker, at)
-        self.kills.append(
-            {"worker": worker, "mode": mode, "pids": targets, "at": at, "tasks": len(followed)}
-        )
-        what = {"main": "SIGKILL", "child": "SIGKILL (pool process)", "term": "SIGTERM"}
-        self.out(
-            f"⚡ {worker}: {what.get(mode, 'SIGSTOP')} pid {' '.join(map(str, targets))}, "
-            f"holding {len(followed)} task(s)"
-        )
-        return followed
-
-    def resume_due(self, force: bool = False) -> None:
-        """SIGCONT frozen workers whose time is up (all of them with ``force``)."""
-        now = time.monotonic()
-        for item in list(self.stopped):
-            due, pids = item
-            if force or now >= due:
-                for pid in pids:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGCONT)
-                self.stopped.remove(item)
-
-    def _queued(self, wanted: set[str]) -> set[str]:
-        """Which of the task ids wait in a queue of the app's Redis broker."""
-        names = self.queue_names | {f.queue for f in self.tracker.pending if f.queue}
-        found: set[str] = set()
-        conn = self.app.connection_for_read()
-        try:
-            channel = conn.default_channel
-            keys = {channel._q_for_pri(n, p) for n in names for p in channel.priority_steps}
-            pipe = channel.client.pipeline(transaction=False)
-            for key in sorted(keys):
-                pipe.lrange(key, 0, QUEUE_SCAN_LIMIT - 1)
-            for items in pipe.execute():
-                for raw in items:
-                    text = raw.decode() if isinstance(raw, bytes) else str(raw)
-                    found |= {t for t in wanted if t in text}
-        finally:
-            conn.release()
-        return found
-
-    def look(self) -> list[Followed]:
-        """One look at the registry (and, for tasks no worker holds, the queues and DLQ)."""
-        self.resume_due()
-        snap = self.snapshot()
-        absent = self.tracker.absent(snap.tasks)
-        queued: set[str] = set()
-        quarantined: set[str] = set()
-        if absent:
-            queued = self._queued(absent)
-            entries = dead_letters.entries(self.rel.store)
-            quarantined = {str(e.get("task_id")) for e in entries} & absent
-        alive = {w.worker for w in snap.workers if w.status in (*_ALIVE, "draining")}
-        return self.tracker.observe(snap.tasks, alive, queued, quarantined, time.time())
 
 
 def describe(f: Followed) -> str:
@@ -288,7 +156,7 @@ def worker_kill(
         disable=not watch or as_json,
         transient=True,
     )
-    run = _Chaos(
+    run = ChaosRun(
         app,
         rel,
         lambda line: None if as_json else console.print(line, markup=False, soft_wrap=True),
@@ -334,7 +202,7 @@ def worker_kill(
                 for f in run.look():
                     run.out(describe(f))
                 _advance(progress, bar, run)
-            alive = {w.worker for w in run.snapshot().workers if w.status in _ALIVE}
+            alive = {w.worker for w in run.snapshot().workers if w.status in ALIVE}
             for f in run.tracker.expire(alive, time.time()):
                 run.out(describe(f))
     finally:
@@ -355,7 +223,7 @@ def worker_kill(
         ctx.exit(1)
 
 
-def _advance(progress: Progress, bar: Any, run: _Chaos) -> None:
+def _advance(progress: Progress, bar: Any, run: ChaosRun) -> None:
     tasks = run.tracker.tasks
     done = sum(1 for f in tasks if f.outcome is not None)
     s = run.tracker.summary()
