@@ -25,7 +25,8 @@ from pathlib import Path
 from stats import timed
 
 from relier_celery.activity import RunningMarker
-from relier_celery.inspect import render, take, to_json
+from relier_celery.cli.render import render
+from relier_celery.inspect import take, to_json
 from relier_celery.keys import Keys
 from relier_celery.record import TaskRecord
 from relier_celery.store import Store

@@ -59,7 +59,7 @@ class WorkerRuntime:
         # Counters in Redis, and OpenTelemetry if enabled: subscribed before the pool forks.
         self.observers = observe.start(relier)
         self.running = RunningMarker(
-            self.store, self.worker_id, self.config.lease_ttl, _running_requests
+            self.store, self.worker_id, self.config.lease_ttl, _running_requests, _completed
         )
         self.lease = Lease(
             self.config,
@@ -189,6 +189,11 @@ def _running_requests() -> dict[str, float]:
     for req in list(worker_state.active_requests):
         out[str(req.id)] = float(req.time_start or 0.0)
     return out
+
+
+def _completed() -> int:
+    """Tasks this worker's pool started and finished since the worker started."""
+    return max(int(worker_state.all_total_count[0]) - len(worker_state.active_requests), 0)
 
 
 def _is_prefork(pool_cls: Any) -> bool:

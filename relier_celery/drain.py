@@ -14,13 +14,16 @@ settings say) or the ``relier_drain`` remote command, the worker drains:
    stopped, so the rest is handed off and the process exits at once.
 5. One accounting line: ``completed N, handed off M, returned K, lost 0``.
 
-Progress is kept in Redis so ``celery -A app relier drain`` can report it per worker. A second
+Progress is kept in Redis so ``celery -A app relier drain`` can report it per worker, with one
+field per running task as it ends (``task:<id>``: its name, ``completed`` or ``handed_off``, and
+how long it ran), so ``rl worker drain`` prints a line per task. A second
 shutdown signal during the drain ends the waiting at once: the hand-off goes on, quickly.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -52,6 +55,21 @@ def _running_ids() -> set[str]:
     return {r.id for r in worker_state.active_requests}
 
 
+def _running_tasks() -> dict[str, tuple[str, float]]:
+    """Task id -> (name, start time) of what the pool runs now."""
+    from celery.worker import state as worker_state
+
+    return {
+        str(r.id): (str(r.name), float(r.time_start or time.time()))
+        for r in list(worker_state.active_requests)
+    }
+
+
+def task_field(task_id: str) -> str:
+    """The drain record's field of one task's outcome."""
+    return f"task:{task_id}"
+
+
 class Drain:
     """The drain of one worker process."""
 
@@ -62,6 +80,8 @@ class Drain:
         self._hurry = threading.Event()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._tracked: dict[str, tuple[str, float]] = {}
+        self._reported: set[str] = set()
 
     def begin(self, reason: str, timeout: float | None = None) -> bool:
         """Start draining (from any thread, also a signal handler); a second call hurries a
@@ -90,10 +110,33 @@ class Drain:
         return self.finished.wait(timeout)
 
     def _progress(self, state: str, **counts: Any) -> None:
+        self._write({"state": state, **counts})
+
+    def _write(self, fields: dict[str, Any]) -> None:
         try:
-            self.runtime.store.drain_update(self.runtime.worker_id, {"state": state, **counts})
+            self.runtime.store.drain_update(self.runtime.worker_id, fields)
         except Exception as exc:  # progress is informative only
             logger.warning("relier: could not record drain progress: %r", exc)
+
+    def _outcomes(self, outcome: str, ids: set[str]) -> dict[str, str]:
+        """Fields recording how the tracked running tasks ``ids`` ended (once each)."""
+        fields = {}
+        now = time.time()
+        if ids - set(self._tracked):  # started after the drain began (it refuses new starts)
+            self._tracked = {**_running_tasks(), **self._tracked}
+        for task_id in sorted(ids - self._reported):
+            name, started = self._tracked.get(task_id, ("?", now))
+            fields[task_field(task_id)] = json.dumps(
+                {"name": name, "outcome": outcome, "seconds": round(max(now - started, 0.0), 3)}
+            )
+            self._reported.add(task_id)
+        return fields
+
+    def _note_ended(self) -> None:
+        """Record the tracked running tasks that ended since the last look as completed."""
+        ended = set(self._tracked) - _running_ids()
+        if ended - self._reported:
+            self._write(self._outcomes("completed", ended))
 
     def _run(self, reason: str, window: float) -> None:
         inflight = self.runtime.inflight
@@ -106,6 +149,7 @@ class Drain:
             timeout=window,
         )
         returned = handed = 0
+        self._tracked = _running_tasks()
         try:
             returned = inflight.hand_off(
                 exclude=_running_ids(), why="its worker drained before starting it"
@@ -118,6 +162,7 @@ class Drain:
             )
             last = 0.0
             while _running_ids() and time.monotonic() < deadline and not self._hurry.is_set():
+                self._note_ended()
                 if time.monotonic() - last > PROGRESS_EVERY:
                     last = time.monotonic()
                     self._progress(
@@ -131,6 +176,9 @@ class Drain:
             if still:
                 self._fire_hooks()
                 still = _running_ids()
+            self._note_ended()
+            if still:
+                self._write(self._outcomes("handed_off", still))
             if still and self._prefork():
                 # Stop first, hand off after: a task whose body ended meanwhile completes (its
                 # record goes), a stopped one is handed off as Celery reports it lost

@@ -1,4 +1,5 @@
-"""Inflight visibility: a snapshot of relier's registry in Redis, and pure functions to render it.
+"""Inflight visibility: a snapshot of relier's registry in Redis, its summary and its JSON form
+(the CLI renders it: relier_celery/cli/render.py).
 
 ``celery inspect active`` asks live workers over the broker; this reads relier's own registry,
 so it also sees the tasks of workers that died and await resurrection, and needs no worker to
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,11 +36,10 @@ __all__ = [
     "TaskView",
     "WorkerView",
     "broker_queue_depths",
-    "render",
-    "render_queues",
-    "render_summary",
-    "render_tasks",
-    "render_workers",
+    "completed",
+    "percentile",
+    "recovery_percentiles",
+    "summary",
     "take",
     "to_json",
 ]
@@ -104,6 +105,11 @@ class Snapshot:
     last_scan: float | None
     unreadable: int
     queues: QueueDepths | None = None
+    processes: dict[str, dict[str, str]] = field(default_factory=dict)
+    """Per worker, its process record (pid, host, start, completed; activity.py), if any."""
+    recovery: list[tuple[float, float]] = field(default_factory=list)
+    """Recovery samples (republished at, delay from the last heartbeat), seconds, newest
+    first (resurrect.py)."""
 
 
 @dataclass(frozen=True)
@@ -159,10 +165,13 @@ def take(
     detail = store.workers_detail(workers)
     tasks: list[TaskView] = []
     views: list[WorkerView] = []
+    processes: dict[str, dict[str, str]] = {}
     unreadable = 0
     for w in workers:
         deadline = leases[w] / 1000.0
         d = detail[w]
+        if d["process"]:
+            processes[w] = d["process"]
         running: dict[str, float] = d["running"]
         known = "@" in running
         dead = deadline <= now
@@ -235,6 +244,8 @@ def take(
         counters={name: overview["counters"].get(name, 0) for name in COUNTED.values()},
         last_scan=overview["last_scan"],
         unreadable=unreadable,
+        processes=processes,
+        recovery=overview["recovery"],
     )
 
 
@@ -266,70 +277,7 @@ def broker_queue_depths(app: Any, names: Iterable[str]) -> QueueDepths:
     return QueueDepths(depths={n: sum(v.values()) for n, v in per.items()}, lists=per)
 
 
-# -- rendering (pure) ---------------------------------------------------------------------
-def _dur(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    minutes, secs = divmod(int(seconds), 60)
-    if minutes < 60:
-        return f"{minutes}m{secs:02d}s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m"
-
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    return [
-        "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip()
-        for row in [header, *rows]
-    ]
-
-
-def render_tasks(snap: Snapshot) -> list[str]:
-    if not snap.tasks:
-        return ["no task in flight"]
-    rows = [
-        [t.worker, t.task_name, t.task_id, t.state, _dur(t.age), t.queue, str(t.resurrections)]
-        for t in snap.tasks
-    ]
-    return _table(["WORKER", "TASK", "ID", "STATE", "TIME", "QUEUE", "RES"], rows)
-
-
-def render_workers(snap: Snapshot) -> list[str]:
-    if not snap.workers:
-        return ["no worker holds a lease"]
-    rows = []
-    for w in snap.workers:
-        if w.status in ("dead", "resurrecting"):
-            status = f"{w.status} {_dur(w.expired_for)} ago"
-            if w.held:
-                status += f", {w.held} awaiting resurrection"
-            if w.claimed_by:
-                status += f" (claimed by {w.claimed_by})"
-        else:
-            status = w.status
-        running = "-" if w.running is None else str(w.running)
-        rows.append([w.worker, status, _dur(w.lease_age), str(w.held), running])
-    return _table(["WORKER", "STATUS", "LEASE AGE", "HELD", "RUNNING"], rows)
-
-
-def render_queues(snap: Snapshot) -> list[str]:
-    q = snap.queues
-    if q is None:
-        return []
-    if q.error:
-        return [f"queues: {q.error}"]
-    if not q.depths:
-        return ["queues: none known"]
-    rows = []
-    for name, depth in sorted(q.depths.items()):
-        parts = [f"{k!r}={n}" for k, n in q.lists[name].items() if n and k != name]
-        rows.append([name, str(depth), " ".join(parts)])
-    return _table(["QUEUE", "WAITING", "PRIORITY LISTS"], rows)
-
-
+# -- summaries (pure) ---------------------------------------------------------------------
 def summary(snap: Snapshot) -> dict[str, Any]:
     count = {s: sum(1 for t in snap.tasks if t.state == s) for s in (RUNNING, RESERVED, HELD)}
     awaiting = sum(1 for t in snap.tasks if t.state in (AWAITING, RESURRECTING))
@@ -347,27 +295,31 @@ def summary(snap: Snapshot) -> dict[str, Any]:
     }
 
 
-def render_summary(snap: Snapshot) -> list[str]:
-    s = summary(snap)
-    scan = "never" if s["last_scan_age"] is None else f"{_dur(s['last_scan_age'])} ago"
-    line = (
-        f"{s['running']} running, {s['reserved'] + s['held']} reserved, "
-        f"{s['awaiting_resurrection']} awaiting resurrection; {s['workers_alive']} worker(s) "
-        f"alive ({s['workers_idle']} idle), {s['workers_dead']} dead; lost = {s['lost']}; "
-        f"last resurrection scan {scan}"
-    )
-    counters = ", ".join(f"{k} {v}" for k, v in snap.counters.items())
-    return [line, f"counters: {counters}"]
+def percentile(values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile (``q`` in 0..1); None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(max(math.ceil(q * len(ordered)) - 1, 0), len(ordered) - 1)]
 
 
-def render(snap: Snapshot, view: str = "inspect") -> str:
-    """The text of ``relier inspect`` (``view``: inspect, tasks or workers)."""
-    if view == "tasks":
-        return "\n".join(render_tasks(snap))
-    if view == "workers":
-        return "\n".join(render_workers(snap))
-    parts = [render_tasks(snap), render_workers(snap), render_queues(snap), render_summary(snap)]
-    return "\n\n".join("\n".join(p) for p in parts if p)
+def recovery_percentiles(snap: Snapshot, window: float = 3600.0) -> dict[str, Any]:
+    """p50 and p95 (s) of the recovery samples of the last ``window`` seconds, and how many."""
+    recent = [delay for at, delay in snap.recovery if snap.at - at <= window]
+    if not recent:
+        return {"count": 0, "p50": None, "p95": None}
+    return {"count": len(recent), "p50": percentile(recent, 0.5), "p95": percentile(recent, 0.95)}
+
+
+def completed(snap: Snapshot) -> int:
+    """Tasks the registered workers completed since each started (their process records)."""
+    total = 0
+    for record in snap.processes.values():
+        try:
+            total += max(int(record.get("completed", 0)), 0)
+        except ValueError:
+            continue
+    return total
 
 
 def to_json(snap: Snapshot, view: str = "inspect") -> dict[str, Any]:

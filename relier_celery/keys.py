@@ -118,3 +118,14 @@ class Keys:
     def counters(self) -> str:
         """HASH: counter name -> how often a rare event happened, fleet-wide (counters.py)."""
         return f"{self._base}:counters"
+
+    def process(self, worker: str) -> str:
+        """HASH with a TTL: the worker's main process (pid, host, start time; proc.py),
+        rewritten with its running set, and how many tasks it completed since it started."""
+        return f"{self._base}:proc:{worker}"
+
+    @property
+    def recovery(self) -> str:
+        """LIST, capped: ``<at ms>:<delay ms>`` per task a scan republished from a dead worker,
+        the delay from the worker's last heartbeat to the republish (newest first)."""
+        return f"{self._base}:recovery"

@@ -130,7 +130,7 @@ class Resurrector:
         """One scan over every expired lease; return how many tasks were resurrected or
         quarantined."""
         handled = 0
-        for dead in self.store.expired_workers():
+        for dead, deadline_ms in self.store.expired_leases().items():
             claimed = self.store.claim(dead, self.name, self.config.claim_ttl)
             if not claimed:
                 continue
@@ -148,17 +148,30 @@ class Resurrector:
                         records.append(TaskRecord.loads(raw, field))
                     except (ValueError, KeyError, TypeError) as exc:
                         self.quarantine_unreadable(dead, field, raw, exc)
+                republished = 0
                 for record in _in_delivery_order(records):
-                    self.resurrect(record, dead, record.held_field(), "its worker's lease expired")
+                    why = "its worker's lease expired"
+                    if self.resurrect(record, dead, record.held_field(), why) == "resurrected":
+                        republished += 1
                     handled += 1
             finally:
                 self.store.claim_finish(dead, self.name)
+            self._record_recovery(deadline_ms, republished)
         handled += self.unacked.sweep()
         self.store.mark_scan()
         if time.monotonic() >= self._next_expiry:
             self._next_expiry = time.monotonic() + DLQ_EXPIRY_INTERVAL
             expire(self.store, self.config.dlq_retention)
         return handled
+
+    def _record_recovery(self, deadline_ms: float, count: int) -> None:
+        """One sample per republished task, from the dead worker's last heartbeat (its lease
+        deadline less the lease) to now: an upper bound of kill -> republished, for the live
+        view's recovery p50/p95. Informative only: a failure here costs nothing else."""
+        try:
+            self.store.add_recovery(deadline_ms - self.config.lease_ttl * 1000, count)
+        except Exception as exc:
+            logger.warning("relier: could not record recovery times: %r", exc)
 
     # -- background thread --------------------------------------------------------------
     def start(self) -> None:

@@ -56,6 +56,8 @@ _UNAVAILABLE_REPLY = re.compile(
 )
 # Drain accounting stays readable for a day.
 DRAIN_RECORD_TTL = 86400
+# Recovery-time samples kept (the live view's p50/p95 read the last hour of them).
+RECOVERY_SAMPLES = 1000
 # Fail fast: a hung Redis call in the consumer would stall every task of the worker.
 SOCKET_TIMEOUT = 5.0
 
@@ -208,6 +210,19 @@ class Store:
             return cast(list[str], c.zrangebyscore(self.keys.leases, "-inf", f"({now}"))
 
         return self.call(scan)
+
+    def expired_leases(self) -> dict[str, float]:
+        """Workers whose lease deadline has passed, with that deadline (ms)."""
+
+        def scan(c: redis.Redis) -> list[tuple[str, float]]:
+            secs, micros = c.time()
+            now = secs * 1000 + micros // 1000
+            return cast(
+                list[tuple[str, float]],
+                c.zrangebyscore(self.keys.leases, "-inf", f"({now}", withscores=True),
+            )
+
+        return dict(self.call(scan))
 
     def leases(self) -> dict[str, float]:
         """Every known worker with its lease deadline in ms."""
@@ -364,9 +379,16 @@ class Store:
         self.call(lambda c: c.set(self.keys.scan_stamp, c.time()[0]))
 
     # -- visibility (relier_celery/inspect.py, activity.py, counters.py) -----------------
-    def set_running(self, worker: str, started: dict[str, float], ttl: float) -> None:
-        """Replace the set of tasks a worker's pool runs (task id -> start time, s), in one
-        round trip (MULTI, so a reader never sees it half written)."""
+    def set_running(
+        self,
+        worker: str,
+        started: dict[str, float],
+        ttl: float,
+        process: Mapping[str, str] | None = None,
+    ) -> None:
+        """Replace the set of tasks a worker's pool runs (task id -> start time, s), and its
+        process record (``process``: pid, host, start, completed), in one round trip (MULTI,
+        so a reader never sees it half written)."""
         key = self.keys.running(worker)
 
         def write(c: redis.Redis) -> None:
@@ -377,6 +399,26 @@ class Store:
             fields.update(started)
             pipe.hset(key, mapping=fields)  # type: ignore[arg-type]
             pipe.pexpire(key, _ms(ttl))
+            if process:
+                proc = self.keys.process(worker)
+                pipe.hset(proc, mapping=dict(process))  # type: ignore[arg-type]
+                pipe.pexpire(proc, _ms(ttl))
+            pipe.execute()
+
+        self.call(write)
+
+    def add_recovery(self, last_alive_ms: float, count: int) -> None:
+        """Record ``count`` tasks republished now from a worker last alive at
+        ``last_alive_ms`` (Redis clock): one sample each, the list capped."""
+        if count <= 0:
+            return
+        now = self.now_ms()
+        sample = f"{now}:{max(int(now - last_alive_ms), 0)}"
+
+        def write(c: redis.Redis) -> None:
+            pipe = c.pipeline(transaction=False)
+            pipe.lpush(self.keys.recovery, *([sample] * count))
+            pipe.ltrim(self.keys.recovery, 0, RECOVERY_SAMPLES - 1)
             pipe.execute()
 
         self.call(write)
@@ -399,7 +441,8 @@ class Store:
 
     def overview(self) -> dict[str, Any]:
         """What a registry snapshot starts from, in one pipelined round trip: the server time
-        (s), every lease (worker -> deadline ms), the last scan time and the counters."""
+        (s), every lease (worker -> deadline ms), the last scan time, the counters and the
+        recovery samples ((at, delay) in s)."""
 
         def read(c: redis.Redis) -> list[Any]:
             pipe = c.pipeline(transaction=False)
@@ -407,19 +450,28 @@ class Store:
             pipe.zrange(self.keys.leases, 0, -1, withscores=True)
             pipe.get(self.keys.scan_stamp)
             pipe.hgetall(self.keys.counters)
+            pipe.lrange(self.keys.recovery, 0, -1)
             return list(pipe.execute())
 
-        (secs, micros), leases, scan, counters = self.call(read)
+        (secs, micros), leases, scan, counters, recovery = self.call(read)
+        samples = []
+        for item in recovery:
+            at, _, delay = str(item).partition(":")
+            try:
+                samples.append((int(at) / 1000.0, int(delay) / 1000.0))
+            except ValueError:
+                continue
         return {
             "now": secs + micros / 1e6,
             "leases": dict(leases),
             "last_scan": float(scan) if scan else None,
             "counters": {k: int(v) for k, v in counters.items()},
+            "recovery": samples,
         }
 
     def workers_detail(self, workers: list[str]) -> dict[str, dict[str, Any]]:
-        """Per worker: its records, running set, drain progress and scanner claim, for every
-        worker in one pipelined round trip."""
+        """Per worker: its records, running set, drain progress, scanner claim and process
+        record, for every worker in one pipelined round trip."""
 
         def read(c: redis.Redis) -> list[Any]:
             pipe = c.pipeline(transaction=False)
@@ -428,15 +480,18 @@ class Store:
                 pipe.hgetall(self.keys.running(w))
                 pipe.hgetall(self.keys.drain(w))
                 pipe.get(self.keys.claim(w))
+                pipe.hgetall(self.keys.process(w))
             return list(pipe.execute())
 
         flat = self.call(read) if workers else []
+        n = 5
         return {
             w: {
-                "held": flat[4 * i],
-                "running": {k: float(v) for k, v in flat[4 * i + 1].items()},
-                "drain": flat[4 * i + 2],
-                "claim": flat[4 * i + 3],
+                "held": flat[n * i],
+                "running": {k: float(v) for k, v in flat[n * i + 1].items()},
+                "drain": flat[n * i + 2],
+                "claim": flat[n * i + 3],
+                "process": flat[n * i + 4],
             }
             for i, w in enumerate(workers)
         }

@@ -17,8 +17,9 @@ from click.testing import CliRunner
 
 from relier_celery import events
 from relier_celery.activity import RunningMarker
+from relier_celery.cli.render import render
 from relier_celery.counters import Counters
-from relier_celery.inspect import Filters, broker_queue_depths, render, take, to_json
+from relier_celery.inspect import Filters, broker_queue_depths, take, to_json
 from relier_celery.keys import Keys
 from relier_celery.record import TaskRecord
 from relier_celery.store import Store

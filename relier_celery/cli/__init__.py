@@ -40,12 +40,34 @@ def _app(ctx: click.Context) -> Any:
 
 
 def _install(app: Any) -> Any:
-    from ..plugin import install
+    """The app's relier; a clear error for an app that does not enable it or a bad setting."""
+    from ..plugin import decide, get, install
 
     try:
+        if get(app) is None and not decide(app):
+            raise click.ClickException(
+                f"the app {app.main!r} does not enable relier: add 'relier_celery' to its "
+                "imports (app.conf.imports = ('relier_celery',)) or call "
+                "relier_celery.install(app) where it is defined"
+            )
         return install(app)
     except RelierError as exc:
         raise click.ClickException(str(exc)) from exc
+
+
+def _broker_reachable(app: Any) -> None:
+    """Fail with one line, not kombu's retries and a traceback, when the broker is down."""
+    from ..config import mask_url
+
+    conn = app.connection_for_write()
+    try:
+        conn.ensure_connection(max_retries=1, timeout=3)
+    except Exception as exc:
+        raise click.ClickException(
+            f"cannot reach the broker at {mask_url(conn.as_uri())}: {exc}"
+        ) from None
+    finally:
+        conn.release()
 
 
 @click.group(name="relier", help="Relier: inspect and operate the reliability layer.")
@@ -113,81 +135,9 @@ def main(argv: list[str] | None = None) -> None:
     celery_main()
 
 
-@relier.command(help="Drain workers (as on SIGTERM) and stop them; report each one.")
-@click.option("--destination", "-d", multiple=True, help="Worker name (repeatable); all if unset.")
-@click.option("--timeout", type=float, default=None, help="Seconds running tasks get.")
-@click.pass_context
-def drain(ctx: click.Context, destination: tuple[str, ...], timeout: float | None) -> None:
-    import time
-
-    from .. import control  # noqa: F401  (the command must be known locally)
-
-    app = _app(ctx)
-    rel = _install(app)
-    replies = app.control.broadcast(
-        "relier_drain",
-        arguments={"timeout": timeout},
-        destination=list(destination) or None,
-        reply=True,
-        timeout=3.0,
-    )
-    answered = {name: body for reply in replies or [] for name, body in reply.items()}
-    unknown = sorted(set(destination) - set(answered))
-    if not answered:
-        names = f" named {', '.join(destination)}" if destination else ""
-        raise click.ClickException(
-            f"no worker{names} answered: check the names (celery "
-            "inspect ping) and that the workers run relier"
-        )
-    failed = bool(unknown)
-    for name in unknown:
-        click.echo(f"{name}: no such worker answered", err=True)
-    workers = {}
-    for name, body in sorted(answered.items()):
-        if "error" in body:
-            click.echo(f"{name}: {body['error']}", err=True)
-            failed = True
-        else:
-            workers[name] = body["worker"]
-            click.echo(f"{name}: draining (running tasks get {body['timeout']} s)")
-    window = max((float(b.get("timeout", 0)) for b in answered.values()), default=0.0)
-    deadline = time.monotonic() + window + 30
-    shown: dict[str, str] = {}
-    pending = dict(workers)
-    while pending and time.monotonic() < deadline:
-        for name, worker_id in list(pending.items()):
-            status = rel.store.drain_status(worker_id)
-            state = status.get("state", "starting")
-            line = (
-                f"{name}: {state}: completed {status.get('completed', 0)}, running "
-                f"{status.get('running', '?')}, handed off {status.get('handed_off', 0)}, "
-                f"returned {status.get('returned', 0)}"
-            )
-            if shown.get(name) != line:
-                shown[name] = line
-                if state != "finished":
-                    click.echo(line)
-            if state == "finished":
-                click.echo(
-                    f"{name}: drained: completed {status['completed']}, handed off "
-                    f"{status['handed_off']}, returned {status['returned']}, "
-                    f"lost {status['lost']}"
-                )
-                failed = failed or status.get("lost") != "0"
-                del pending[name]
-            elif state == "failed":
-                click.echo(f"{name}: drain failed: {status.get('error')}", err=True)
-                failed = True
-                del pending[name]
-        time.sleep(0.2)
-    for name in pending:
-        click.echo(f"{name}: did not finish draining in time", err=True)
-        failed = True
-    if failed:
-        ctx.exit(1)
-
-
+from . import chaos as _chaos  # noqa: E402, F401  (registers `relier chaos`)
 from . import dlq as _dlq  # noqa: E402, F401  (registers `relier dlq`)
+from . import drain as _drain  # noqa: E402, F401  (registers `relier drain`, `worker drain`)
 
 # relier inspect / tasks / workers register themselves on the group.
 from . import inspect as _inspect  # noqa: E402, F401

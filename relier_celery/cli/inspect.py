@@ -1,5 +1,10 @@
-"""``relier inspect``, ``relier tasks`` and ``relier workers``: views of one registry snapshot
-(relier_celery/inspect.py). Redis only, no broadcast: dead workers' tasks show too."""
+"""``relier inspect``, ``tasks [inflight]``, ``workers`` and ``top``: views of one registry
+snapshot (relier_celery/inspect.py). Redis only, no broadcast: dead workers' tasks show too.
+
+``--watch`` (and ``top``, which is ``tasks inflight --watch``) redraws a rich live view in
+place, full screen on a terminal; elsewhere each refresh is printed after the last, as plain
+text. ``--json`` prints one JSON document per refresh, whatever the view.
+"""
 
 from __future__ import annotations
 
@@ -10,16 +15,19 @@ from collections.abc import Callable
 from typing import Any
 
 import click
+from rich.console import Console
+from rich.live import Live
 
 from ..errors import RelierError
-from ..inspect import Filters, Snapshot, broker_queue_depths, render, take, to_json
+from ..inspect import Filters, Snapshot, broker_queue_depths, take, to_json
 from . import _app, _install, relier
+from .render import live_view, render
 
-__all__ = ["inspect", "tasks", "workers"]
+__all__ = ["inspect", "tasks", "top", "workers"]
 
 # --watch never refreshes faster than this (each refresh is a few Redis round trips).
 MIN_INTERVAL = 0.2
-_CLEAR = "\x1b[H\x1b[2J"
+_GLOB = "*?["
 
 
 def _queue_namer(app: Any) -> tuple[Callable[[str, str], str], set[str]]:
@@ -50,7 +58,7 @@ def _snapshot(ctx: click.Context, filters: Filters, with_queues: bool) -> Snapsh
         return snap
     names = known | {t.queue for t in snap.tasks if t.queue}
     if filters.queue is not None:
-        if not any(c in filters.queue for c in "*?["):
+        if not any(c in filters.queue for c in _GLOB):
             names.add(filters.queue)
         names = {n for n in names if Filters(queue=filters.queue).queue_ok(n)}
     return Snapshot(**{**snap.__dict__, "queues": broker_queue_depths(app, names)})
@@ -63,7 +71,7 @@ def _options(fn: Callable[..., Any]) -> Callable[..., Any]:
             click.option("--queue", default=None, help="Only this queue (shell pattern)."),
             click.option("--worker", default=None, help="Only this worker (id or hostname)."),
             click.option("--task", default=None, help="Only this task name (pattern) or id."),
-            click.option("--watch", is_flag=True, help="Refresh until Ctrl-C."),
+            click.option("--watch", is_flag=True, help="A live view, refreshed until Ctrl-C."),
             click.option(
                 "--interval",
                 type=click.FloatRange(min=MIN_INTERVAL),
@@ -83,25 +91,70 @@ def _options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return click.pass_context(fn)
 
 
-def _run(ctx: click.Context, view: str, opts: dict[str, Any]) -> None:
+def _check_worker(filters: Filters, snap: Snapshot) -> None:
+    """A worker named exactly (no pattern) that the registry does not know is a mistake."""
+    name = filters.worker
+    if name is not None and not any(c in name for c in _GLOB) and not snap.workers:
+        raise click.ClickException(
+            f"no worker {name!r} in relier's registry: `rl -A app workers` lists the workers "
+            "(an id, or its hostname such as w1@host)"
+        )
+
+
+def _run(
+    ctx: click.Context,
+    view: str,
+    opts: dict[str, Any],
+    live: str | None = None,
+    label: str | None = None,
+) -> None:
+    """Print ``view`` (inspect, tasks, workers) once, or refresh it with --watch as the
+    ``live`` view (default: the same), titled ``relier <label>``."""
     filters = Filters(queue=opts["queue"], worker=opts["worker"], task=opts["task"])
-    rounds = (opts["count"] or sys.maxsize) if opts["watch"] else 1
-    tty = sys.stdout.isatty()
-    try:
+    live = live or view
+    with_queues = view == "inspect" or (opts["watch"] and live == "inspect")
+    if not opts["watch"]:
+        snap = _snapshot(ctx, filters, with_queues)
+        _check_worker(filters, snap)
+        text = json.dumps(to_json(snap, view), separators=(",", ":")) if opts["as_json"] else None
+        click.echo(text if text is not None else render(snap, view))
+        return
+    rel = _install(_app(ctx))
+    rounds = opts["count"] or sys.maxsize
+    console = Console(highlight=False)
+
+    def frames() -> Any:
         for i in range(rounds):
             if i:
                 time.sleep(opts["interval"])
-            snap = _snapshot(ctx, filters, with_queues=view == "inspect")
-            if opts["as_json"]:
+            snap = _snapshot(ctx, filters, with_queues)
+            stamp = time.strftime("%H:%M:%S", time.localtime(snap.at))
+            title = (
+                f"relier {label or view} at {stamp} (every {opts['interval']} s, Ctrl-C to stop)"
+            )
+            yield snap, title
+
+    def frame(snap: Snapshot, title: str) -> Any:
+        return live_view(
+            snap,
+            live,
+            title=title,
+            scan_interval=rel.config.scan_interval,
+            height=console.size.height if console.is_terminal else None,
+        )
+
+    try:
+        if opts["as_json"]:
+            for snap, _ in frames():
                 click.echo(json.dumps(to_json(snap, view), separators=(",", ":")))
-                continue
-            text = render(snap, view)
-            if opts["watch"]:
-                stamp = time.strftime("%H:%M:%S", time.localtime(snap.at))
-                head = f"relier {view} at {stamp} (every {opts['interval']} s, Ctrl-C to stop)"
-                click.echo((_CLEAR if tty else "") + head + "\n" + text + ("" if tty else "\n"))
-            else:
-                click.echo(text)
+        elif console.is_terminal:
+            with Live(console=console, screen=True, auto_refresh=False) as screen:
+                for snap, title in frames():
+                    screen.update(frame(snap, title), refresh=True)
+        else:
+            for snap, title in frames():
+                console.print(frame(snap, title))
+                console.print()
     except KeyboardInterrupt:
         pass
 
@@ -112,10 +165,21 @@ def inspect(ctx: click.Context, **opts: Any) -> None:
     _run(ctx, "inspect", opts)
 
 
-@relier.command(help="Every in-flight task (relier's registry, dead workers' included).")
+@relier.command(
+    help="Every in-flight task (relier's registry, dead workers' included). `tasks inflight "
+    "--watch` is the live view of the whole fleet (also `top`)."
+)
+@click.argument("what", required=False, type=click.Choice(["inflight"]))
 @_options
-def tasks(ctx: click.Context, **opts: Any) -> None:
-    _run(ctx, "tasks", opts)
+def tasks(ctx: click.Context, what: str | None, **opts: Any) -> None:
+    live = "inspect" if what == "inflight" else "tasks"
+    _run(ctx, "tasks", opts, live=live, label="tasks inflight" if what else "tasks")
+
+
+@relier.command(help="The live view of the fleet: `tasks inflight --watch` (Ctrl-C to stop).")
+@_options
+def top(ctx: click.Context, **opts: Any) -> None:
+    _run(ctx, "tasks", {**opts, "watch": True}, live="inspect", label="top")
 
 
 @relier.command(help="Every worker holding a lease: alive, idle, draining or dead.")
