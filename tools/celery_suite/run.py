@@ -107,7 +107,8 @@ class Run:
         c = self.count()
         parts = [f"{c[k]} {k}" for k in ("passed", "failed", "error", "skipped") if c[k]]
         extra = " (cut by the overall timeout)" if self.cut else ""
-        return f"{self.mode}: {', '.join(parts) or 'nothing'} in {self.seconds:.0f} s{extra}"
+        took = f" in {self.seconds:.0f} s" if self.seconds else ""
+        return f"{self.mode}: {', '.join(parts) or 'nothing'}{took}{extra}"
 
 
 def read_outcomes(path: Path) -> tuple[dict[str, str], dict[str, str]]:
@@ -212,7 +213,14 @@ def run_suite(suite: Path, mode: str, subset: str, out: Path, pytest_args: list[
         run.cut = run.cut or cut
         run.returncode = max(run.returncode or 0, code if code is not None else 99)
     run.seconds = time.monotonic() - started
-    run.outcomes, run.messages = read_outcomes(results)
+    load_outcomes(run, out)
+    return run
+
+
+def load_outcomes(run: Run, out: Path) -> Run:
+    """Read a run's outcomes and workers from its results folder."""
+    run.outcomes, run.messages = read_outcomes(out / "results.jsonl")
+    workers_log = out / "workers.jsonl"
     if workers_log.exists():
         lines = workers_log.read_text(encoding="utf-8").splitlines()
         run.workers = [json.loads(line) for line in lines]
@@ -319,7 +327,18 @@ def main(argv: list[str] | None = None) -> int:
     which.add_argument("--vanilla", dest="modes", action="store_const", const=("vanilla",))
     which.add_argument("--relier", dest="modes", action="store_const", const=("relier",))
     parser.add_argument("--fetch-only", action="store_true", help="download and extract, no run")
+    parser.add_argument(
+        "--compare",
+        nargs=2,
+        metavar=("VANILLA_DIR", "RELIER_DIR"),
+        help="compare two earlier runs' results folders (.cache/celery-suite/results/...)",
+    )
     args, pytest_args = parser.parse_known_args(argv)
+    if args.compare:
+        vanilla_dir, relier_dir = (Path(d) for d in args.compare)
+        return report(
+            [load_outcomes(Run("vanilla"), vanilla_dir), load_outcomes(Run("relier"), relier_dir)]
+        )
     modes = args.modes or ("vanilla", "relier")
     celery_version = installed_version("celery")
     try:
