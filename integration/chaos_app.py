@@ -161,7 +161,9 @@ def ar() -> aredis.Redis:
     """An asyncio Redis client of the running loop (clients cannot cross loops)."""
     loop = asyncio.get_running_loop()
     if id(loop) not in _aclients:
-        _aclients[id(loop)] = aredis.Redis.from_url(RESULTS_URL)
+        # redis-py 8 caps a pool at 100 connections and raises past it: 200 tasks on one loop
+        # under a loaded machine can have more commands in flight at once.
+        _aclients[id(loop)] = aredis.Redis.from_url(RESULTS_URL, max_connections=1000)
     return _aclients[id(loop)]
 
 

@@ -173,8 +173,9 @@ class RelierConsumer(bootsteps.StartStopStep):  # type: ignore[misc]
         if self.first_start:
             self.first_start = False
             return
-        running = {r.id for r in worker_state.active_requests}
-        count = self.runtime.inflight.recover_after_restart(running)
+        inflight = self.runtime.inflight
+        keys = (inflight.key_of(getattr(r, "message", None)) for r in worker_state.active_requests)
+        count = inflight.recover_after_restart({k for k in keys if k is not None})
         if count:
             logger.warning(
                 "relier: consumer restarted; republished %d reserved task(s) that Celery forgot",

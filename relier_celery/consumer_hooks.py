@@ -27,7 +27,7 @@ from .errors import HardTimeout, IdempotencyInterrupted
 from .fetch import FIELD, PROTECTED
 from .inflight import Inflight, Key
 from .lease import LeaseClock
-from .record import HELD_KEY, trace_context
+from .record import EPOCH_KEY, HELD_KEY, trace_context
 
 __all__ = ["wrap_consumer"]
 
@@ -110,8 +110,12 @@ def wrap_consumer(c: Any, inflight: Inflight, clock: LeaseClock) -> None:
         if inflight.holds(key):
             assert key is not None
             _wrap_request(req, key, inflight, clock)
-            if key[1].resurrections and _ahead_of_reserved(c, on_task_request, req):
+            if key.generation.resurrections and _ahead_of_reserved(c, on_task_request, req):
                 return None
+        else:
+            # Not relier's to gate or complete, whatever headers it was published with.
+            req.request_dict.pop(EPOCH_KEY, None)
+            req.request_dict.pop(HELD_KEY, None)
         return on_task_request(req)
 
     def _quarantine(message: Any, exc: BaseException, reason: str = "invalid_message") -> bool:

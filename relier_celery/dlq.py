@@ -51,6 +51,7 @@ def quarantine(
         "id": entry_id,
         "task_id": record.task_id,
         "task_name": record.task_name,
+        "delivery_id": record.delivery_id,
         "reason": reason,
         "error": error,
         "worker": held_by or record.worker,
@@ -65,7 +66,7 @@ def quarantine(
         entry_id,
         json.dumps(entry, default=str),
         int(now * 1000),
-        record.task_id,
+        record.delivery_id,
         gen,
         done_ttl,
         worker=held_by,
@@ -122,7 +123,7 @@ def release(app: Any, store: Store, entry: Entry) -> TaskRecord:
     """Republish an entry's original message and remove the entry (at least once: the entry
     goes only after the publish succeeded)."""
     record = released_record(entry)
-    store.forget_done(record.task_id)
+    store.forget_done(record.delivery_id)  # the same publication: the headers are kept
     with app.producer_pool.acquire(block=True, timeout=10) as producer:
         record.publish(producer)
     store.dlq_remove([entry["id"]])

@@ -14,7 +14,7 @@ import threading
 import traceback
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from . import envelope, events
 from .config import RelierConfig
@@ -28,6 +28,7 @@ from .record import (
     Generation,
     TaskRecord,
     as_int,
+    delivery_id,
     trace_context,
 )
 from .resurrect import Resurrector
@@ -38,7 +39,32 @@ __all__ = ["Inflight", "Verdict"]
 logger = logging.getLogger("relier_celery")
 
 Verdict = Literal["run", "duplicate", "parked", "quarantined", "deferred"]
-Key = tuple[str, Generation]
+
+
+class Key(NamedTuple):
+    """One delivery this worker holds, in memory. Two deliveries of one task id can be in one
+    worker at once: a task that replaced itself still runs (it raises Ignore after publishing)
+    when its replacement, under the same id, arrives. So the key is the delivery id (task id
+    and publication), its generation and, for a fetched delivery, its held field (unique per
+    fetch, so even two messages that carry no publication id stay apart)."""
+
+    delivery: str
+    generation: Generation
+    field: str = ""
+
+    @classmethod
+    def of(cls, headers: dict[str, Any], info: Any = None) -> Key:
+        """The key of a message by its headers and delivery_info."""
+        field = info.get(FETCH_FIELD) if isinstance(info, dict) else None
+        return cls(
+            delivery_id(headers, str(headers["id"])),
+            Generation.from_headers(headers),
+            "" if field is None else str(field),
+        )
+
+    @classmethod
+    def of_record(cls, record: TaskRecord) -> Key:
+        return cls(record.delivery_id, record.generation, record.field_name or "")
 
 
 @dataclass
@@ -105,7 +131,7 @@ class Inflight:
             record.field_name = str(info[FETCH_FIELD])
             record.queue_key = str(info[FETCH_QUEUE])
             record.delivery_tag = str(message.delivery_tag)
-            key = (record.task_id, record.generation)
+            key = Key.of_record(record)
             with self._lock:
                 self.local[key] = record
             return self._check_schema(key, record, message, args, kwargs, embed)
@@ -122,7 +148,7 @@ class Inflight:
             return "run"
         gen = record.generation
         try:
-            receipt = self.store.record(record.task_id, self.worker, gen, record.dumps())
+            receipt = self.store.record(record.delivery_id, self.worker, gen, record.dumps())
         except StoreUnavailable as exc:
             self._mark_store_down(exc)
             return "parked"
@@ -140,7 +166,7 @@ class Inflight:
                 **trace_context(record.headers),
             )
             return "duplicate"
-        key = (record.task_id, gen)
+        key = Key.of_record(record)
         with self._lock:
             self.local[key] = record
         return self._check_schema(key, record, message, args, kwargs, embed)
@@ -269,7 +295,7 @@ class Inflight:
         headers = getattr(message, "headers", None)
         if not isinstance(headers, dict) or "id" not in headers:
             return None
-        return str(headers["id"]), Generation.from_headers(headers)
+        return Key.of(headers, getattr(message, "delivery_info", None))
 
     def holds(self, key: Key | None) -> bool:
         return key is not None and key in self.local
@@ -281,6 +307,7 @@ class Inflight:
             record = self.local.get(key)
             if record is None:
                 return False
+            request_dict.pop(HELD_KEY, None)  # never one a message carried in
             request_dict[EPOCH_KEY] = epoch
             if record.field_name is not None:
                 request_dict[HELD_KEY] = [self.worker, record.field_name]
@@ -330,12 +357,26 @@ class Inflight:
         if item.field is not None:  # fetched: its record is the whole footprint
             self.store.ack(self.worker, item.field)
         else:
-            task_id, gen = item.key
-            self.store.complete(task_id, self.worker, gen, self.config.completed_ttl, item.finished)
+            self.store.complete(
+                item.key.delivery,
+                self.worker,
+                item.key.generation,
+                self.config.completed_ttl,
+                item.finished,
+            )
 
-    def finish_task(self, task_id: str) -> None:
-        """Remove every delivery of a task id this worker holds (a revoke names only the id)."""
-        for key in [k for k in list(self.local) if k[0] == task_id]:
+    def finish_task(self, task_id: str, headers: dict[str, Any] | None = None) -> None:
+        """A revoked (or expired) request: remove its delivery, named by the request's
+        ``headers`` (its publication and generation: a replacement waiting under the same
+        task id is another delivery), or every delivery of the task id without them."""
+        with self._lock:
+            if headers is not None:
+                delivery = delivery_id(headers, task_id)
+                gen = Generation.from_headers(headers)
+                keys = [k for k in self.local if k.delivery == delivery and k.generation == gen]
+            else:
+                keys = [k for k, record in self.local.items() if record.task_id == task_id]
+        for key in keys:
             self.finish(key)
 
     def flush(self) -> None:
@@ -389,10 +430,12 @@ class Inflight:
         self,
         only: set[str] | None = None,
         exclude: frozenset[str] | set[str] = frozenset(),
+        keep: frozenset[Key] | set[Key] = frozenset(),
         why: str = "its worker shut down before starting it",
     ) -> int:
-        """Republish what this worker holds (``only`` those task ids, or all but ``exclude``)
-        as a hand-off, which does not count against max_resurrections; return how many."""
+        """Republish what this worker holds (``only`` those task ids, or all but the task ids
+        in ``exclude`` and the deliveries in ``keep``) as a hand-off, which does not count
+        against max_resurrections; return how many."""
         count = 0
         for field, raw in self.store.held(self.worker).items():
             try:
@@ -401,10 +444,11 @@ class Inflight:
                 self.resurrector.quarantine_unreadable(self.worker, field, raw, exc)
                 continue
             task_id = record.task_id
-            if (only is not None and task_id not in only) or task_id in exclude:
+            key = Key.of_record(record)
+            if (only is not None and task_id not in only) or task_id in exclude or key in keep:
                 continue
             with self._lock:
-                self.local.pop((record.task_id, record.generation), None)
+                self.local.pop(key, None)
             self.resurrector.resurrect(record, self.worker, field, why, crash=False)
             count += 1
         return count
@@ -425,12 +469,13 @@ class Inflight:
         self.resurrector.resurrect(record, self.worker, record.held_field(), why, crash=False)
         return True
 
-    def recover_after_restart(self, running: set[str]) -> int:
+    def recover_after_restart(self, running: set[Key]) -> int:
         """After a consumer restart Celery forgets reserved messages: republish them now.
 
-        ``running`` holds the ids of tasks still executing in the pool; those keep their
-        records and finish as usual."""
-        return self.hand_off(exclude=running, why="the consumer restarted and forgot it")
+        ``running`` holds the keys of deliveries still executing in the pool (not their task
+        ids: a replacement waiting under the id of a task still running must go too); those
+        keep their records and finish as usual."""
+        return self.hand_off(keep=running, why="the consumer restarted and forgot it")
 
     # -- Redis health -------------------------------------------------------------------
     def _mark_store_down(self, exc: Exception) -> None:

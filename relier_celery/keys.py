@@ -43,11 +43,12 @@ class Keys:
 
     @property
     def owners(self) -> str:
-        """HASH: task id -> ``worker|retries|resurrections`` of the delivery that holds it."""
+        """HASH: delivery id (task id and publication, record.delivery_id) ->
+        ``worker|retries|resurrections`` of the delivery that holds it."""
         return f"{self._base}:owners"
 
     def held(self, worker: str) -> str:
-        """HASH per worker: ``task_id|retries|resurrections`` -> the message record (receipt),
+        """HASH per worker: ``delivery_id|retries|resurrections`` -> the message record (receipt),
         or a fetch field -> the envelope as taken from its queue (the reliable fetch)."""
         return f"{self._base}:held:{worker}"
 
@@ -59,9 +60,10 @@ class Keys:
         """STRING with a TTL: a scanner's claim on a dead worker's tasks."""
         return f"{self._base}:claim:{worker}"
 
-    def done(self, task_id: str) -> str:
-        """STRING with a TTL: newest finished generation of a task, ``retries|resurrections``."""
-        return f"{self._base}:done:{task_id}"
+    def done(self, delivery: str) -> str:
+        """STRING with a TTL: newest finished generation of a delivery id (one publication of
+        a task), ``retries|resurrections``."""
+        return f"{self._base}:done:{delivery}"
 
     @property
     def dlq(self) -> str:

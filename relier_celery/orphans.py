@@ -5,9 +5,10 @@ kombu's Redis transport moves a delivered message into its ``unacked`` hash, the
 consumer, where relier records it. A worker SIGKILLed between the two leaves the message in
 ``unacked`` with no relier record, and the transport would only restore it after its
 visibility timeout (an hour by default). The sweep restores such a message as soon as it is
-older than ``relier_lease_ttl`` and no worker holds or finished its task id: every live worker
-records what it receives within milliseconds, so an older unrecorded delivery is an orphan.
-A copy restored twice is harmless: the second is dropped as a duplicate on receipt.
+older than ``relier_lease_ttl`` and no worker holds or finished that delivery (its task id and
+publication, ``record.delivery_id``): every live worker records what it receives within
+milliseconds, so an older unrecorded delivery is an orphan. A copy restored twice is
+harmless: the second is dropped as a duplicate on receipt.
 
 Only messages of tasks this app knows are touched, so other apps sharing the broker are left
 alone; workers without relier on the same queues must not share the broker (their in-flight
@@ -23,6 +24,7 @@ from typing import Any
 
 from . import events
 from .config import RelierConfig
+from .record import delivery_id
 from .store import Store
 
 __all__ = ["UnackedSweep"]
@@ -78,15 +80,15 @@ class UnackedSweep:
         tags = client.zrangebyscore(channel.unacked_index_key, "-inf", ceiling, start=0, num=BATCH)
         if not tags:
             return 0
-        candidates: dict[Any, tuple[str, str]] = {}
+        candidates: dict[Any, tuple[str, str, str]] = {}
         for tag, raw in zip(tags, client.hmget(channel.unacked_key, tags), strict=True):
             parsed = _task_of(raw)
             if parsed is not None and parsed[1] in self.app.tasks:
                 candidates[tag] = parsed
-        known = self.store.known({task_id for task_id, _ in candidates.values()})
+        known = self.store.known({delivery for _, _, delivery in candidates.values()})
         restored = 0
-        for tag, (task_id, name) in candidates.items():
-            if task_id in known:
+        for tag, (task_id, name, delivery) in candidates.items():
+            if delivery in known:
                 continue
             channel.qos.restore_by_tag(tag, client)
             restored += 1
@@ -100,13 +102,15 @@ class UnackedSweep:
         return restored
 
 
-def _task_of(raw: Any) -> tuple[str, str] | None:
-    """(task id, task name) of a kombu ``unacked`` entry, or None if it is not a Celery task."""
+def _task_of(raw: Any) -> tuple[str, str, str] | None:
+    """(task id, task name, delivery id) of a kombu ``unacked`` entry, or None if it is not a
+    Celery task."""
     if raw is None:
         return None
     try:
         message = json.loads(raw)[0]
         headers = message.get("headers") or {}
-        return str(headers["id"]), str(headers["task"])
+        task_id = str(headers["id"])
+        return task_id, str(headers["task"]), delivery_id(headers, task_id)
     except (ValueError, TypeError, KeyError, IndexError, AttributeError):
         return None

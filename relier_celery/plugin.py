@@ -18,11 +18,12 @@ import weakref
 from dataclasses import dataclass
 from typing import Any
 
+from . import events
 from .config import RelierConfig
 from .keys import Keys
 from .store import Store
 
-__all__ = ["Relier", "decide", "enabled", "get", "install", "new_worker_id"]
+__all__ = ["Relier", "decide", "enabled", "get", "inactive_reason", "install", "new_worker_id"]
 
 _installed: weakref.WeakKeyDictionary[Any, Relier] = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
@@ -31,6 +32,10 @@ _lock = threading.Lock()
 _enabled: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
 
 PACKAGE = "relier_celery"
+# kombu's in-process transport: an app on it with no relier_redis_url runs without relier.
+MEMORY_BROKER = "memory://"
+# Apps already told that relier is inactive in them (decide() runs more than once per app).
+_warned: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 @dataclass(frozen=True)
@@ -81,14 +86,45 @@ def enabled(app: Any) -> bool:
 def decide(app: Any) -> bool:
     """Decide afresh from ``app``'s configuration whether relier acts in it, and cache that:
     ``relier_celery`` or one of its submodules in ``imports`` or ``include``, or an earlier
-    ``install(app)``."""
-    decision = app in _installed or any(
-        name == PACKAGE or name.startswith(PACKAGE + ".")
-        for setting in (app.conf.imports, app.conf.include)
-        for name in _module_names(setting)
+    ``install(app)``. An app listing relier on the in-process ``memory://`` broker with no
+    ``relier_redis_url`` runs as plain Celery, with one warning (see :func:`inactive_reason`)."""
+    decision = app in _installed or (
+        any(
+            name == PACKAGE or name.startswith(PACKAGE + ".")
+            for setting in (app.conf.imports, app.conf.include)
+            for name in _module_names(setting)
+        )
+        and not _inactive(app)
     )
     _enabled[app] = decision
     return decision
+
+
+def inactive_reason(app: Any) -> str | None:
+    """Why relier stays out of an app that lists it, or None: its broker is kombu's in-process
+    ``memory://`` transport (Celery's own test setup, ``celery.contrib.testing``) and no
+    ``relier_redis_url`` is set. Nothing there outlives the process, so there is nothing to
+    protect and no Redis to keep state in; refusing to start would break the in-memory tests
+    Celery's docs teach. Any other broker without a Redis for relier stays an error at start
+    (``RelierConfig``)."""
+    broker = str(app.conf.broker_url or "")
+    if not broker.startswith(MEMORY_BROKER) or app.conf.get("relier_redis_url") is not None:
+        return None
+    return (
+        f"relier is inactive in app {app.main!r}: its broker is the in-process {MEMORY_BROKER} "
+        "transport and relier_redis_url is not set, so it runs as plain Celery (set "
+        "relier_redis_url to protect its tasks)"
+    )
+
+
+def _inactive(app: Any) -> bool:
+    reason = inactive_reason(app)
+    if reason is None:
+        return False
+    if app not in _warned:  # one line per app, however often it is decided
+        _warned.add(app)
+        events.emit("config.warning", reason, app=str(app.main))
+    return True
 
 
 def _module_names(setting: Any) -> list[str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import copy
 import json
+import secrets
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -22,10 +23,13 @@ __all__ = [
     "FETCH_FIELD",
     "FETCH_QUEUE",
     "HELD_KEY",
+    "PUBLICATION_HEADER",
     "RESURRECTIONS_HEADER",
     "Generation",
     "TaskRecord",
     "as_int",
+    "delivery_id",
+    "new_publication_id",
     "trace_context",
 ]
 
@@ -34,6 +38,16 @@ RESURRECTIONS_HEADER = "rl_resurrections"
 # Only republishes after a worker died holding the task raise this; max_resurrections bounds
 # it. A hand-off at a clean shutdown or after a consumer restart is not the task's fault.
 CRASHES_HEADER = "rl_crashes"
+
+# Stamped fresh on every publication by an app with relier enabled (signals.py), never copied
+# from a request: a broker redelivery or a relier republish (resurrection, hand-off, DLQ
+# release) carries the message's headers unchanged, so the same value, while a deliberate
+# re-publication by Celery under the same task id (Task.replace, a re-applied frozen
+# signature, apply_async(task_id=...) again) goes through before_task_publish: a new value.
+PUBLICATION_HEADER = "rl_pub"
+# Celery's own header: how many Task.replace() calls deep this message is (0 when not a
+# replacement). The fallback identity of a message published without relier.
+_NESTING_HEADER = "replaced_task_nesting"
 
 # First line of a held record written by the reliable fetch (fetch.lua), not by receipt.
 FETCHED_MARK = "rlf1\n"
@@ -65,19 +79,43 @@ _KEPT_PROPERTIES = (
 
 @dataclass(frozen=True, order=True)
 class Generation:
-    """Which delivery of a task id this is. Celery retries raise ``retries``; relier's
-    resurrections raise ``resurrections``. A delivery older than or equal to one already
-    held or finished is a duplicate."""
+    """Which delivery of one publication (:func:`delivery_id`) this is: relier's
+    resurrections raise ``resurrections`` (Celery's ``retries`` is compared first; a retry is
+    also a new publication). A delivery older than or equal to one already held or finished
+    is a duplicate."""
 
     retries: int = 0
     resurrections: int = 0
 
-    def field(self, task_id: str) -> str:
-        return f"{task_id}|{self.retries}|{self.resurrections}"
+    def field(self, delivery: str) -> str:
+        """The held field of this generation of a delivery id (receipt path)."""
+        return f"{delivery}|{self.retries}|{self.resurrections}"
 
     @classmethod
     def from_headers(cls, headers: dict[str, Any]) -> Generation:
         return cls(as_int(headers.get("retries")), as_int(headers.get(RESURRECTIONS_HEADER)))
+
+
+def new_publication_id() -> str:
+    """A fresh publication id (64 random bits, hex: unique enough among the publications of
+    one task id, and cheap on every publish)."""
+    return secrets.token_hex(8)
+
+
+def delivery_id(headers: Any, task_id: str) -> str:
+    """What identifies one publication of a task: the task id and relier's publication id.
+
+    Deliveries of one publication (broker redeliveries, relier's resurrections) share it and
+    are ordered by their :class:`Generation`; a new publication under the same task id (a
+    replacement, a re-applied frozen signature) is another delivery id, so it is never taken
+    for a duplicate. A message published without relier (no ``rl_pub``) falls back on the
+    task id and Celery's ``replaced_task_nesting``, so that at least a replacement runs.
+    """
+    pub = headers.get(PUBLICATION_HEADER) if isinstance(headers, dict) else None
+    if pub:
+        return f"{task_id}#{pub}"
+    nesting = as_int(headers.get(_NESTING_HEADER)) if isinstance(headers, dict) else 0
+    return f"{task_id}#r{nesting}" if nesting else task_id
 
 
 def trace_context(headers: Any) -> dict[str, str]:
@@ -120,7 +158,12 @@ class TaskRecord:
 
     def held_field(self) -> str:
         """The field of this delivery in its worker's held hash."""
-        return self.field_name or self.generation.field(self.task_id)
+        return self.field_name or self.generation.field(self.delivery_id)
+
+    @property
+    def delivery_id(self) -> str:
+        """Which publication of its task id this message is (see :func:`delivery_id`)."""
+        return delivery_id(self.headers, self.task_id)
 
     @property
     def generation(self) -> Generation:

@@ -102,11 +102,14 @@ def on_task_revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
     runtime = WorkerRuntime.current
     task_id = getattr(request, "id", None)
     if runtime is not None and task_id:
-        runtime.inflight.finish_task(str(task_id))
+        # The request's context carries its message's headers: which delivery was revoked.
+        headers = getattr(request, "__dict__", None)
+        runtime.inflight.finish_task(str(task_id), headers if isinstance(headers, dict) else None)
 
 
 def on_before_task_publish(sender: Any = None, headers: Any = None, **_: Any) -> None:
-    """Stamp every task message with its task's schema version (an explicit header wins).
+    """Stamp every task message with a fresh publication id (``rl_pub``, see
+    ``record.delivery_id``) and its task's schema version (an explicit header wins).
 
     The signal names neither the app nor the producer, only the task: the app is the current
     one, as Celery's own ``current_app`` lookups assume."""
@@ -116,7 +119,16 @@ def on_before_task_publish(sender: Any = None, headers: Any = None, **_: Any) ->
     if not enabled(app):
         return
     from .envelope import SCHEMA_HEADER, schema_version
+    from .record import EPOCH_KEY, HELD_KEY, PUBLICATION_HEADER, new_publication_id
 
+    # Always a fresh one, even over a value a caller copied from a request's headers: this
+    # publication is a new one (a replacement, a re-applied frozen signature), while a broker
+    # redelivery or a relier republish never passes here and keeps the value it had.
+    headers[PUBLICATION_HEADER] = new_publication_id()
+    # A retry copies its request's custom headers, these included: they belong to the worker
+    # that ran that delivery, never to a new message.
+    headers.pop(EPOCH_KEY, None)
+    headers.pop(HELD_KEY, None)
     if SCHEMA_HEADER not in headers:
         task = app.tasks.get(sender) if isinstance(sender, str) else None
         if task is not None:

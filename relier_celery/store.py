@@ -215,29 +215,31 @@ class Store:
         return dict(cast(list[tuple[str, float]], pairs))
 
     # -- the inflight registry ----------------------------------------------------------
-    def record(self, task_id: str, worker: str, gen: Generation, record: str) -> Receipt:
-        """Record a received delivery under ``worker``, unless it is a duplicate."""
+    def record(self, delivery: str, worker: str, gen: Generation, record: str) -> Receipt:
+        """Record a received delivery under ``worker``, unless it is a duplicate. ``delivery``
+        is its delivery id (:func:`~relier_celery.record.delivery_id`): the task id and its
+        publication id, so a new publication under the same task id is never a duplicate."""
         k = self.keys
         out = self._run(
             "receipt",
-            [k.owners, k.done(task_id), k.held(worker)],
-            [task_id, worker, gen.retries, gen.resurrections, record],
+            [k.owners, k.done(delivery), k.held(worker)],
+            [delivery, worker, gen.retries, gen.resurrections, record],
         )
         if int(out[0]) == 1:
             return Receipt(True)
         return Receipt(False, str(out[1]), str(out[2]))
 
     def complete(
-        self, task_id: str, worker: str, gen: Generation, done_ttl: float, finished: bool = True
+        self, delivery: str, worker: str, gen: Generation, done_ttl: float, finished: bool = True
     ) -> bool:
         """Remove a delivery's record; return whether it was still held. ``finished=False``
         when the broker gets the message back (so its redelivery is not a duplicate)."""
         k = self.keys
         removed = self._run(
             "complete",
-            [k.owners, k.done(task_id), k.held(worker)],
+            [k.owners, k.done(delivery), k.held(worker)],
             [
-                task_id,
+                delivery,
                 worker,
                 gen.retries,
                 gen.resurrections,
@@ -266,24 +268,26 @@ class Store:
         )
         return bool(out)
 
-    def known(self, task_ids: set[str]) -> set[str]:
-        """The task ids some worker holds or recently finished (one pipelined round trip)."""
-        ids = sorted(task_ids)
+    def known(self, deliveries: set[str]) -> set[str]:
+        """The delivery ids some worker holds or recently finished (one pipelined round
+        trip)."""
+        ids = sorted(deliveries)
         if not ids:
             return set()
 
         def ask(c: redis.Redis) -> list[Any]:
             pipe = c.pipeline(transaction=False)
-            for task_id in ids:
-                pipe.hexists(self.keys.owners, task_id)
-                pipe.exists(self.keys.done(task_id))
+            for delivery in ids:
+                pipe.hexists(self.keys.owners, delivery)
+                pipe.exists(self.keys.done(delivery))
             return list(pipe.execute())
 
         flags = self.call(ask)
         return {t for i, t in enumerate(ids) if flags[2 * i] or flags[2 * i + 1]}
 
     def held(self, worker: str) -> dict[str, str]:
-        """Every record a worker holds, by ``task_id|retries|resurrections``."""
+        """Every record a worker holds, by ``delivery_id|retries|resurrections`` (receipt) or
+        fetch field."""
         return cast(dict[str, str], self.call(lambda c: c.hgetall(self.keys.held(worker))))
 
     # -- resurrection -------------------------------------------------------------------
@@ -443,17 +447,18 @@ class Store:
         entry_id: str,
         entry: str,
         at_ms: int,
-        task_id: str,
+        delivery: str,
         gen: Generation,
         done_ttl: float,
         worker: str | None = None,
         field: str | None = None,
     ) -> None:
-        """Write a DLQ entry and, in the same step, drop the record it came from."""
+        """Write a DLQ entry and, in the same step, drop the record it came from (and, by its
+        delivery id, its owner entry; its done record makes a late copy a duplicate)."""
         k = self.keys
         self._run(
             "dlq_put",
-            [k.dlq, k.dlq_index, k.held(worker or "-"), k.done(task_id), k.owners],
+            [k.dlq, k.dlq_index, k.held(worker or "-"), k.done(delivery), k.owners],
             [
                 entry_id,
                 entry,
@@ -461,7 +466,7 @@ class Store:
                 field or "",
                 f"{gen.retries}|{gen.resurrections}",
                 _ms(done_ttl),
-                task_id,
+                delivery,
                 f"{worker}|{gen.retries}|{gen.resurrections}" if worker else "",
             ],
         )
@@ -495,9 +500,10 @@ class Store:
             ),
         )
 
-    def forget_done(self, task_id: str) -> None:
-        """Drop a task id's done record, so a released copy is not taken for a duplicate."""
-        self.call(lambda c: c.delete(self.keys.done(task_id)))
+    def forget_done(self, delivery: str) -> None:
+        """Drop a delivery id's done record, so a released copy is not taken for a
+        duplicate."""
+        self.call(lambda c: c.delete(self.keys.done(delivery)))
 
     def now_ms(self) -> int:
         """Redis's clock in ms (every process compares ages against the same clock)."""

@@ -10,14 +10,16 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from celery import Celery, current_app
 
 from relier_celery import events
 from relier_celery.completion import record_success
 from relier_celery.config import RelierConfig
-from relier_celery.inflight import Inflight
+from relier_celery.inflight import Inflight, Key
 from relier_celery.lease import Lease, LeaseClock, attach_clock, gate
 from relier_celery.plugin import Relier, _installed
 from relier_celery.record import EPOCH_KEY, HELD_KEY, Generation, TaskRecord
+from relier_celery.signals import on_before_task_publish
 from relier_celery.store import Store
 
 
@@ -142,7 +144,7 @@ def _record(task_id: str, field: str | None) -> TaskRecord:
 def test_a_request_reaches_the_pool_stamped_only_while_its_delivery_is_held(store: Store) -> None:
     inflight = _inflight(store)
     clock = LeaseClock(4.0)
-    key = ("t1", Generation())
+    key = Key("t1", Generation(), "f7")
     inflight.local[key] = _record("t1", "f7")
     request: dict[str, Any] = {}
     assert inflight.to_pool(key, request, clock.epoch)
@@ -156,10 +158,10 @@ def test_a_success_recorded_in_the_pool_is_dropped_again_in_one_batch(store: Sto
     inflight = _inflight(store)
     held = store.keys.held("w1")
     store.call(lambda c: c.hset(held, mapping={"f1": "x", "f2": "y"}))
-    inflight.local[("t1", Generation())] = _record("t1", "f1")
-    inflight.local[("t2", Generation())] = _record("t2", "f2")
-    inflight.finish(("t1", Generation()), in_pool=True)
-    inflight.finish(("t2", Generation()), in_pool=True)
+    inflight.local[Key("t1", Generation(), "f1")] = _record("t1", "f1")
+    inflight.local[Key("t2", Generation(), "f2")] = _record("t2", "f2")
+    inflight.finish(Key("t1", Generation(), "f1"), in_pool=True)
+    inflight.finish(Key("t2", Generation(), "f2"), in_pool=True)
     assert inflight.local == {}
     assert store.call(lambda c: c.hlen(held)) == 2  # nothing sent per task
     inflight.flush()
@@ -183,3 +185,27 @@ def test_the_pool_process_drops_the_record_of_a_task_whose_body_succeeded(store:
     setattr(task.request, HELD_KEY, ["w1", "f2"])
     record_success(task)
     assert store.call(lambda c: c.hkeys(held)) == ["f2"]
+
+
+def test_a_message_never_carries_the_pool_stamps_of_the_delivery_it_was_made_from() -> None:
+    app = Celery("stamps", broker="redis://127.0.0.1:1/0", set_as_current=False)
+    app.conf.imports = ("relier_celery",)
+    headers = {"task": "demo.add", "id": "t2", EPOCH_KEY: 3, HELD_KEY: ["w0", "f9"]}
+    previous = current_app._get_current_object()
+    app.set_current()
+    try:
+        on_before_task_publish(sender="demo.add", headers=headers)
+    finally:
+        previous.set_current()
+    assert EPOCH_KEY not in headers and HELD_KEY not in headers
+
+
+def test_a_delivery_recorded_without_the_fetch_drops_a_held_field_it_came_with(
+    store: Store,
+) -> None:
+    inflight = _inflight(store)
+    key = ("t1", Generation())
+    inflight.local[key] = _record("t1", None)  # the receipt path: completed by the main process
+    request: dict[str, Any] = {HELD_KEY: ["w0", "f9"]}
+    assert inflight.to_pool(key, request, 5)
+    assert request == {EPOCH_KEY: 5}

@@ -17,7 +17,7 @@ from celery import Celery
 from relier_celery.config import RelierConfig
 from relier_celery.keys import Keys
 from relier_celery.plugin import install
-from relier_celery.record import Generation, TaskRecord
+from relier_celery.record import Generation, TaskRecord, delivery_id
 from relier_celery.resurrect import Resurrector
 from relier_celery.store import Store
 
@@ -168,6 +168,15 @@ def _orphan(app: Celery, redis_url: str, task: str, age: float = 60.0) -> str:
     return task_id
 
 
+def _delivery_of(redis_url: str, task_id: str) -> str:
+    """The delivery id of a message in kombu's unacked hash."""
+    for raw in redis.Redis.from_url(redis_url).hvals("unacked"):
+        headers = json.loads(raw)[0]["headers"]
+        if headers["id"] == task_id:
+            return delivery_id(headers, task_id)
+    raise KeyError(task_id)
+
+
 def test_an_orphaned_delivery_goes_back_to_its_queue(redis_url: str) -> None:
     # Given a delivery taken by a worker that died before recording it
     app = Celery("orphans", broker=redis_url)
@@ -197,7 +206,8 @@ def test_a_recorded_young_or_foreign_delivery_is_left_alone(redis_url: str) -> N
 
     # held by a live worker / too young to judge / a task this app does not know
     held_id = _orphan(app, redis_url, "jobs.held")
-    relier.store.record(held_id, "live", Generation(0, 0), "rec")
+    # (held under its delivery id: the task id and the publication id stamped at publish)
+    relier.store.record(_delivery_of(redis_url, held_id), "live", Generation(0, 0), "rec")
     _orphan(app, redis_url, "jobs.held", age=0)
     _orphan(app, redis_url, "someone.elses")
     assert Resurrector(app, relier.config, relier.store).scan_once() == 0

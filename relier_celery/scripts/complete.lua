@@ -1,9 +1,9 @@
 -- complete: forget a delivery that reached a final state and remember that it finished.
 --
 -- KEYS[1]  owners HASH
--- KEYS[2]  done STRING of this task id
+-- KEYS[2]  done STRING of this delivery id
 -- KEYS[3]  held HASH of the worker that ran it
--- ARGV[1]  task id
+-- ARGV[1]  delivery id: the task id and its publication id (rl_pub); see record.delivery_id
 -- ARGV[2]  worker id
 -- ARGV[3]  retries of this delivery
 -- ARGV[4]  resurrections of this delivery

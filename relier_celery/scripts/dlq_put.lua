@@ -3,7 +3,7 @@
 -- KEYS[1]  dlq HASH (entry id -> entry JSON)
 -- KEYS[2]  dlq index ZSET (entry id -> quarantine time ms)
 -- KEYS[3]  held HASH the record comes from
--- KEYS[4]  done STRING of the task id
+-- KEYS[4]  done STRING of the delivery id
 -- ARGV[1]  entry id
 -- ARGV[2]  entry JSON
 -- ARGV[3]  quarantine time in ms
@@ -11,7 +11,7 @@
 -- ARGV[5]  "retries|resurrections" of the quarantined delivery
 -- ARGV[6]  ttl of the done record in ms
 -- KEYS[5]  owners HASH
--- ARGV[7]  task id
+-- ARGV[7]  delivery id (task id and publication id)
 -- ARGV[8]  owner entry of the quarantined delivery ("worker|retries|resurrections"), or ""
 -- Returns  1
 --

@@ -1,9 +1,9 @@
 -- receipt: record a received task message under the receiving worker, unless it is a duplicate.
 --
--- KEYS[1]  owners HASH (task id -> "worker|retries|resurrections" of the delivery held)
--- KEYS[2]  done STRING of this task id ("retries|resurrections" of the newest finished delivery)
--- KEYS[3]  held HASH of the receiving worker ("task_id|retries|resurrections" -> record)
--- ARGV[1]  task id
+-- KEYS[1]  owners HASH (delivery id -> "worker|retries|resurrections" of the delivery held)
+-- KEYS[2]  done STRING of this delivery id ("retries|resurrections" of the newest finished delivery)
+-- KEYS[3]  held HASH of the receiving worker ("delivery_id|retries|resurrections" -> record)
+-- ARGV[1]  delivery id: the task id and its publication id (rl_pub); see record.delivery_id
 -- ARGV[2]  receiving worker id
 -- ARGV[3]  retries of this delivery
 -- ARGV[4]  resurrections of this delivery
@@ -11,8 +11,9 @@
 -- Returns  {1} recorded; {0, "done", gen} a delivery not newer than one already finished;
 --          {0, "held", owner} a delivery not newer than one a worker already holds.
 --
--- Why: a delivery is identified by (retries, resurrections). A Celery retry or a relier
--- resurrection is newer and runs; a broker redelivery of the same delivery (visibility
+-- Why: a delivery is identified by its delivery id (one publication: Celery publishing again
+-- under the same task id, as Task.replace does, is another one and runs) and, within it, by
+-- (retries, resurrections). A relier resurrection is newer and runs; a broker redelivery of the same delivery (visibility
 -- timeout, a restore on reconnect) is not, and is dropped instead of running twice (G4). A
 -- holder whose lease ran out still counts: the scanner republishes its copy.
 local retries = tonumber(ARGV[3])
