@@ -172,7 +172,9 @@ def run_suite(suite: Path, mode: str, subset: str, out: Path, pytest_args: list[
     results, workers_log = out / "results.jsonl", out / "workers.jsonl"
     for p in (results, workers_log):
         p.unlink(missing_ok=True)
-    plugins = ["-p", "celery.contrib.pytest", "-p", "bounds"]
+    # Without relier's own pytest11 plugin: it imports relier_celery, so the vanilla run would
+    # have relier's signal handlers connected (inert, but not Celery as it ships).
+    plugins = ["-p", "celery.contrib.pytest", "-p", "bounds", "-p", "no:relier"]
     if mode == "relier":
         plugins += ["-p", "relier_everywhere"]
     run = Run(mode)
