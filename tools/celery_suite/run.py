@@ -336,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
         help="compare two earlier runs' results folders (.cache/celery-suite/results/...)",
     )
     args, pytest_args = parser.parse_known_args(argv)
+    if pytest_args[:1] == ["--"]:  # pytest would take what follows "--" for paths
+        pytest_args = pytest_args[1:]
     if args.compare:
         vanilla_dir, relier_dir = (Path(d) for d in args.compare)
         return report(
