@@ -107,7 +107,8 @@ class Run:
         c = self.count()
         parts = [f"{c[k]} {k}" for k in ("passed", "failed", "error", "skipped") if c[k]]
         extra = " (cut by the overall timeout)" if self.cut else ""
-        return f"{self.mode}: {', '.join(parts) or 'nothing'} in {self.seconds:.0f} s{extra}"
+        took = f" in {self.seconds:.0f} s" if self.seconds else ""
+        return f"{self.mode}: {', '.join(parts) or 'nothing'}{took}{extra}"
 
 
 def read_outcomes(path: Path) -> tuple[dict[str, str], dict[str, str]]:
@@ -171,7 +172,9 @@ def run_suite(suite: Path, mode: str, subset: str, out: Path, pytest_args: list[
     results, workers_log = out / "results.jsonl", out / "workers.jsonl"
     for p in (results, workers_log):
         p.unlink(missing_ok=True)
-    plugins = ["-p", "celery.contrib.pytest", "-p", "bounds"]
+    # Without relier's own pytest11 plugin: it imports relier_celery, so the vanilla run would
+    # have relier's signal handlers connected (inert, but not Celery as it ships).
+    plugins = ["-p", "celery.contrib.pytest", "-p", "bounds", "-p", "no:relier"]
     if mode == "relier":
         plugins += ["-p", "relier_everywhere"]
     run = Run(mode)
@@ -212,7 +215,14 @@ def run_suite(suite: Path, mode: str, subset: str, out: Path, pytest_args: list[
         run.cut = run.cut or cut
         run.returncode = max(run.returncode or 0, code if code is not None else 99)
     run.seconds = time.monotonic() - started
-    run.outcomes, run.messages = read_outcomes(results)
+    load_outcomes(run, out)
+    return run
+
+
+def load_outcomes(run: Run, out: Path) -> Run:
+    """Read a run's outcomes and workers from its results folder."""
+    run.outcomes, run.messages = read_outcomes(out / "results.jsonl")
+    workers_log = out / "workers.jsonl"
     if workers_log.exists():
         lines = workers_log.read_text(encoding="utf-8").splitlines()
         run.workers = [json.loads(line) for line in lines]
@@ -349,7 +359,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--record-baseline", action="store_true", help="write vanilla's outcomes as the baseline"
     )
+    parser.add_argument(
+        "--compare",
+        nargs=2,
+        metavar=("VANILLA_DIR", "RELIER_DIR"),
+        help="compare two earlier runs' results folders (.cache/celery-suite/results/...)",
+    )
     args, pytest_args = parser.parse_known_args(argv)
+    if pytest_args[:1] == ["--"]:  # pytest would take what follows "--" for paths
+        pytest_args = pytest_args[1:]
+    if args.compare:
+        vanilla_dir, relier_dir = (Path(d) for d in args.compare)
+        return report(
+            [load_outcomes(Run("vanilla"), vanilla_dir), load_outcomes(Run("relier"), relier_dir)]
+        )
     modes = args.modes or ("vanilla", "relier")
     celery_version = installed_version("celery")
     recorded = baseline_path(args.subset, celery_version)
