@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
+from relier_celery import events
 from relier_celery.keys import Keys
 from relier_celery.store import Store
 from relier_celery.testing import RedisServer
@@ -35,3 +36,12 @@ def client(redis_url: str) -> redis.Redis:
 @pytest.fixture
 def store(redis_url: str) -> Store:
     return Store(redis_url, Keys("rl"))
+
+
+@pytest.fixture
+def captured() -> Iterator[list[events.Event]]:
+    """Every relier event emitted during the test."""
+    seen: list[events.Event] = []
+    events.subscribe(seen.append)
+    yield seen
+    events.unsubscribe(seen.append)

@@ -3,20 +3,10 @@ from __future__ import annotations
 import logging
 import time
 
-import pytest
-
 from relier_celery import events
 from relier_celery.config import RelierConfig
 from relier_celery.lease import Lease
 from relier_celery.store import Store
-
-
-@pytest.fixture
-def captured():
-    seen: list[events.Event] = []
-    events.subscribe(seen.append)
-    yield seen
-    events.unsubscribe(seen.append)
 
 
 def test_a_broken_subscriber_never_breaks_the_emitter(captured, caplog) -> None:

@@ -12,7 +12,6 @@ from typing import Any
 import pytest
 from celery import Celery, current_app
 
-from relier_celery import events
 from relier_celery.completion import record_success
 from relier_celery.config import RelierConfig
 from relier_celery.inflight import Inflight, Key
@@ -25,14 +24,6 @@ from relier_celery.store import Store
 
 class _App:
     """Stands for a Celery app (weakly referenced, like one)."""
-
-
-@pytest.fixture
-def captured():
-    seen: list[events.Event] = []
-    events.subscribe(seen.append)
-    yield seen
-    events.unsubscribe(seen.append)
 
 
 def _read_in_child(clock: LeaseClock, out: Any) -> None:
