@@ -89,8 +89,22 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> str:
+        """Start it; on a port of its own choosing, a port taken meanwhile (by a parallel
+        test) means trying another one."""
+        chosen, attempts = self.port, 0
+        while True:
+            attempts += 1
+            try:
+                return self._start(self.port or free_port())
+            except RuntimeError:
+                self.stop()
+                if chosen or attempts >= 5:
+                    raise
+                self.port = 0
+
+    def _start(self, port: int) -> str:
         self._dir = tempfile.TemporaryDirectory(prefix="relier-redis-")
-        self.port = self.port or free_port()
+        self.port = port
         self.proc = subprocess.Popen(
             [
                 self.binary or find_redis_server(),
@@ -118,8 +132,15 @@ class RedisServer:
             raise RuntimeError(f"redis-server exited with {self.proc.returncode}")
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
-                s.sendall(b"PING\r\n")
-                return s.recv(16).startswith(b"+PONG")
+                # Ours, not another test's server that took the port first.
+                s.sendall(b"INFO server\r\n")
+                reply = b""
+                while b"process_id:" not in reply or not reply.endswith(b"\r\n"):
+                    chunk = s.recv(4096)
+                    if not chunk:
+                        break
+                    reply += chunk
+                return f"process_id:{self.proc.pid}\r\n".encode() in reply
         except OSError:
             return False
 
