@@ -33,12 +33,14 @@ from urllib.parse import urlsplit
 
 import click
 
+from ..config import mask_url
 from ..errors import RelierError
 from ..testing import RedisServer
 from . import _app, _broker_reachable, _install, relier
 from .chaos import is_loopback
-from .clusterview import ClusterInfo, Signals, drain_workers, watch
-from .supervise import Child, Supervisor, spawn
+from .clusterdown import drain_workers
+from .clusterview import ClusterInfo, watch
+from .supervise import Child, Signals, Supervisor, spawn
 
 __all__ = ["cluster_group", "embedded_address", "otel_requested", "parse_queues", "worker_argv"]
 
@@ -152,7 +154,7 @@ def up(
     url, port = embedded_address(broker, _port_free) if embedded else ("", 0)
     server = RedisServer(port=port, own_session=True) if embedded else None
     if server is not None and not url:
-        server.port = port = _free_port()
+        server.port = _free_port()
         url = server.url
     env: dict[str, str] = {"CELERY_BROKER_URL": url} if url else {}
     if url and str(app.conf.result_backend or "").startswith(REDIS_SCHEMES):
@@ -161,19 +163,31 @@ def up(
     otel = otel_requested(os.environ) and importlib.util.find_spec("opentelemetry") is not None
     if otel:
         overrides.append("relier_otel_enabled=(bool)true")
+    why_off = "" if otel or not otel_requested(os.environ) else "OpenTelemetry is not installed"
     with _environ(env):
         if url:
             app.conf.relier_redis_url = url
         if otel:
             app.conf.relier_otel_enabled = True
         rel = _install(app)
+        if url and rel.config.redis_url != url:
+            # Installed at import time, before these settings: the workers would be too.
+            raise click.ClickException(
+                f"the app keeps relier's state at {mask_url(rel.config.redis_url)} "
+                "(relier_redis_url, read when it calls install(app) at import): --embedded "
+                "needs relier_redis_url unset, or that install after the app's configuration"
+            )
+        if otel and not rel.config.otel_enabled:
+            why_off = "the app calls install(app) at import, before relier_otel_enabled"
+        if not embedded:
+            _reachable(app, rel, embedded=False)
         info = ClusterInfo(
             target=target,
             app_broker=broker,
             redis_url=rel.config.redis_url,
             embedded=embedded,
             otel=bool(rel.config.otel_enabled),
-            otel_missing=otel_requested(os.environ) and not otel,
+            otel_off=why_off,
             queues=names,
             interval=interval,
             logs=Path(logs or tempfile.mkdtemp(prefix="relier-cluster-")),
@@ -234,7 +248,8 @@ def _run(
                 raise click.ClickException(
                     f"the embedded redis-server did not start on port {server.port}: {exc}"
                 ) from None
-        _reachable(app, rel, info.embedded)
+        if server is not None:
+            _reachable(app, rel, embedded=True)
         app.loader.import_default_modules()  # task options such as max_resurrections
         observers = start_observers(rel)
         scanner = Resurrector(app, rel.config, rel.store, name="cluster")

@@ -1,21 +1,16 @@
-"""What ``rl cluster up`` shows and how it stops: the live view of ``rl top`` (cli/render.py)
-under a header of the supervised processes, then, on Ctrl-C, the drain of every worker with
-``rl worker drain``'s lines (cli/drain.py) and one final line.
-
-Signals are counted, not raised (:class:`Signals`), so a Ctrl-C never lands in the middle of a
-Redis call: the first stops the view and starts the drains, each further one hurries them.
+"""What ``rl cluster up`` shows: the live view of ``rl top`` (cli/render.py) under a header of
+the supervised processes (name, pid, uptime, restarts, state in relier's registry) and the
+last restarts. On a terminal it redraws one screen in place; elsewhere each refresh is printed
+after the last, as plain text, with a line per restart.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import click
@@ -27,16 +22,12 @@ from rich.text import Text
 from ..config import mask_url
 from ..errors import RelierError
 from ..inspect import Snapshot, broker_queue_depths, take
-from .drain import FINISH_GRACE, task_line
-from .drain import final_line as worker_final_line
 from .inspect import _queue_namer
 from .render import WORKER_STYLES, _dur, live_view
-from .supervise import Child, CrashLoop, Supervisor, describe_exit
+from .supervise import Child, CrashLoop, Signals, Supervisor, describe_exit
 
-__all__ = ["ClusterInfo", "Signals", "drain_workers", "final_line", "watch"]
+__all__ = ["ClusterInfo", "header", "resolve", "watch"]
 
-# Seconds between two looks at the workers while they drain.
-POLL = 0.2
 # Supervisor events kept in the header.
 EVENTS_SHOWN = 3
 
@@ -50,7 +41,7 @@ class ClusterInfo:
     redis_url: str
     embedded: bool
     otel: bool
-    otel_missing: bool
+    otel_off: str  # why the exporter is off although OTEL_* is set
     queues: tuple[str, ...]
     interval: float
     logs: Path
@@ -60,8 +51,8 @@ class ClusterInfo:
     def otel_words(self) -> str:
         if self.otel:
             return "OpenTelemetry exporter on"
-        if self.otel_missing:
-            return "OpenTelemetry exporter off (OTEL_* is set but OpenTelemetry is not installed)"
+        if self.otel_off:
+            return f"OpenTelemetry exporter off (OTEL_* is set but {self.otel_off})"
         return "OpenTelemetry exporter off"
 
     def redis_words(self) -> str:
@@ -89,33 +80,7 @@ class ClusterInfo:
         return "\n".join(lines)
 
 
-class Signals:
-    """SIGINT and SIGTERM counted instead of raised, while in use."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self._old: dict[int, Any] = {}
-
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        self.count += 1
-
-    def __enter__(self) -> Signals:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-    def sleep(self, seconds: float) -> None:
-        """Sleep, waking early on a signal."""
-        seen, end = self.count, time.monotonic() + seconds
-        while self.count == seen and time.monotonic() < end:
-            time.sleep(min(0.05, max(end - time.monotonic(), 0.0)))
-
-
-def _resolve(sup: Supervisor, snap: Snapshot) -> None:
+def resolve(sup: Supervisor, snap: Snapshot) -> None:
     """Each worker's lease id (``name/pid/uuid``) once it has registered."""
     for child in sup.children:
         if child.worker_id is None and child.pid is not None:
@@ -183,7 +148,7 @@ def watch(
             snap = take(rel.store, rel.config.lease_ttl, queue_of)
             names = known | set(info.queues) | {t.queue for t in snap.tasks if t.queue}
             snap = dataclasses.replace(snap, queues=broker_queue_depths(app, names))
-            _resolve(sup, snap)
+            resolve(sup, snap)
         except RelierError as exc:
             error = Text(f"registry: {exc}", style="bold red")
         stamp = time.strftime("%H:%M:%S")
@@ -218,115 +183,3 @@ def watch(
     except CrashLoop as exc:
         return str(exc)
     return None
-
-
-def final_line(
-    workers: int, drained: int, completed: int, handed: int, returned: int, lost: int, restarts: int
-) -> str:
-    """The last line of ``cluster up``: the drains' accounting summed over the workers."""
-
-    def n(count: int, word: str) -> str:
-        return f"{count} {word}{'' if count == 1 else 's'}"
-
-    ok = drained == workers and lost == 0
-    who = n(workers, "worker") if drained == workers else f"{drained} of {n(workers, 'worker')}"
-    return (
-        f"{'✓' if ok else '✗'} cluster down: {who} drained, {n(completed, 'task')} completed, "
-        f"{handed} handed off, {returned} returned, {lost} lost ({n(restarts, 'restart')})"
-    )
-
-
-def _drain_status(rel: Any, child: Child) -> dict[str, str]:
-    if child.worker_id is None:
-        return {}
-    try:
-        return dict(rel.store.drain_status(child.worker_id))
-    except RelierError:
-        return {}
-
-
-def _task_lines(child: Child, status: dict[str, str], shown: set[str]) -> None:
-    for key in sorted(k for k in status if k.startswith("task:")):
-        if key not in shown:
-            shown.add(key)
-            click.echo(task_line(key.removeprefix("task:"), status[key], f"{child.name}: "))
-
-
-def drain_workers(
-    app: Any, rel: Any, sup: Supervisor, info: ClusterInfo, signals: Signals, failure: str | None
-) -> int:
-    """SIGTERM every worker, follow each drain, print the accounting; the exit status."""
-    if failure:
-        click.echo(f"✗ {failure}", err=True)
-    queue_of, known = _queue_namer(app)
-    sup.stopping = True
-    click.echo(
-        f"draining {len(sup.alive())} worker(s): SIGTERM each (Ctrl-C again hurries the drain: "
-        "running tasks are handed off at once)"
-    )
-    presses = signals.count
-    sup.signal_all(signal.SIGTERM)
-    window = float(rel.config.drain_timeout) + FINISH_GRACE
-    deadline = time.monotonic() + window
-    shown: dict[str, set[str]] = {c.name: set() for c in sup.children}
-    while sup.alive() and time.monotonic() < deadline:
-        if signals.count > presses:
-            presses = signals.count
-            click.echo("hurrying: running tasks are handed off now, to run again from their queue")
-            sup.signal_all(signal.SIGTERM)
-        if any(c.worker_id is None for c in sup.alive()):  # registered since the last look
-            with contextlib.suppress(RelierError):
-                _resolve(sup, take(rel.store, rel.config.lease_ttl, queue_of))
-        for child in sup.children:
-            _task_lines(child, _drain_status(rel, child), shown[child.name])
-        sup.check()
-        time.sleep(POLL)
-    killed = sup.kill_left()
-    totals = {"completed": 0, "handed_off": 0, "returned": 0, "lost": 0}
-    drained = 0
-    for child in sup.children:
-        prefix = f"{child.name}: "
-        status = _drain_status(rel, child)
-        _task_lines(child, status, shown[child.name])
-        if child in killed:
-            click.echo(
-                f"✗ {prefix}did not exit within {window:g} s: SIGKILLed (what it held is "
-                "resurrected from its lease by the next scan)",
-                err=True,
-            )
-        elif status.get("state") == "finished":
-            drained += 1
-            for key in totals:
-                totals[key] += int(status.get(key, 0))
-            returned = int(status.get("returned", 0))
-            if returned:
-                click.echo(f"↩ {prefix}{returned} not started: back in the queue for others")
-            click.echo(worker_final_line(status, prefix))
-        elif child.worker_id is None:
-            drained += 1
-            click.echo(f"· {prefix}stopped before it registered: it held nothing")
-        else:
-            why = status.get("error") or f"exited ({describe_exit(child.last_exit)})"
-            click.echo(f"✗ {prefix}did not finish its drain: {why}", err=True)
-    if info.embedded:
-        try:
-            names = known | set(info.queues)
-            waiting = sum(broker_queue_depths(app, names).depths.values())
-        except Exception:
-            waiting = 0
-        if waiting:
-            click.echo(
-                f"⚠ {waiting} task(s) still waiting in the queues go with the embedded Redis "
-                "(run on your own Redis to keep them)"
-            )
-    line = final_line(
-        len(sup.children),
-        drained,
-        totals["completed"],
-        totals["handed_off"],
-        totals["returned"],
-        totals["lost"],
-        sup.restarts,
-    )
-    click.echo(line)
-    return 0 if line.startswith("✓") and failure is None else 1

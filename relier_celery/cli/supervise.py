@@ -7,6 +7,10 @@ that exits within ``MIN_UPTIME`` of its start ``CRASH_LOOP`` times in a row stop
 (a worker that cannot start is not retried forever). A worker is known by the pid of the child
 this module started, never looked up by name; its orphaned pool processes are stopped through
 its own process group right after it is reaped.
+
+The supervisor's own SIGINT and SIGTERM are counted, not raised (:class:`Signals`), so a
+Ctrl-C never lands in the middle of a Redis call: the first stops the view and starts the
+drains, each further one hurries them.
 """
 
 from __future__ import annotations
@@ -18,9 +22,19 @@ import subprocess
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from types import FrameType
 from typing import Any
 
-__all__ = ["CRASH_LOOP", "MIN_UPTIME", "Child", "CrashLoop", "Supervisor", "describe_exit", "spawn"]
+__all__ = [
+    "CRASH_LOOP",
+    "MIN_UPTIME",
+    "Child",
+    "CrashLoop",
+    "Signals",
+    "Supervisor",
+    "describe_exit",
+    "spawn",
+]
 
 # A worker that exits sooner than this after its start did not really start (bad code, a
 # missing module): after CRASH_LOOP such exits in a row the cluster gives up.
@@ -180,3 +194,29 @@ class Supervisor:
         self.stopping = True
         self.check()
         return left
+
+
+class Signals:
+    """SIGINT and SIGTERM counted instead of raised, while in use."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._old: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.count += 1
+
+    def __enter__(self) -> Signals:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+    def sleep(self, seconds: float) -> None:
+        """Sleep, waking early on a signal."""
+        seen, end = self.count, time.monotonic() + seconds
+        while self.count == seen and time.monotonic() < end:
+            time.sleep(min(0.05, max(end - time.monotonic(), 0.0)))
