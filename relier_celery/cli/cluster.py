@@ -26,7 +26,7 @@ import os
 import socket
 import sys
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -35,7 +35,7 @@ import click
 
 from ..config import mask_url
 from ..errors import RelierError
-from ..testing import RedisServer
+from ..testing import RedisServer, free_port
 from . import _app, _broker_reachable, _install, relier
 from .chaos import is_loopback
 from .clusterdown import drain_workers
@@ -64,7 +64,7 @@ def otel_requested(environ: Mapping[str, str]) -> bool:
     return any(k.startswith("OTEL_") for k in environ)
 
 
-def embedded_address(broker_url: str | None, port_free: Any) -> tuple[str, int]:
+def embedded_address(broker_url: str | None, port_free: Callable[[int], bool]) -> tuple[str, int]:
     """(URL, port) of the embedded Redis: the app's own broker address when it is a Redis URL
     on loopback, without credentials, on a free port (so the app and every ``rl`` command
     find it unchanged), else ``port 0`` (any free port, URL decided once it is known)."""
@@ -154,7 +154,7 @@ def up(
     url, port = embedded_address(broker, _port_free) if embedded else ("", 0)
     server = RedisServer(port=port, own_session=True) if embedded else None
     if server is not None and not url:
-        server.port = _free_port()
+        server.port = free_port()
         url = server.url
     env: dict[str, str] = {"CELERY_BROKER_URL": url} if url else {}
     if url and str(app.conf.result_backend or "").startswith(REDIS_SCHEMES):
@@ -202,12 +202,6 @@ def up(
         with Signals() as signals:
             code = _run(app, rel, sup, info, server, signals)
     ctx.exit(code)
-
-
-def _free_port() -> int:
-    from ..testing import free_port
-
-    return free_port()
 
 
 def _reachable(app: Any, rel: Any, embedded: bool) -> None:
