@@ -75,12 +75,18 @@ def wait_for(predicate: Any, timeout: float, interval: float = 0.05, what: str =
 
 
 class RedisServer:
-    """A throwaway ``redis-server`` on a free loopback port, in a temporary directory."""
+    """A throwaway ``redis-server`` on a free loopback port, in a temporary directory.
 
-    def __init__(self, *args: str, port: int = 0, binary: str | None = None) -> None:
+    ``own_session``: start it in a session of its own, so a Ctrl-C in the terminal does not
+    reach it (``rl cluster up`` needs it until its workers have drained, then stops it)."""
+
+    def __init__(
+        self, *args: str, port: int = 0, binary: str | None = None, own_session: bool = False
+    ) -> None:
         self.args = args
         self.port = port
         self.binary = binary
+        self.own_session = own_session
         self.proc: subprocess.Popen[bytes] | None = None
         self._dir: tempfile.TemporaryDirectory[str] | None = None
 
@@ -122,6 +128,7 @@ class RedisServer:
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            start_new_session=self.own_session,
         )
         wait_for(self._ready, 10, what=f"redis-server on port {self.port}")
         return self.url

@@ -136,6 +136,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 from . import chaos as _chaos  # noqa: E402, F401  (registers `relier chaos`)
+from . import cluster as _cluster  # noqa: E402, F401  (registers `relier cluster up`)
 from . import dlq as _dlq  # noqa: E402, F401  (registers `relier dlq`)
 from . import drain as _drain  # noqa: E402, F401  (registers `relier drain`, `worker drain`)
 
