@@ -20,10 +20,21 @@ from celery.signals import worker_ready
 
 REDIS_URL = os.environ.get("BENCH_REDIS", "redis://127.0.0.1:6379/0")
 
-app = Celery("bench_app", broker=REDIS_URL)
-app.conf.update(worker_hijack_root_logger=False, task_ignore_result=True)
+# Another broker (RabbitMQ, bench_rabbitmq.py): the counters and relier's state stay in Redis.
+BROKER_URL = os.environ.get("BENCH_BROKER", REDIS_URL)
+
+app = Celery("bench_app", broker=BROKER_URL)
+app.conf.update(
+    worker_hijack_root_logger=False,
+    task_ignore_result=True,
+    task_acks_late=os.environ.get("BENCH_ACKS_LATE") == "1",
+)
+if os.environ.get("BENCH_QUEUE"):  # a queue and control exchange of the run's own
+    app.conf.task_default_queue = os.environ["BENCH_QUEUE"]
+    app.conf.control_exchange = os.environ["BENCH_QUEUE"] + ".control"
 if os.environ.get("BENCH_RELIER") == "1":
     app.conf.imports = ("relier_celery",)
+    app.conf.relier_redis_url = REDIS_URL
 
 _r = redis.Redis.from_url(REDIS_URL)
 

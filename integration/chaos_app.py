@@ -23,7 +23,18 @@ REDIS_URL = os.environ.get("RELIER_TEST_REDIS", "redis://127.0.0.1:6379/15")
 # Where tasks count their executions; apart from the broker when a test restarts the broker.
 RESULTS_URL = os.environ.get("RELIER_TEST_RESULTS", REDIS_URL)
 
-app = Celery("chaos_app", broker=REDIS_URL)
+# The broker: relier's Redis unless a test runs on another one (RabbitMQ); then relier keeps
+# its state in REDIS_URL, and the test's own queue and control exchange keep it apart from
+# the other tests sharing that broker.
+BROKER_URL = os.environ.get("RELIER_TEST_BROKER", REDIS_URL)
+
+app = Celery("chaos_app", broker=BROKER_URL)
+if BROKER_URL != REDIS_URL:
+    app.conf.relier_redis_url = REDIS_URL
+if os.environ.get("RELIER_TEST_QUEUE"):
+    app.conf.task_default_queue = os.environ["RELIER_TEST_QUEUE"]
+    app.conf.control_exchange = os.environ["RELIER_TEST_QUEUE"] + ".control"
+    app.conf.event_exchange = os.environ["RELIER_TEST_QUEUE"] + ".events"
 app.conf.update(
     imports=("relier_celery",),
     task_acks_late=os.environ.get("RELIER_TEST_ACKS_LATE") == "1",

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import redis
 from celery import Celery
-from fleet import Fleet
+from fleet import Broker, Fleet
 
 from relier_celery.testing import RedisServer
 
@@ -32,14 +32,30 @@ def r(redis_url: str) -> redis.Redis:
 
 
 @pytest.fixture
-def fleet(redis_url: str, tmp_path: Path) -> Iterator[Fleet]:
+def broker(request: pytest.FixtureRequest, redis_url: str) -> Iterator[Broker]:
+    """The broker of the fleet and the publisher: relier's Redis, unless a test asks for
+    ``rabbitmq`` (``@pytest.mark.parametrize("broker", BROKERS, indirect=True)``)."""
+    kind = getattr(request, "param", "redis")
+    if kind == "redis":
+        yield Broker("redis", redis_url)
+        return
+    b = Broker.rabbitmq()
+    yield b
+    b.clean()
+
+
+@pytest.fixture
+def fleet(broker: Broker, redis_url: str, tmp_path: Path) -> Iterator[Fleet]:
     f = Fleet(redis_url, tmp_path)
+    f.env.update(broker.env)
     yield f
     f.stop_all()
 
 
 @pytest.fixture
-def publisher(redis_url: str) -> Iterator[Celery]:
-    app = Celery("publisher", broker=redis_url)
+def publisher(broker: Broker) -> Iterator[Celery]:
+    app = Celery("publisher", broker=broker.url)
+    if broker.queue:
+        app.conf.task_default_queue = broker.queue
     yield app
     app.close()

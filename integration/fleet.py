@@ -10,17 +10,62 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 from celery import Celery
+from kombu import Connection
 
 from relier_celery.keys import Keys
 from relier_celery.testing import WorkerProcess, wait_for
 
 HERE = Path(__file__).parent
+
+
+AMQP_URL = os.environ.get("RELIER_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672//")
+# Parametrize a test over both brokers: @pytest.mark.parametrize("broker", BROKERS, indirect=True)
+BROKERS = ["redis", "rabbitmq"]
+
+
+@dataclass
+class Broker:
+    """Where the test's messages go. On RabbitMQ (shared by every test of the run), each test
+    has its own queue, exchange and control exchange; relier's state stays in Redis."""
+
+    name: str
+    url: str
+    queue: str = ""
+
+    @classmethod
+    def rabbitmq(cls) -> Broker:
+        with Connection(AMQP_URL, connect_timeout=5) as conn:
+            try:
+                conn.ensure_connection(max_retries=1)
+            except Exception as exc:
+                pytest.fail(f"RabbitMQ is not reachable at {AMQP_URL}: {exc}")
+        return cls("rabbitmq", AMQP_URL, f"rl-test-{uuid.uuid4().hex[:12]}")
+
+    @property
+    def env(self) -> dict[str, str]:
+        if self.name == "redis":
+            return {}
+        return {"RELIER_TEST_BROKER": self.url, "RELIER_TEST_QUEUE": self.queue}
+
+    def depth(self) -> int:
+        """Messages waiting in the test's queue (RabbitMQ)."""
+        with Connection(self.url) as conn:
+            return int(conn.default_channel.queue_declare(self.queue, passive=True).message_count)
+
+    def clean(self) -> None:
+        with Connection(self.url) as conn, contextlib.suppress(Exception):
+            channel = conn.default_channel
+            channel.queue_delete(self.queue)
+            for exchange in (self.queue, f"{self.queue}.control.pidbox", f"{self.queue}.events"):
+                channel.exchange_delete(exchange)
 
 
 class Fleet:

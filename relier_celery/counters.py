@@ -29,6 +29,7 @@ COUNTED: dict[str, str] = {
     "task.handed_off": "hand_offs",
     "task.quarantined": "quarantines",
     "task.duplicate_dropped": "duplicates_dropped",
+    "task.taken_over": "taken_over",
     "task.orphan_restored": "orphans_restored",
     "idempotency.hit": "idempotent_hits",
     "task.timeout": "timeouts",

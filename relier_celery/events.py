@@ -36,6 +36,7 @@ LEVELS: dict[str, int] = {
     "drain.finished": logging.WARNING,
     "task.quarantined": logging.ERROR,
     "task.duplicate_dropped": logging.WARNING,
+    "task.taken_over": logging.WARNING,
     "task.unprotected": logging.ERROR,
     "task.timeout": logging.WARNING,
     "task.timeout_hook_failed": logging.ERROR,

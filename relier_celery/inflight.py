@@ -20,6 +20,7 @@ from . import envelope, events
 from .config import RelierConfig
 from .dlq import quarantine
 from .errors import StoreUnavailable
+from .presence import PresenceCache
 from .record import (
     EPOCH_KEY,
     FETCH_FIELD,
@@ -32,7 +33,7 @@ from .record import (
     trace_context,
 )
 from .resurrect import Resurrector
-from .store import Store
+from .store import Receipt, Store
 
 __all__ = ["Inflight", "Verdict"]
 
@@ -84,6 +85,7 @@ class Inflight:
         self.store = store
         self.worker = worker
         self.resurrector = resurrector
+        self.presence = PresenceCache(store)
         self.local: dict[Key, TaskRecord] = {}
         self._lock = threading.Lock()
         self._pending: deque[_Pending] = deque()
@@ -149,6 +151,8 @@ class Inflight:
         gen = record.generation
         try:
             receipt = self.store.record(record.delivery_id, self.worker, gen, record.dumps())
+            if receipt.reason == "held" and self._take_over(message, record, receipt.detail):
+                receipt = Receipt(True)
         except StoreUnavailable as exc:
             self._mark_store_down(exc)
             return "parked"
@@ -170,6 +174,30 @@ class Inflight:
         with self._lock:
             self.local[key] = record
         return self._check_schema(key, record, message, args, kwargs, embed)
+
+    def _take_over(self, message: Any, record: TaskRecord, seen: str) -> bool:
+        """A broker's redelivery of a delivery whose holder is gone runs now, not after the
+        holder's lease (presence.py); a live holder keeps it."""
+        if not (message.delivery_info or {}).get("redelivered"):
+            return False
+        holder = seen.rsplit("|", 2)[0]
+        if holder == self.worker or not self.presence.gone(holder):
+            return False
+        gen = record.generation
+        if not self.store.take_over(record.delivery_id, seen, self.worker, gen, record.dumps()):
+            return False
+        events.emit(
+            "task.taken_over",
+            f"{record.task_name}[{record.task_id}] redelivered by the broker, and its holder "
+            f"{holder} is gone (its presence connection closed): it runs now, not when that "
+            "worker's lease runs out",
+            task_id=record.task_id,
+            task_name=record.task_name,
+            worker=self.worker,
+            holder=holder,
+            **trace_context(record.headers),
+        )
+        return True
 
     def _check_schema(
         self,

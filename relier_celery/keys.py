@@ -124,6 +124,11 @@ class Keys:
         rewritten with its running set, and how many tasks it completed since it started."""
         return f"{self._base}:proc:{worker}"
 
+    def presence(self, worker: str) -> str:
+        """Not a key: the CLIENT SETNAME of the connection a live worker's main process keeps
+        open (presence.py). Redis drops it the moment that process dies."""
+        return f"{self.prefix}:presence:" + "".join("_" if c.isspace() else c for c in worker)
+
     @property
     def recovery(self) -> str:
         """LIST, capped: ``<at ms>:<delay ms>`` per task a scan republished from a dead worker,

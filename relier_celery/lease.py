@@ -26,6 +26,7 @@ from typing import Any
 from . import events
 from .config import RelierConfig
 from .errors import StoreUnavailable
+from .presence import Presence
 from .store import Store
 
 __all__ = ["Lease", "LeaseClock", "clock_of", "gate"]
@@ -145,12 +146,14 @@ class Lease:
         self._thread: threading.Thread | None = None
         self._down = False
         self._renewed = False
+        self.presence = Presence(store, worker)
 
     def acquire(self) -> None:
         """Take the lease now (raises StoreUnavailable) and start renewing it."""
         sent = time.monotonic()
         self.store.renew_lease(self.worker, self.config.lease_ttl)
         self.clock.renewed(sent)
+        self.presence.open()
         self._thread = threading.Thread(target=self._loop, name="relier-heartbeat", daemon=True)
         self._thread.start()
 
@@ -160,6 +163,7 @@ class Lease:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        self.presence.close()
         return self.store.retire(self.worker)
 
     def renew(self) -> None:
@@ -191,6 +195,7 @@ class Lease:
         while not self._stop.wait(self.config.heartbeat_interval):
             try:
                 self.renew()
+                self.presence.touch()
                 if self.on_renewed is not None:
                     self.on_renewed()
                 if self._down:

@@ -42,6 +42,7 @@ _SCRIPTS = (
     "retire",
     "admit",
     "requeue",
+    "take_over",
 )
 # Error replies that mean "Redis could not take the write now", not "relier has a bug".
 _UNAVAILABLE_ERRORS = (
@@ -191,6 +192,15 @@ class Store:
         with self._errors():
             return fn(client)
 
+    def named_client(self, name: str) -> redis.Redis:
+        """A client whose connections carry ``name`` (CLIENT SETNAME), for presence.py."""
+        return connect(self.url, {**self.options, "client_name": name})
+
+    def connection_names(self) -> set[str]:
+        """The names of the connections Redis has now (CLIENT LIST; one round trip)."""
+        clients = self.call(lambda c: c.client_list(_type="normal"))
+        return {str(c.get("name", "")) for c in clients}
+
     # -- leases -------------------------------------------------------------------------
     def renew_lease(self, worker: str, ttl: float) -> tuple[int, int]:
         """Renew a lease; return (previous deadline ms or -1, server time ms)."""
@@ -243,6 +253,20 @@ class Store:
         if int(out[0]) == 1:
             return Receipt(True)
         return Receipt(False, str(out[1]), str(out[2]))
+
+    def take_over(
+        self, delivery: str, seen: str, worker: str, gen: Generation, record: str
+    ) -> bool:
+        """Move a delivery from a holder that is gone (``seen``: its owners entry) to
+        ``worker``; False when it is a duplicate after all (take_over.lua)."""
+        holder = seen.rsplit("|", 2)[0]
+        k = self.keys
+        out = self._run(
+            "take_over",
+            [k.owners, k.held(holder), k.claim(holder), k.held(worker)],
+            [delivery, seen, worker, gen.retries, gen.resurrections, record],
+        )
+        return bool(out)
 
     def complete(
         self, delivery: str, worker: str, gen: Generation, done_ttl: float, finished: bool = True

@@ -16,6 +16,7 @@ from relier_celery import install
 from relier_celery.config import RelierConfig
 from relier_celery.dlq import released_record
 from relier_celery.inflight import Inflight, Key
+from relier_celery.presence import Presence
 from relier_celery.record import (
     FETCH_FIELD,
     FETCH_QUEUE,
@@ -243,3 +244,78 @@ def test_a_consumer_restart_hands_back_a_replacement_waiting_under_a_running_tas
     # Then the replacement is handed back, the running task keeps its record
     assert count == 1 and handed == ["t1#p2"]
     assert list(inflight.local) == [Inflight.key_of(replaced)]
+
+
+# -- a broker's redelivery whose holder is gone is taken over, not dropped (issue 17) ------
+
+
+def _redelivered(headers: dict[str, Any]) -> _Message:
+    message = _Message(headers)
+    message.delivery_info["redelivered"] = True
+    return message
+
+
+def test_a_redelivery_whose_holder_is_gone_runs_now(store: Store, captured) -> None:
+    # Given a delivery held by w0, a worker with no presence connection (it died)
+    headers = task_headers("t1", task="demo.add", **{PUBLICATION_HEADER: "p1"})
+    record = _record(headers)
+    assert store.record(record.delivery_id, "w0", record.generation, record.dumps()).recorded
+    inflight = _inflight(store)
+    # When the broker redelivers it to w1
+    verdict = inflight.receive(_redelivered(headers), {"demo.add"})
+    # Then w1 takes it over: it runs, w1 holds it, w0 no longer does
+    assert verdict == "run"
+    assert store.call(lambda c: c.hget(store.keys.owners, "t1#p1")) == "w1|0|0"
+    assert store.held("w0") == {}
+    assert list(store.held("w1")) == ["t1#p1|0|0"]
+    assert [e.attributes["holder"] for e in captured if e.name == "task.taken_over"] == ["w0"]
+    # And a second redelivery of it is a duplicate of w1's own, as before
+    assert inflight.receive(_redelivered(headers), {"demo.add"}) == "duplicate"
+
+
+def test_a_redelivery_whose_holder_is_present_is_a_duplicate(store: Store) -> None:
+    # Given a delivery held by w0, whose presence connection is open (it lives)
+    headers = task_headers("t1", task="demo.add", **{PUBLICATION_HEADER: "p1"})
+    record = _record(headers)
+    store.record(record.delivery_id, "w0", record.generation, record.dumps())
+    alive = Presence(store, "w0")
+    alive.open()
+    try:
+        # When the broker redelivers it (w0's channel closed, w0 still runs the task)
+        verdict = _inflight(store).receive(_redelivered(headers), {"demo.add"})
+    finally:
+        alive.close()
+    # Then it is dropped: a live holder never loses a task to a redelivery
+    assert verdict == "duplicate"
+    assert list(store.held("w0")) == ["t1#p1|0|0"]
+
+
+def test_a_copy_that_the_broker_did_not_redeliver_is_never_taken_over(store: Store) -> None:
+    headers = task_headers("t1", task="demo.add", **{PUBLICATION_HEADER: "p1"})
+    record = _record(headers)
+    store.record(record.delivery_id, "w0", record.generation, record.dumps())
+    assert _inflight(store).receive(_Message(headers), {"demo.add"}) == "duplicate"
+    assert list(store.held("w0")) == ["t1#p1|0|0"]
+
+
+def test_a_scanner_resurrecting_the_holder_wins_over_a_takeover(store: Store) -> None:
+    # Given a dead holder whose records a scanner has claimed (it is republishing them)
+    headers = task_headers("t1", task="demo.add", **{PUBLICATION_HEADER: "p1"})
+    record = _record(headers)
+    store.record(record.delivery_id, "w0", record.generation, record.dumps())
+    store.call(lambda c: c.set(store.keys.claim("w0"), "scanner"))
+    # When the broker's copy arrives meanwhile
+    verdict = _inflight(store).receive(_redelivered(headers), {"demo.add"})
+    # Then it is a duplicate: only the scanner's resurrected copy will run
+    assert verdict == "duplicate"
+    assert list(store.held("w0")) == ["t1#p1|0|0"]
+
+
+def test_take_over_refuses_an_entry_that_changed(store: Store) -> None:
+    headers = task_headers("t1", task="demo.add", **{PUBLICATION_HEADER: "p1"})
+    record = _record(headers)
+    store.record(record.delivery_id, "w0", record.generation, record.dumps())
+    gen = record.generation
+    assert not store.take_over("t1#p1", "w9|0|0", "w1", gen, record.dumps())
+    assert store.take_over("t1#p1", "w0|0|0", "w1", gen, record.dumps())
+    assert not store.take_over("t1#p1", "w0|0|0", "w2", gen, record.dumps())

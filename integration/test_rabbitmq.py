@@ -1,0 +1,61 @@
+"""Issue 17: RabbitMQ as the broker, relier's state in Redis. RabbitMQ gives a dead consumer's
+unacknowledged messages back at once; relier runs them at once too when their holder is gone
+(its presence connection closed), instead of dropping them until its lease runs out."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+from fleet import done, held_records, send_work, wait_all_done
+
+from relier_celery.testing import wait_for
+
+pytestmark = pytest.mark.integration
+
+# A lease far longer than the test: whatever runs again ran through the broker's redelivery.
+LONG_LEASE = {"RELIER_TEST_LEASE_TTL": "60", "RELIER_TEST_ACKS_LATE": "1"}
+
+
+def _started(r, n: int) -> int:
+    return int(r.get(f"test:started:{n}") or 0)
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("broker", ["rabbitmq"], indirect=True)
+def test_a_dead_holders_redelivered_tasks_run_at_once_not_after_its_lease(
+    broker, fleet, publisher, r
+) -> None:
+    # Given a worker running and prefetching 8 tasks of 2 s (acks_late), and a second one idle
+    victim = fleet.start(concurrency=2, **LONG_LEASE)
+    send_work(publisher, range(8), seconds=2.0)
+    wait_for(lambda: _started(r, 0) and _started(r, 1), 20, what="two tasks to start")
+    survivor = fleet.start(concurrency=4, **LONG_LEASE)
+    # When the first worker is SIGKILLed (main process and pool) mid-task
+    victim.kill(signal.SIGKILL)
+    killed = time.monotonic()
+    # Then every task runs on the survivor within a few seconds, 55 s before the lease would
+    # have let anything run again; none twice (the killed ones started twice, finished once)
+    wait_all_done(r, set(range(8)), 20, fleet)
+    assert time.monotonic() - killed < 12, "recovery waited for the lease"
+    assert [int(r.get(f"test:runs:{n}") or 0) for n in range(8)] == [1] * 8
+    assert "task.taken_over" in survivor.log()
+    assert "task.duplicate_dropped" not in survivor.log()
+    wait_for(lambda: held_records(r) == 0, 10, what="records to be removed")
+    assert broker.depth() == 0
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("broker", ["rabbitmq"], indirect=True)
+def test_a_live_holders_tasks_are_never_taken_over(broker, fleet, publisher, r) -> None:
+    # Given two live workers sharing 12 tasks of 1 s with acks_late
+    fleet.start(concurrency=2, **LONG_LEASE)
+    fleet.start(concurrency=2, **LONG_LEASE)
+    send_work(publisher, range(12), seconds=1.0)
+    # When they all complete
+    wait_all_done(r, set(range(12)), 40, fleet)
+    # Then each ran once and nothing was taken over: no holder was ever gone
+    assert [int(r.get(f"test:runs:{n}") or 0) for n in range(12)] == [1] * 12
+    assert "task.taken_over" not in fleet.logs()
+    assert done(r) == set(range(12))
