@@ -135,6 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     celery_main()
 
 
+from . import bench as _bench  # noqa: E402, F401  (registers `relier bench`)
 from . import chaos as _chaos  # noqa: E402, F401  (registers `relier chaos`)
 from . import dlq as _dlq  # noqa: E402, F401  (registers `relier dlq`)
 from . import drain as _drain  # noqa: E402, F401  (registers `relier drain`, `worker drain`)
