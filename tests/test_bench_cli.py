@@ -135,7 +135,7 @@ def test_the_rich_table_and_the_footer() -> None:
     text = console.export_text()
     assert "relier vs vanilla Celery" in text
     assert "21 lost, 0 ran twice" in text
-    assert "17 of vanilla's lost wait in kombu's unacked hash" in text
+    assert "17 messages of killed vanilla workers wait in kombu's unacked hash" in text
     assert "recovery: SIGKILL -> running again: tasks running on the killed worker" in text
     assert "vanilla proof: vanilla side checked after each of its 6 phases" in text
     assert "quick run in 148 s on 2 CPUs, Redis 7.2.4" in text

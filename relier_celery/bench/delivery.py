@@ -79,8 +79,8 @@ def chaos_loss(
     SIGKILLed every second and replaced at once; then wait until all ran or nothing moved for
     ``still`` s (:func:`settle`). Delivered, lost, ran twice; quarantined after
     ``max_resurrections`` crashes (relier: not lost, in the DLQ); and how many messages wait in
-    kombu's ``unacked`` hash (vanilla: prefetched by a killed worker, redelivered only after
-    ``visibility_timeout``; counted as lost, since they do not run within the phase)."""
+    kombu's ``unacked`` hash (vanilla: taken by a killed worker and not acked, prefetched ones
+    and some that ran before the ack; redelivered only after ``visibility_timeout``)."""
     r = h.reset()
     app = Celery("pub", broker=h.url, set_as_current=False)
     rng = random.Random(seed)

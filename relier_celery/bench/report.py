@@ -25,8 +25,9 @@ ROWS: tuple[tuple[str, str, str, str], ...] = (
         "{delivery.tasks} tasks of 0-5 ms on 2 workers, one SIGKILLed every second and "
         "replaced ({delivery.relier.kills} / {delivery.vanilla.kills} kills); delivered "
         "{delivery.relier.delivered} / {delivery.vanilla.delivered}, relier quarantined "
-        "{delivery.relier.quarantined}; {delivery.vanilla.in_kombu_unacked} of vanilla's lost "
-        "wait in kombu's unacked hash for visibility_timeout, the rest are gone",
+        "{delivery.relier.quarantined}; {delivery.vanilla.in_kombu_unacked} messages of killed "
+        "vanilla workers wait in kombu's unacked hash, redelivered after visibility_timeout "
+        "whether they ran or not",
     ),
     (
         "recovery: SIGKILL -> running again",

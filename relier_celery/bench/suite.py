@@ -148,50 +148,39 @@ def steps(h: Harness, p: Profile) -> list[Step]:
             lambda: admission_cost(h.url, p.admission_calls),
         ),
     ]
-    for side, rel in sides:
-        out.append(
-            Step(
-                f"delivery.{side}",
-                f"delivery under SIGKILL chaos, {side}",
-                p.chaos_kills + p.chaos_tasks / 600 + 8,
-                partial(chaos_loss, h, rel, p.chaos_tasks, p.chaos_kills, p.still),
-            )
-        )
-    for side, rel in sides:
-        out.append(
-            Step(
-                f"recovery.{side}",
-                f"recovery after SIGKILL, {side}",
-                (p.recovery_kills * 8 if rel else 3 + p.recovery_wait) + 4,
-                # One kill is enough to see whether vanilla Celery recovers at all.
-                partial(
-                    recovery,
-                    h,
-                    rel,
-                    p.recovery_kills if rel else 1,
-                    p.recovery_tasks,
-                    p.recovery_wait,
-                ),
-            )
-        )
-    for side, rel in sides:
-        out.append(
-            Step(
-                f"idempotency.{side}",
-                f"idempotent task under duplicates and kills, {side}",
-                p.idempotency_orders * 0.25 + p.idempotency_kills + 8,
-                partial(duplicates, h, rel, p.idempotency_orders, p.idempotency_kills, p.still),
-            )
-        )
-    for side, rel in sides:
-        out.append(
-            Step(
-                f"drain.{side}",
-                f"drain on SIGTERM, {side}",
-                p.drain_tasks * 1.5 + 4,
-                partial(drain, h, rel, p.drain_tasks, p.still, p.drain_timeout),
-            )
-        )
+    # Each measurement with both sides: (path, label, seconds, run), given relier's side or not.
+    paired: list[tuple[str, str, Callable[[bool], float], Callable[[bool], Any]]] = [
+        (
+            "delivery",
+            "delivery under SIGKILL chaos",
+            lambda rel: p.chaos_kills + p.chaos_tasks / 600 + 8,
+            lambda rel: chaos_loss(h, rel, p.chaos_tasks, p.chaos_kills, p.still),
+        ),
+        (
+            "recovery",
+            "recovery after SIGKILL",
+            lambda rel: (p.recovery_kills * 8 if rel else 3 + p.recovery_wait) + 4,
+            # One kill is enough to see whether vanilla Celery recovers at all.
+            lambda rel: recovery(
+                h, rel, p.recovery_kills if rel else 1, p.recovery_tasks, p.recovery_wait
+            ),
+        ),
+        (
+            "idempotency",
+            "idempotent task under duplicates and kills",
+            lambda rel: p.idempotency_orders * 0.25 + p.idempotency_kills + 8,
+            lambda rel: duplicates(h, rel, p.idempotency_orders, p.idempotency_kills, p.still),
+        ),
+        (
+            "drain",
+            "drain on SIGTERM",
+            lambda rel: p.drain_tasks * 1.5 + 4,
+            lambda rel: drain(h, rel, p.drain_tasks, p.still, p.drain_timeout),
+        ),
+    ]
+    for path, label, seconds, run in paired:
+        for side, rel in sides:
+            out.append(Step(f"{path}.{side}", f"{label}, {side}", seconds(rel), partial(run, rel)))
     return out
 
 
