@@ -6,7 +6,8 @@ Against a throwaway local redis-server: p50/p99 of a PING, of the decision (one 
 admit.lua over one limit, then over a task limit and a queue limit together) and of the whole
 ``admit()`` path a dispatch takes (option lookup, routing, the EVALSHA), with their ratios to
 PING (goal: the decision's p99 <= 2x PING's and under 1 ms). The series are interleaved call by
-call. A benchmark, not a test: it prints figures and never fails.
+call (relier_celery/bench/admission_cost.py, also behind ``rl bench all``). A benchmark, not a
+test: it prints figures and never fails.
 """
 
 from __future__ import annotations
@@ -15,11 +16,9 @@ import argparse
 import statistics
 import sys
 
-from celery import Celery
-from stats import interleaved, pct
+from stats import pct
 
-from relier_celery.admission import admit, parse_limit
-from relier_celery.plugin import install
+from relier_celery.bench.admission_cost import admission_series
 from relier_celery.testing import RedisServer
 
 
@@ -28,37 +27,14 @@ def main() -> int:
     parser.add_argument("--calls", type=int, default=10_000)
     args = parser.parse_args()
     with RedisServer() as url:
-        app = Celery("bench", broker=url)
-        app.conf.relier_admission = {"bulk": "1000000/s"}
-
-        # Limits far above the benchmark's pace, so every call is a full (admitted) decision.
-        @app.task(name="bench.limited", admission="1000000/s", queue="bulk", shared=False)
-        def limited() -> None:
-            pass
-
-        store = install(app).store
-        client = store.client
-        limit = parse_limit("1000000/s", None, "bench")
-        one = [(store.keys.admission_task("bench.one"), limit.rate.interval_us, limit.burst)]
-        two = [*one, (store.keys.admission_queue("bulk"), limit.rate.interval_us, limit.burst)]
-        store.admit(one)  # load the script
-        for _ in range(1000):  # warm up the connection and the interpreter
-            client.ping()
-        ping, decide, decide2, full = interleaved(
-            [
-                client.ping,
-                lambda: store.admit(one),
-                lambda: store.admit(two),
-                lambda: admit(limited, (), {}, {}),
-            ],
-            args.calls,
-        )
+        series = admission_series(url, args.calls)
+    ping = series["ping"]
     p50_ping, p99_ping = statistics.median(ping), pct(ping, 99)
     for name, values in (
         ("PING", ping),
-        ("decision", decide),
-        ("decision, 2 limits", decide2),
-        ("admit() path", full),
+        ("decision", series["decision"]),
+        ("decision, 2 limits", series["decision_2_limits"]),
+        ("admit() path", series["admit_path"]),
     ):
         p50, p99 = statistics.median(values), pct(values, 99)
         print(

@@ -4,6 +4,8 @@
                                     [--vanilla-venv PATH|auto] [--chaos-tasks 10000]
                                     [--backlog-tasks 200] [--key-tasks 5000]
 
+``rl bench all`` (relier_celery/bench/) is the packaged, shorter form of this benchmark; both
+use the same app (relier_celery/bench/worker_app/bench_app.py) and the same pieces.
 The vanilla side is the same app without ``relier_celery`` in ``imports``; with
 ``--vanilla-venv`` its workers run from a virtualenv where relier is not installed at all
 (``auto`` creates one, ``benchmarks/.vanilla-venv``, with the installed versions of celery,
@@ -23,193 +25,38 @@ A benchmark, not a test: it prints figures and never fails on them.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import random
 import signal
-import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-import redis
 from celery import Celery
 from stats import pct
 
-from relier_celery.config import RelierConfig
-from relier_celery.testing import RedisServer, WorkerProcess, wait_for
+from relier_celery.bench.delivery import DLQ, chaos_loss, recovery, starts
+from relier_celery.bench.harness import Harness, kill_all, running
+from relier_celery.bench.overhead import overhead
+from relier_celery.errors import BenchError
+from relier_celery.testing import RedisServer, wait_for
 
 HERE = Path(__file__).parent
-# The interpreter of the vanilla workers (--vanilla-venv); None: this one.
-VANILLA_PYTHON: dict[str, str | None] = {"value": None}
-
-
-def worker(
-    url: str,
-    relier: bool,
-    name: str,
-    pool: str = "prefork",
-    concurrency: int = 2,
-    quiet: bool = True,
-) -> WorkerProcess:
-    """A worker; ``quiet`` logs warnings only, so per-task log lines do not dilute overhead."""
-    env = {
-        "BENCH_REDIS": url,
-        "BENCH_RELIER": "1" if relier else "0",
-        "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
-    }
-    w = WorkerProcess(
-        "bench_app",
-        pool=pool,
-        concurrency=concurrency,
-        hostname=f"{name}@%h",
-        env=env,
-        cwd=str(HERE),
-        extra=["--loglevel", "WARNING"] if quiet else [],
-        python=None if relier else VANILLA_PYTHON["value"],
-    )
-    return w
-
-
-def running(w: WorkerProcess) -> bool:
-    """True while the worker runs; raises with its log's tail if it exited (a worker that fails
-    to start must not leave the benchmark waiting for tasks that never run)."""
-    if w.proc is not None and w.proc.poll() is not None:
-        raise SystemExit(f"worker {w.hostname} exited with {w.proc.returncode}:\n{w.log()[-2000:]}")
-    return True
-
-
-def check_vanilla(url: str, w: WorkerProcess) -> dict[str, object]:
-    """After a vanilla phase (worker stopped, Redis not yet flushed): what shows that relier
-    did not act. Raises SystemExit if it did. Even a quiet (WARNING) log would show relier's
-    start-up warning about the throwaway Redis's AOF."""
-    r = redis.Redis.from_url(url, decode_responses=True)
-    prefix = RelierConfig.from_app(Celery("probe", broker=url, set_as_current=False)).prefix
-    lines = [line for line in w.log().splitlines() if "relier" in line.lower()]
-    keys = [k for k in r.keys("*") if k.startswith(f"{prefix}:")]
-    ready = json.loads(wait_for(lambda: r.get("bench:bootsteps"), 10, what="bench:bootsteps"))
-    steps = [s for s in ready["steps"] if "relier" in s.lower()]
-    if lines or keys or steps:
-        raise SystemExit(
-            f"the vanilla side ran relier ({len(lines)} relier log line(s), bootsteps {steps}, "
-            f"{len(keys)} relier key(s)): its figures would compare relier with relier"
-        )
-    return {"keys": len(keys), "imported": ready["imported"], "phase": w.hostname}
-
-
-def vanilla_summary(checks: list[dict[str, object]]) -> str:
-    imported = sorted({"yes" if c["imported"] else "no" for c in checks})
-    where = (
-        f"workers run by {VANILLA_PYTHON['value']} (relier not installed)"
-        if VANILLA_PYTHON["value"]
-        else "workers in this venv, relier installed but not in the app's imports"
-    )
-    return (
-        f"vanilla side ({len(checks)} phases checked): no relier log line, no relier bootstep, "
-        f"{sum(int(str(c['keys'])) for c in checks)} relier keys; relier_celery imported by the "
-        f"vanilla worker: {'/'.join(imported)}; {where}"
-    )
-
-
-def throughput(url: str, relier: bool, tasks: int, checks: list[dict[str, object]]) -> float:
-    """Tasks per second draining a pre-filled queue of no-op tasks; a vanilla phase appends its
-    check to ``checks``."""
-    r = redis.Redis.from_url(url)
-    r.flushall()
-    app = Celery("pub", broker=url)
-    with app.producer_or_acquire() as producer:
-        for _ in range(tasks):
-            app.send_task("bench.noop", producer=producer)
-    w = worker(url, relier, "tp", concurrency=2).start()
-    try:
-        # Measured from the first execution to the last, so worker start-up does not count.
-        wait_for(lambda: running(w) and int(r.get("bench:count") or 0) >= tasks, 600, interval=0.01)
-        rate = (tasks - 1) / (float(r.get("bench:last")) - float(r.get("bench:first")))
-    finally:
-        w.stop()
-        app.close()
-    if not relier:
-        checks.append(check_vanilla(url, w))
-    return rate
-
-
-def latency(url: str, relier: bool, samples: int, checks: list[dict[str, object]]) -> list[float]:
-    """End-to-end latency of one task at a time (publish -> task body runs), in ms; a vanilla
-    phase appends its check to ``checks``."""
-    r = redis.Redis.from_url(url)
-    r.flushall()
-    app = Celery("pub", broker=url)
-    w = worker(url, relier, "lat", pool="solo", concurrency=1).start()
-    try:
-        with app.producer_or_acquire() as producer:
-            for i in range(samples + 20):
-                app.send_task("bench.echo", args=(time.time(),), producer=producer)
-                wait_for(
-                    lambda i=i: running(w) and r.llen("bench:latency") > i, 30, interval=0.0002
-                )
-        values = [float(x) * 1000 for x in r.lrange("bench:latency", 20, -1)]
-    finally:
-        w.stop()
-        app.close()
-    if not relier:
-        checks.append(check_vanilla(url, w))
-    return values
-
-
-def recovery(url: str, kills: int, per_kill: int) -> list[float]:
-    """Seconds from the SIGKILL of a worker to each of its running tasks starting again on an
-    idle survivor (so queueing behind other work does not count)."""
-    r = redis.Redis.from_url(url, decode_responses=True)
-    r.flushall()
-    app = Celery("pub", broker=url)
-    delays: list[float] = []
-
-    def starts(n: int) -> list[float]:
-        return [float(x.split("|", 1)[0]) for x in r.lrange(f"bench:starts:{n}", 0, -1)]
-
-    try:
-        for k in range(kills):
-            victim = worker(url, True, f"victim{k}", concurrency=per_kill, quiet=False).start()
-            victim.wait_ready(60)
-            ids = [k * 100 + i for i in range(per_kill)]
-            for n in ids:
-                app.send_task("bench.hold", args=(n, 1.0))
-            wait_for(lambda ids=ids: all(starts(n) for n in ids), 60)
-            survivor = worker(url, True, f"survivor{k}", concurrency=per_kill, quiet=False)
-            survivor.start().wait_ready(60)
-            victim.kill(signal.SIGKILL)
-            killed = time.time()
-            wait_for(lambda ids=ids: all(len(starts(n)) >= 2 for n in ids), 60, interval=0.02)
-            delays += [starts(n)[1] - killed for n in ids]
-            survivor.stop()
-        return delays
-    finally:
-        app.close()
-
-
-def _starts(r: redis.Redis, n: int) -> list[tuple[float, str]]:
-    out = []
-    for x in r.lrange(f"bench:starts:{n}", 0, -1):
-        at, host = x.split("|", 1)
-        out.append((float(at), host))
-    return out
 
 
 def recovery_under_load(
-    url: str, tasks: int, kill_every: float, quarantined: list[int]
+    h: Harness, tasks: int, kill_every: float, quarantined: list[int]
 ) -> list[float]:
     """Seconds from the SIGKILL of a whole worker to each task it was running starting again,
     with a backlog deeper than the fleet (two workers of two slots draining ``tasks`` jobs of
     0.1-1.5 s, a worker killed every ``kill_every`` s and replaced at once), at defaults.
     ``quarantined[0]`` is set to the tasks that reached the DLQ instead (every kill counts as a
     crash of each task the worker held, prefetched ones too: max_resurrections)."""
-    r = redis.Redis.from_url(url, decode_responses=True)
-    r.flushall()
-    app = Celery("pub", broker=url)
+    r = h.reset()
+    app = Celery("pub", broker=h.url)
     rng = random.Random(4)
-    fleet = [worker(url, True, f"bk{i}", concurrency=2, quiet=False).start() for i in range(2)]
-    for w in fleet:
-        w.wait_ready(60)
+    fleet = [h.worker(True, "bk", concurrency=2, quiet=False) for _ in range(2)]
+    h.wait_reported(fleet, 60)
     delays: list[float] = []
     pending: list[tuple[float, list[int]]] = []
     try:
@@ -217,83 +64,41 @@ def recovery_under_load(
             for n in range(tasks):
                 app.send_task("bench.job", args=(n, rng.uniform(0.1, 1.5)), producer=producer)
         deadline = time.monotonic() + 600
-        n_workers = 2
 
         def settled() -> int:  # ran to the end, or quarantined after max_resurrections crashes
-            return int(r.scard("bench:ended")) + int(r.hlen("rl:{rl}:dlq"))
+            return int(r.scard("bench:ended")) + int(r.hlen(DLQ))
 
         while settled() < tasks and time.monotonic() < deadline:
             time.sleep(kill_every)
             victim = rng.choice([w for w in fleet if w.proc is not None and w.proc.poll() is None])
-            host = victim.hostname.split("@")[0]
             ended = {int(x) for x in r.smembers("bench:ended")}
             running_on = [
                 n
                 for n in range(tasks)
-                if n not in ended and (s := _starts(r, n)) and s[-1][1].startswith(host)
+                if n not in ended and (s := starts(r, n)) and s[-1][1] == victim.hostname
             ]
             victim.kill(signal.SIGKILL)
             pending.append((time.time(), running_on))
-            n_workers += 1
-            fleet.append(worker(url, True, f"bk{n_workers}", concurrency=2, quiet=False).start())
+            fleet.append(h.worker(True, "bk", concurrency=2, quiet=False))
         wait_for(lambda: settled() >= tasks, 300, interval=0.2)
-        quarantined[0] = int(r.hlen("rl:{rl}:dlq"))
+        quarantined[0] = int(r.hlen(DLQ))
         for killed_at, ns in pending:
             for n in ns:
-                later = [at for at, _ in _starts(r, n) if at > killed_at]
+                later = [at for at, _ in starts(r, n) if at > killed_at]
                 if later:
                     delays.append(min(later) - killed_at)
         return delays
     finally:
-        for w in fleet:
-            w.stop(timeout=10)
+        kill_all(fleet)
         app.close()
 
 
-def chaos_loss(url: str, relier: bool, tasks: int, kills: int) -> tuple[int, int, int]:
-    """``tasks`` short tasks (0-5 ms) on two workers of two slots, one whole worker SIGKILLed
-    every second and replaced: (tasks that never ran, tasks that ran twice or more, kills)."""
-    r = redis.Redis.from_url(url, decode_responses=True)
-    r.flushall()
-    app = Celery("pub", broker=url)
-    rng = random.Random(5)
-    fleet = [worker(url, relier, f"ch{i}", concurrency=2).start() for i in range(2)]
-    done = 0
-    try:
-        with app.producer_or_acquire() as producer:
-            for n in range(tasks):
-                app.send_task("bench.job", args=(n, rng.uniform(0, 0.005)), producer=producer)
-        for k in range(kills):
-            time.sleep(1.0)
-            if r.scard("bench:ended") >= tasks:
-                break
-            alive = [w for w in fleet if w.proc is not None and w.proc.poll() is None]
-            rng.choice(alive).kill(signal.SIGKILL)
-            done = k + 1
-            fleet.append(worker(url, relier, f"ch{k + 2}", concurrency=2).start())
-        # Then wait until nothing more completes (vanilla loses what it had taken)
-        last, still = -1, 0.0
-        while still < 15 and r.scard("bench:ended") < tasks:
-            now = r.scard("bench:ended")
-            still = still + 0.5 if now == last else 0.0
-            last = now
-            time.sleep(0.5)
-        ended = {int(x) for x in r.smembers("bench:ended")}
-        twice = sum(1 for n in ended if int(r.get(f"bench:runs:{n}") or 0) > 1)
-        return tasks - len(ended), twice, done
-    finally:
-        for w in fleet:
-            w.stop(timeout=10)
-        app.close()
-
-
-def keys_after(url: str, tasks: int, wait: float) -> dict[str, int]:
+def keys_after(h: Harness, tasks: int, wait: float) -> dict[str, int]:
     """Relier's keys ``wait`` s after ``tasks`` completed tasks, the worker still running, by
     kind (the key name without its worker or task suffix)."""
-    r = redis.Redis.from_url(url, decode_responses=True)
-    r.flushall()
-    app = Celery("pub", broker=url)
-    w = worker(url, True, "keys", concurrency=2).start()
+    r = h.reset()
+    app = Celery("pub", broker=h.url)
+    w = h.worker(True, "keys", concurrency=2)
     try:
         with app.producer_or_acquire() as producer:
             for _ in range(tasks):
@@ -306,7 +111,7 @@ def keys_after(url: str, tasks: int, wait: float) -> dict[str, int]:
             kinds[kind] = kinds.get(kind, 0) + 1
         return kinds
     finally:
-        w.stop()
+        kill_all([w])
         app.close()
 
 
@@ -349,78 +154,74 @@ def main() -> int:
         python = args.vanilla_venv / "bin" / "python"
         if not python.exists():
             parser.error(f"--vanilla-venv: no {python}")
-        VANILLA_PYTHON["value"] = str(python)
-    checks: list[dict[str, object]] = []
-    with RedisServer() as url:
-        print(
-            f"Redis: throwaway redis-server at {url}; prefork concurrency 2 for throughput, "
-            "solo for latency",
-            flush=True,
-        )
-        # Interleaved rounds, median of each: a 2-core machine is noisy.
-        # The order alternates so that neither side always runs on a warmer machine.
-        rounds = []
-        for i in range(args.rounds):
-            if i % 2:
-                relier_first = throughput(url, True, args.tasks, checks)
-                rounds.append((throughput(url, False, args.tasks, checks), relier_first))
-            else:
-                vanilla_first = throughput(url, False, args.tasks, checks)
-                rounds.append((vanilla_first, throughput(url, True, args.tasks, checks)))
-        tp_vanilla = statistics.median(v for v, _ in rounds)
-        tp_relier = statistics.median(x for _, x in rounds)
-        print(
-            f"no-op throughput: vanilla {tp_vanilla:.0f}/s, relier {tp_relier:.0f}/s, "
-            f"ratio {tp_relier / tp_vanilla:.2f} (goal >= 1.0)",
-            flush=True,
-        )
-        lat_vanilla = latency(url, False, args.latency_samples, checks)
-        lat_relier = latency(url, True, args.latency_samples, checks)
-        p50v, p50r = statistics.median(lat_vanilla), statistics.median(lat_relier)
-        print(
-            f"latency p50: vanilla {p50v:.2f} ms, relier {p50r:.2f} ms, added "
-            f"{p50r - p50v:+.2f} ms (goal <= 0.3 ms); p99: vanilla {pct(lat_vanilla, 99):.2f} ms,"
-            f" relier {pct(lat_relier, 99):.2f} ms",
-            flush=True,
-        )
-        print(vanilla_summary(checks), flush=True)
-        kinds = keys_after(url, args.key_tasks, 15.0)
-        print(
-            f"relier keys 15 s after {args.key_tasks} completed tasks (worker running): "
-            f"{sum(kinds.values())} ({', '.join(f'{k} {v}' for k, v in sorted(kinds.items()))})",
-            flush=True,
-        )
-        if args.chaos_tasks:
-            for side in (False, True):
-                lost, twice, kills = chaos_loss(url, side, args.chaos_tasks, args.chaos_kills)
-                print(
-                    f"chaos, {'relier' if side else 'vanilla'}: {args.chaos_tasks} tasks of "
-                    f"0-5 ms, {kills} whole-worker SIGKILLs (one a second): {lost} lost, "
-                    f"{twice} ran twice",
-                    flush=True,
-                )
-        if args.backlog_tasks:
-            quarantined = [0]
-            delays = recovery_under_load(url, args.backlog_tasks, 4.0, quarantined)
-            print(
-                f"recovery under load ({len(delays)} tasks running on killed workers, backlog of "
-                f"{args.backlog_tasks} jobs of 0.1-1.5 s, a worker killed every 4 s, "
-                f"{quarantined[0]} quarantined after max_resurrections): p50 "
-                f"{pct(delays, 50):.2f} s, p99 {pct(delays, 99):.2f} s, max "
-                f"{max(delays, default=0):.2f} s (goal p50 <= 5 s, p99 <= 10 s)",
-                flush=True,
-            )
-        delays = recovery(url, args.kills, per_kill=2)
-        if delays:
-            print(
-                f"recovery after SIGKILL ({len(delays)} tasks, default lease 4 s, scan 1 s): "
-                f"p50 {pct(delays, 50):.2f} s, p99 {pct(delays, 99):.2f} s, max "
-                f"{max(delays):.2f} s (goal p50 <= 5 s, p99 <= 10 s)",
-                flush=True,
-            )
-        else:
-            print("recovery: no task was caught running on a killed worker", flush=True)
+        vanilla_python = str(python)
+    else:
+        vanilla_python = None
+    try:
+        with RedisServer() as url, tempfile.TemporaryDirectory(prefix="relier-bench-") as logs:
+            report(Harness(url, Path(logs), vanilla_python=vanilla_python), args)
+    except BenchError as exc:
+        raise SystemExit(str(exc)) from None
     return 0
+
+
+def report(h: Harness, args: argparse.Namespace) -> None:
+    print(
+        f"Redis: throwaway redis-server at {h.url}; prefork concurrency 2 for throughput, "
+        "solo for latency",
+        flush=True,
+    )
+    # Interleaved rounds, median of each: a 2-core machine is noisy.
+    o = overhead(h, args.tasks, args.rounds, args.latency_samples)
+    tp, lat = o["throughput"], o["latency"]
+    print(
+        f"no-op throughput: vanilla {tp['vanilla_per_s']:.0f}/s, relier {tp['relier_per_s']:.0f}"
+        f"/s, ratio {tp['ratio']:.2f} (goal >= 1.0)",
+        flush=True,
+    )
+    print(
+        f"latency p50: vanilla {lat['vanilla_p50_ms']:.2f} ms, relier {lat['relier_p50_ms']:.2f}"
+        f" ms, added {lat['added_p50_ms']:+.2f} ms (goal <= 0.3 ms); p99: vanilla "
+        f"{lat['vanilla_p99_ms']:.2f} ms, relier {lat['relier_p99_ms']:.2f} ms",
+        flush=True,
+    )
+    print(h.proof()["summary"], flush=True)
+    kinds = keys_after(h, args.key_tasks, 15.0)
+    print(
+        f"relier keys 15 s after {args.key_tasks} completed tasks (worker running): "
+        f"{sum(kinds.values())} ({', '.join(f'{k} {v}' for k, v in sorted(kinds.items()))})",
+        flush=True,
+    )
+    if args.chaos_tasks:
+        for side in (False, True):
+            c = chaos_loss(h, side, args.chaos_tasks, args.chaos_kills, still=15.0)
+            print(
+                f"chaos, {'relier' if side else 'vanilla'}: {args.chaos_tasks} tasks of "
+                f"0-5 ms, {c['kills']} whole-worker SIGKILLs (one a second): {c['lost']} lost, "
+                f"{c['ran_twice']} ran twice, {c['quarantined']} quarantined",
+                flush=True,
+            )
+    if args.backlog_tasks:
+        quarantined = [0]
+        delays = recovery_under_load(h, args.backlog_tasks, 4.0, quarantined)
+        print(
+            f"recovery under load ({len(delays)} tasks running on killed workers, backlog of "
+            f"{args.backlog_tasks} jobs of 0.1-1.5 s, a worker killed every 4 s, "
+            f"{quarantined[0]} quarantined after max_resurrections): p50 "
+            f"{pct(delays, 50):.2f} s, p99 {pct(delays, 99):.2f} s, max "
+            f"{max(delays, default=0):.2f} s (goal p50 <= 5 s, p99 <= 10 s)",
+            flush=True,
+        )
+    rec = recovery(h, True, args.kills, per_kill=2, wait=60.0)
+    if rec["recovered"]:
+        print(
+            f"recovery after SIGKILL ({rec['recovered']} tasks, default lease 4 s, scan 1 s): "
+            f"p50 {rec['p50']:.2f} s, p99 {rec['p99']:.2f} s, max {rec['max']:.2f} s "
+            "(goal p50 <= 5 s, p99 <= 10 s)",
+            flush=True,
+        )
+    else:
+        print("recovery: no task was caught running on a killed worker", flush=True)
 
 
 if __name__ == "__main__":

@@ -15,69 +15,68 @@ RabbitMQ, with a queue of the run's own. A benchmark, not a test: it prints figu
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import statistics
+import tempfile
 import time
 import uuid
+from pathlib import Path
 
-import redis
-from bench_core import HERE, check_vanilla
 from celery import Celery
 from kombu import Connection
 from stats import pct
 
+from relier_celery.bench.harness import Harness
 from relier_celery.testing import RedisServer, WorkerProcess, wait_for
 
 # Long enough that the victim still runs its tasks when the survivor is ready.
 HOLD = 6.0
 
 
-def worker(url: str, amqp: str, queue: str, relier: bool, name: str, n: int) -> WorkerProcess:
-    env = {
-        "BENCH_REDIS": url,
-        "BENCH_BROKER": amqp,
-        "BENCH_QUEUE": queue,
-        "BENCH_ACKS_LATE": "1",
-        "BENCH_RELIER": "1" if relier else "0",
-        "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
-    }
-    return WorkerProcess("bench_app", concurrency=n, hostname=f"{name}@%h", env=env, cwd=str(HERE))
+def worker(h: Harness, amqp: str, queue: str, relier: bool, name: str, n: int) -> WorkerProcess:
+    return h.worker(
+        relier,
+        name,
+        concurrency=n,
+        quiet=False,
+        conf={"task_acks_late": True},
+        env={"BENCH_BROKER": amqp, "BENCH_QUEUE": queue},
+    )
 
 
-def recovery(url: str, amqp: str, relier: bool, kills: int, per_kill: int) -> list[float]:
+def recovery(h: Harness, amqp: str, relier: bool, kills: int, per_kill: int) -> list[float]:
     """Seconds from each SIGKILL to each of the victim's running tasks starting again."""
-    r = redis.Redis.from_url(url, decode_responses=True)
+    r = h.reset()
     queue = f"bench-{uuid.uuid4().hex[:8]}"
     app = Celery("pub", broker=amqp)
     app.conf.task_default_queue = queue
     delays: list[float] = []
+    side = "relier" if relier else "vanilla"
 
     def starts(n: int) -> list[float]:
         return [float(x.split("|", 1)[0]) for x in r.lrange(f"bench:starts:{n}", 0, -1)]
 
     try:
         for k in range(kills):
-            side = "relier" if relier else "vanilla"
-            victim = worker(url, amqp, queue, relier, f"{side}-victim{k}", per_kill).start()
-            victim.wait_ready(60)
+            victim = worker(h, amqp, queue, relier, f"{side}-victim", per_kill)
+            h.wait_reported([victim], 60)
             ids = [k * 100 + i for i in range(per_kill)]
             for n in ids:
                 app.send_task("bench.hold", args=(n, HOLD))
             wait_for(lambda ids=ids: all(starts(n) for n in ids), 60)
-            survivor = worker(url, amqp, queue, relier, f"{side}-survivor{k}", per_kill)
-            survivor.start().wait_ready(60)
+            survivor = worker(h, amqp, queue, relier, f"{side}-survivor", per_kill)
+            h.wait_reported([survivor], 60)
             victim.kill(signal.SIGKILL)
             killed = time.time()
             wait_for(lambda ids=ids: all(len(starts(n)) >= 2 for n in ids), 60, interval=0.01)
             delays += [starts(n)[1] - killed for n in ids]
             survivor.kill(signal.SIGKILL)  # the round is measured; its tasks are not needed
             if not relier:
-                check_vanilla(url, survivor)
+                h.check_vanilla(f"rabbitmq recovery round {k}", [victim, survivor])
             time.sleep(0.5)  # RabbitMQ requeues what the survivor held: the next round starts empty
             with Connection(amqp) as conn:
                 conn.default_channel.queue_purge(queue)
-            r.flushall()
+            r = h.reset()
         return delays
     finally:
         app.close()
@@ -91,9 +90,10 @@ def main() -> int:
     parser.add_argument("--per-kill", type=int, default=4)
     parser.add_argument("--amqp", default="amqp://guest:guest@127.0.0.1:5672//")
     args = parser.parse_args()
-    with RedisServer() as url:
-        vanilla = recovery(url, args.amqp, False, args.kills, args.per_kill)
-        relier = recovery(url, args.amqp, True, args.kills, args.per_kill)
+    with RedisServer() as url, tempfile.TemporaryDirectory(prefix="bench-rmq-") as logs:
+        h = Harness(url, Path(logs))
+        vanilla = recovery(h, args.amqp, False, args.kills, args.per_kill)
+        relier = recovery(h, args.amqp, True, args.kills, args.per_kill)
     for name, delays in (("vanilla acks_late", vanilla), ("relier", relier)):
         print(
             f"{name:>17}: kill -> running again p50 {statistics.median(delays):.3f} s, "
@@ -101,7 +101,7 @@ def main() -> int:
         )
     ratio = statistics.median(relier) / statistics.median(vanilla)
     print(f"relier / vanilla p50: {ratio:.2f}x (goal: no slower)")
-    print("vanilla side: no relier log line, no relier bootstep, no relier key (checked)")
+    print(h.proof()["summary"])
     return 0
 
 

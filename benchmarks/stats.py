@@ -16,18 +16,6 @@ def timed(fn: Callable[[int], object], calls: int, scale: float = 1e6) -> list[f
     return out
 
 
-def interleaved(fns: list[Callable[[], object]], calls: int) -> list[list[float]]:
-    """Time each function once per round, round after round, so that a busy machine (other
-    processes, CPU frequency) weighs on every series alike: the ratios stay meaningful (us)."""
-    out: list[list[float]] = [[] for _ in fns]
-    for _ in range(calls):
-        for fn, series in zip(fns, out, strict=True):
-            start = time.perf_counter()
-            fn()
-            series.append((time.perf_counter() - start) * 1e6)
-    return out
-
-
 def pct(values: list[float], p: float) -> float:
     """The ``p``-th percentile (nearest rank)."""
     values = sorted(values)

@@ -5,6 +5,7 @@ from __future__ import annotations
 __all__ = [
     "AdmissionRejected",
     "AdmissionUnavailable",
+    "BenchError",
     "ConfigError",
     "HardTimeout",
     "IdempotencyBusy",
@@ -19,6 +20,11 @@ __all__ = [
 
 class RelierError(Exception):
     """Base class of every relier error."""
+
+
+class BenchError(RelierError):
+    """A benchmark could not run (a worker failed, a phase timed out) or its vanilla side ran
+    relier, so its figures would not compare relier with vanilla Celery."""
 
 
 class ConfigError(RelierError):

@@ -135,6 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     celery_main()
 
 
+from . import bench as _bench  # noqa: E402, F401  (registers `relier bench`)
 from . import chaos as _chaos  # noqa: E402, F401  (registers `relier chaos`)
 from . import cluster as _cluster  # noqa: E402, F401  (registers `relier cluster up`)
 from . import dlq as _dlq  # noqa: E402, F401  (registers `relier dlq`)
