@@ -184,7 +184,10 @@ class Inflight:
         if holder == self.worker or not self.presence.gone(holder):
             return False
         gen = record.generation
-        if not self.store.take_over(record.delivery_id, seen, self.worker, gen, record.dumps()):
+        ttl = 10 * self.config.lease_ttl  # the holder's marker: past it, its lease ran out
+        if not self.store.take_over(
+            record.delivery_id, seen, self.worker, gen, record.dumps(), ttl
+        ):
             return False
         events.emit(
             "task.taken_over",

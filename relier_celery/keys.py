@@ -124,6 +124,11 @@ class Keys:
         rewritten with its running set, and how many tasks it completed since it started."""
         return f"{self._base}:proc:{worker}"
 
+    def taken(self, worker: str) -> str:
+        """STRING with a TTL: another worker took over a delivery of this one while it looked
+        gone (take_over.lua); its next renewal reads it as a lost lease (lease_renew.lua)."""
+        return f"{self._base}:taken:{worker}"
+
     def presence(self, worker: str) -> str:
         """Not a key: the CLIENT SETNAME of the connection a live worker's main process keeps
         open (presence.py). Redis drops it the moment that process dies."""

@@ -174,14 +174,21 @@ class Lease:
         # A lease that ran out, or that a scanner already forgot (it held nothing left to
         # resurrect), both mean this worker was taken for dead.
         gone = prev == -1 and self._renewed
-        lost = gone or 0 <= prev < now
+        taken = prev == -2
+        lost = gone or taken or 0 <= prev < now
         if lost:
             ago = "some time" if gone else f"{(now - prev) / 1000:.1f} s"
+            why = (
+                "the broker redelivered tasks of this worker while it looked gone (its "
+                "presence connection to Redis was closed), and another worker took them over"
+                if taken
+                else f"this worker's lease ran out {ago} ago (paused or cut off from Redis?): "
+                "it was taken for dead and its tasks may have been resurrected elsewhere. "
+                "Raise relier_lease_ttl if pauses are expected"
+            )
             events.emit(
                 "lease.lost",
-                f"this worker's lease ran out {ago} ago (paused or cut off from Redis?): it "
-                "was taken for dead and its tasks may have been resurrected elsewhere. Raise "
-                "relier_lease_ttl if pauses are expected",
+                why,
                 worker=self.worker,
             )
             if self.on_lost is not None:

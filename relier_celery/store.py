@@ -203,8 +203,11 @@ class Store:
 
     # -- leases -------------------------------------------------------------------------
     def renew_lease(self, worker: str, ttl: float) -> tuple[int, int]:
-        """Renew a lease; return (previous deadline ms or -1, server time ms)."""
-        prev, now = self._run("lease_renew", [self.keys.leases], [worker, _ms(ttl)])
+        """Renew a lease; return (previous deadline ms, -1 without one, or -2 when a delivery
+        was taken over from this worker; server time ms)."""
+        prev, now = self._run(
+            "lease_renew", [self.keys.leases, self.keys.taken(worker)], [worker, _ms(ttl)]
+        )
         return int(prev), int(now)
 
     def retire(self, worker: str) -> int:
@@ -255,16 +258,17 @@ class Store:
         return Receipt(False, str(out[1]), str(out[2]))
 
     def take_over(
-        self, delivery: str, seen: str, worker: str, gen: Generation, record: str
+        self, delivery: str, seen: str, worker: str, gen: Generation, record: str, ttl: float
     ) -> bool:
         """Move a delivery from a holder that is gone (``seen``: its owners entry) to
-        ``worker``; False when it is a duplicate after all (take_over.lua)."""
+        ``worker``; False when it is a duplicate after all (take_over.lua). ``ttl``: how long
+        the holder's marker waits for a renewal that fences it (a few leases)."""
         holder = seen.rsplit("|", 2)[0]
         k = self.keys
         out = self._run(
             "take_over",
-            [k.owners, k.held(holder), k.claim(holder), k.held(worker)],
-            [delivery, seen, worker, gen.retries, gen.resurrections, record],
+            [k.owners, k.held(holder), k.claim(holder), k.held(worker), k.taken(holder)],
+            [delivery, seen, worker, gen.retries, gen.resurrections, record, _ms(ttl)],
         )
         return bool(out)
 

@@ -200,3 +200,19 @@ def test_a_delivery_recorded_without_the_fetch_drops_a_held_field_it_came_with(
     request: dict[str, Any] = {HELD_KEY: ["w0", "f9"]}
     assert inflight.to_pool(key, request, 5)
     assert request == {EPOCH_KEY: 5}
+
+
+def test_a_renewal_after_a_takeover_gives_up_what_was_held(store: Store, captured) -> None:
+    # Given a worker's lease, and one of its deliveries taken over by another worker
+    lost: list[bool] = []
+    config = RelierConfig.from_mapping({"relier_reliable_fetch": False}, broker_url=store.url)
+    lease = Lease(config, store, "w0", on_lost=lambda: lost.append(True))
+    store.renew_lease("w0", config.lease_ttl)
+    lease.renew()
+    store.call(lambda c: c.set(store.keys.taken("w0"), "w1", px=30_000))
+    # When it renews
+    lease.renew()
+    # Then it gives up, and says why
+    assert lost == [True]
+    why = [e.message for e in captured if e.name == "lease.lost"]
+    assert why and "took them over" in why[0]

@@ -316,6 +316,20 @@ def test_take_over_refuses_an_entry_that_changed(store: Store) -> None:
     record = _record(headers)
     store.record(record.delivery_id, "w0", record.generation, record.dumps())
     gen = record.generation
-    assert not store.take_over("t1#p1", "w9|0|0", "w1", gen, record.dumps())
-    assert store.take_over("t1#p1", "w0|0|0", "w1", gen, record.dumps())
-    assert not store.take_over("t1#p1", "w0|0|0", "w2", gen, record.dumps())
+    assert not store.take_over("t1#p1", "w9|0|0", "w1", gen, record.dumps(), 30)
+    assert store.take_over("t1#p1", "w0|0|0", "w1", gen, record.dumps(), 30)
+    assert not store.take_over("t1#p1", "w0|0|0", "w2", gen, record.dumps(), 30)
+
+
+def test_a_holder_that_only_looked_gone_is_fenced_on_its_next_renewal(store: Store) -> None:
+    # Given w0, alive but cut off from Redis and the broker, whose delivery w1 took over
+    headers = task_headers("t1", task="demo.add", **{PUBLICATION_HEADER: "p1"})
+    record = _record(headers)
+    store.renew_lease("w0", ttl=30)
+    store.record(record.delivery_id, "w0", record.generation, record.dumps())
+    assert store.take_over("t1#p1", "w0|0|0", "w1", record.generation, record.dumps(), 30)
+    # When w0 reaches Redis again and renews its lease
+    prev, _ = store.renew_lease("w0", ttl=30)
+    # Then the renewal tells it the lease was lost (it stops what it still runs), once
+    assert prev == -2
+    assert store.renew_lease("w0", ttl=30)[0] > 0
