@@ -209,11 +209,12 @@ def leftovers(r: redis.Redis) -> dict[str, int]:
     }
 
 
-def relier_cli(redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    """``celery -A chaos_app relier ...`` as an operator runs it."""
+def relier_cli(fleet: Fleet, *args: str) -> subprocess.CompletedProcess[str]:
+    """``celery -A chaos_app relier ...`` as an operator runs it, on the fleet's broker."""
     env = {
         **os.environ,
-        "RELIER_TEST_REDIS": redis_url,
+        **fleet.env,
+        "RELIER_TEST_REDIS": fleet.redis_url,
         "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
     }
     return subprocess.run(

@@ -7,7 +7,7 @@ import base64
 import json
 
 import pytest
-from fleet import dlq_entries, done, relier_cli, wait_all_done
+from fleet import BROKERS, dlq_entries, done, relier_cli, wait_all_done
 from kombu import Connection, Exchange, Producer
 
 from relier_celery.testing import wait_for
@@ -31,6 +31,7 @@ def canary(publisher, r, n: int = 9000) -> None:
     wait_for(lambda: n in done(r), 20, what="the canary task")
 
 
+@pytest.mark.parametrize("broker", BROKERS, indirect=True)
 def test_a_task_failing_after_its_retries_lands_in_the_dlq_with_its_traceback(
     fleet, publisher, r, redis_url
 ):
@@ -40,16 +41,17 @@ def test_a_task_failing_after_its_retries_lands_in_the_dlq_with_its_traceback(
     assert int(r.get("test:attempts:f1")) == 3  # the first run and two retries
     assert "ValueError" in entry["error"] and "bad input f1" in entry["error"]
     assert "Traceback" in entry["error"]
-    shown = relier_cli(redis_url, "dlq", "show", entry["id"])
+    shown = relier_cli(fleet, "dlq", "show", entry["id"])
     assert shown.returncode == 0 and "bad input f1" in shown.stdout and '"f1"' in shown.stdout
     # When fixed and released: it runs with its counts reset, and completes
     r.set("test:fixed:f1", 1)
-    assert relier_cli(redis_url, "dlq", "release", "--all", "--task", "chaos.fails_until_fixed")
+    assert relier_cli(fleet, "dlq", "release", "--all", "--task", "chaos.fails_until_fixed")
     wait_for(lambda: "f1" in r.smembers("test:done"), 30, what="the released task")
     assert int(r.get("test:attempts:f1")) == 4
     assert not dlq_entries(r)
 
 
+@pytest.mark.parametrize("broker", BROKERS, indirect=True)
 def test_an_unknown_task_is_kept_and_runs_once_a_worker_knows_it(fleet, publisher, r, redis_url):
     old = fleet.start(concurrency=1)
     task_id = publisher.send_task("chaos.late", args=("l1",)).id
@@ -58,7 +60,7 @@ def test_an_unknown_task_is_kept_and_runs_once_a_worker_knows_it(fleet, publishe
     # When a deploy that knows the task is up and the entry released
     fleet.start(concurrency=1, RELIER_TEST_LATE_TASK="1")
     old.stop()
-    out = relier_cli(redis_url, "dlq", "release", entry["id"])
+    out = relier_cli(fleet, "dlq", "release", entry["id"])
     assert out.returncode == 0, out.stderr
     wait_for(lambda: "l1" in r.smembers("test:done"), 30, what="the released task")
 
@@ -89,10 +91,11 @@ def test_a_body_that_cannot_be_decoded_lands_in_the_dlq_with_its_raw_bytes(
     assert entry["reason"] in ("undecodable", "invalid_message")
     assert base64.b64decode(entry["message"]["body"]) == body
     canary(publisher, r)
-    listed = relier_cli(redis_url, "dlq", "list", "--json")
+    listed = relier_cli(fleet, "dlq", "list", "--json")
     assert [e["task_id"] for e in json.loads(listed.stdout)] == ["bad-1"]
 
 
+@pytest.mark.parametrize("broker", BROKERS, indirect=True)
 def test_a_message_from_a_newer_schema_waits_then_is_quarantined_then_released(
     fleet, publisher, r, redis_url
 ):
@@ -109,7 +112,7 @@ def test_a_message_from_a_newer_schema_waits_then_is_quarantined_then_released(
     # When deploy 2 is up and the entry released, deploy 2 runs it with its own shape
     fleet.start(concurrency=1, RELIER_TEST_SCHEMA="2")
     old.stop()
-    assert relier_cli(redis_url, "dlq", "release", entry["id"]).returncode == 0
+    assert relier_cli(fleet, "dlq", "release", entry["id"]).returncode == 0
     wait_all_done(r, {1}, 30, fleet)
     assert [json.loads(x) for x in r.lrange("test:versioned:1", 0, -1)] == [[2, 1, 9.5, "USD"]]
 

@@ -4,16 +4,14 @@ is handed off, prefetched messages go back at once, and every task runs exactly 
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 import pytest
-from fleet import HERE, held_records, send_work, wait_all_done
+from fleet import BROKERS, held_records, relier_cli, send_work, wait_all_done
 
 from relier_celery import drain
 from relier_celery.testing import wait_for
@@ -34,19 +32,8 @@ def _load(fleet, publisher, r, acks_late: str):
 
 
 def _relier_drain(fleet, *args: str) -> subprocess.CompletedProcess[str]:
-    """Run a real `celery -A chaos_app relier drain ...` against the fleet's Redis."""
-    return subprocess.run(
-        [sys.executable, "-m", "celery", "-A", "chaos_app", "relier", "drain", *args],
-        cwd=HERE,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={
-            **os.environ,
-            "RELIER_TEST_REDIS": fleet.redis_url,
-            "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
-        },
-    )
+    """Run a real `celery -A chaos_app relier drain ...` against the fleet's Redis and broker."""
+    return relier_cli(fleet, "drain", *args)
 
 
 def _exactly_once(r, fleet) -> None:
@@ -57,7 +44,11 @@ def _exactly_once(r, fleet) -> None:
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("acks_late", ["0", "1"])
+@pytest.mark.parametrize(
+    ("acks_late", "broker"),
+    [("0", "redis"), ("1", "redis"), ("1", "rabbitmq")],
+    indirect=["broker"],
+)
 def test_sigterm_drains_hands_off_and_loses_nothing(fleet, publisher, r, acks_late) -> None:
     leaving, _ = _load(fleet, publisher, r, acks_late)
     # When the busy worker gets SIGTERM
@@ -73,6 +64,7 @@ def test_sigterm_drains_hands_off_and_loses_nothing(fleet, publisher, r, acks_la
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("broker", BROKERS, indirect=True)
 def test_the_remote_drain_command_drains_a_named_worker(fleet, publisher, r) -> None:
     leaving, _ = _load(fleet, publisher, r, "0")
     name = leaving.hostname.replace("%h", socket.gethostname())
@@ -108,6 +100,7 @@ def test_tasks_still_running_at_the_end_get_their_hook_then_move(fleet, publishe
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("broker", BROKERS, indirect=True)
 def test_a_second_sigterm_hurries_the_hand_off(fleet, publisher, r) -> None:
     slow = json.dumps({"relier_drain_timeout": 20})
     leaving = fleet.start(concurrency=2, RELIER_TEST_CONF=slow)
@@ -126,6 +119,7 @@ def test_a_second_sigterm_hurries_the_hand_off(fleet, publisher, r) -> None:
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("broker", BROKERS, indirect=True)
 def test_sigkill_during_the_drain_still_loses_nothing(fleet, publisher, r) -> None:
     leaving, _ = _load(fleet, publisher, r, "0")
     leaving.kill(signal.SIGTERM)

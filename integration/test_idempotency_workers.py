@@ -7,12 +7,13 @@ import random
 import time
 
 import pytest
-from fleet import dlq_entries, wait_all_done
+from fleet import BROKERS, dlq_entries, wait_all_done
 
 from relier_celery.testing import wait_for
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("broker", BROKERS, indirect=True)
 def test_concurrent_duplicates_charge_once_and_all_get_the_same_result(fleet, publisher, r):
     # Given two workers with four processes each
     for _ in range(2):
@@ -105,6 +106,7 @@ def _effects(r, kind: str, order: int) -> list[tuple[int, int]]:
 
 
 @pytest.mark.timeout(180)
+@pytest.mark.parametrize("broker", BROKERS, indirect=True)
 def test_chaos_idempotent_side_effects_happen_once_per_key(fleet, publisher, r) -> None:
     # Given 30 idempotent payments, each dispatched twice, on workers SIGKILLed mid-run
     orders = 30

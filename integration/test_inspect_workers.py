@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fleet import HERE, done
+from fleet import BROKERS, HERE, done, relier_cli
 
 from relier_celery.testing import wait_for
 
@@ -44,12 +44,13 @@ def task_state(redis_url: str, task_id: str) -> tuple[str, str] | None:
 
 
 @pytest.mark.timeout(150)
+@pytest.mark.parametrize("broker", BROKERS, indirect=True)
 def test_inspect_follows_a_task_from_a_killed_worker_to_a_live_one(
     fleet, publisher, r, redis_url
 ) -> None:
     # Given two workers without scanners (the test runs the resurrection itself, so the
     # "awaiting resurrection" state lasts until it does), the first running a long task
-    fleet.env = {"RELIER_TEST_NO_SCANNER": "1"}
+    fleet.env.update({"RELIER_TEST_NO_SCANNER": "1"})
     victim = fleet.start(concurrency=1)
     task_id = publisher.send_task("chaos.work", args=(1, 8.0)).id
     wait_for(lambda: r.get("test:started:1"), 20, what="the task to start")
@@ -75,8 +76,8 @@ def test_inspect_follows_a_task_from_a_killed_worker_to_a_live_one(
     text = inspect_json(redis_url, "inspect")["text"]
     assert "awaiting resurrection" in text and "1 dead" in text
     # When a scanner resurrects it
-    out = inspect_json(redis_url, "resurrector", "--once")
-    assert "resurrected or quarantined 1 task(s)" in out["text"]
+    out = relier_cli(fleet, "resurrector", "--once")  # it publishes on the fleet's broker
+    assert "resurrected or quarantined 1 task(s)" in out.stdout, out.stdout + out.stderr
     # Then inspect shows it running on the other worker, and counts the resurrection
     wait_for(
         lambda: (

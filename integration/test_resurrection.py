@@ -10,6 +10,7 @@ import time
 
 import pytest
 from fleet import (
+    BROKERS,
     FETCH_MODES,
     dlq_entries,
     done,
@@ -44,7 +45,11 @@ def test_a_sigkilled_workers_tasks_run_again_on_a_live_worker(fleet, publisher, 
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("pool", ["prefork", "threads"])
+@pytest.mark.parametrize(
+    ("pool", "broker"),
+    [("prefork", "redis"), ("threads", "redis"), ("prefork", "rabbitmq")],
+    indirect=["broker"],
+)
 def test_chaos_main_process_kills_lose_nothing(fleet, publisher, r, pool) -> None:
     # Given two workers and 300 tasks of random duration
     rng = random.Random(1234)
@@ -67,6 +72,7 @@ def test_chaos_main_process_kills_lose_nothing(fleet, publisher, r, pool) -> Non
 
 
 @pytest.mark.timeout(240)
+@pytest.mark.parametrize("broker", BROKERS, indirect=True)
 def test_chaos_pool_child_kills_lose_nothing(fleet, publisher, r) -> None:
     # Given two prefork workers and 200 tasks
     rng = random.Random(99)
@@ -94,6 +100,7 @@ def test_chaos_pool_child_kills_lose_nothing(fleet, publisher, r) -> None:
     wait_for(lambda: held_records(r) == 0, 20, what="every record to be removed")
 
 
+@pytest.mark.parametrize("broker", BROKERS, indirect=True)
 def test_a_killed_pool_child_is_resurrected_at_once_not_failed(fleet, publisher, r) -> None:
     worker = fleet.start(concurrency=2)
     publisher.send_task("chaos.kill_child", args=(7,))
@@ -103,6 +110,7 @@ def test_a_killed_pool_child_is_resurrected_at_once_not_failed(fleet, publisher,
 
 
 @pytest.mark.timeout(180)
+@pytest.mark.parametrize("broker", BROKERS, indirect=True)
 def test_a_poison_pill_ends_in_the_dlq_and_the_fleet_keeps_serving(fleet, publisher, r) -> None:
     # Given a task that kills whichever worker runs it (max_resurrections=2)
     fleet.start(concurrency=1)
@@ -130,7 +138,7 @@ def test_a_poison_pill_ends_in_the_dlq_and_the_fleet_keeps_serving(fleet, publis
     wait_all_done(r, set(range(5)), 30, fleet)
     # And once the bug is fixed, a release through the CLI runs it to completion
     r.set("test:fixed:p1", 1)
-    out = relier_cli(fleet.redis_url, "dlq", "release", entry["id"][:8])
+    out = relier_cli(fleet, "dlq", "release", entry["id"][:8])
     assert out.returncode == 0, out.stderr
     wait_for(lambda: "p1" in r.smembers("test:done"), 30, what="the released task")
     assert not dlq_entries(r)
@@ -174,6 +182,7 @@ def test_late_broker_redelivery_of_a_resurrected_task_is_dropped(
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("broker", BROKERS, indirect=True)
 def test_sigterm_finishes_running_tasks_and_hands_back_prefetched_ones(fleet, publisher, r):
     # Given a worker that has started two tasks and prefetched more
     leaving = fleet.start(concurrency=2)
