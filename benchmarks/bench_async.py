@@ -15,7 +15,7 @@ import asyncio
 import sys
 import time
 
-from relier_celery import aio
+from relier_celery.features import aio
 
 
 async def task() -> int:

@@ -38,7 +38,7 @@ from stats import pct
 from relier_celery.bench.delivery import DLQ, chaos_loss, recovery, starts
 from relier_celery.bench.harness import Harness, kill_all, running
 from relier_celery.bench.overhead import overhead
-from relier_celery.errors import BenchError
+from relier_celery.core.errors import BenchError
 from relier_celery.testing import RedisServer, wait_for
 
 HERE = Path(__file__).parent

@@ -15,8 +15,8 @@ import sys
 
 from stats import pct, timed
 
-from relier_celery.keys import Keys
-from relier_celery.store import Store
+from relier_celery.core.keys import Keys
+from relier_celery.store.client import Store
 from relier_celery.testing import RedisServer
 
 

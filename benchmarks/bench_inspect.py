@@ -24,12 +24,12 @@ from pathlib import Path
 
 from stats import timed
 
-from relier_celery.activity import RunningMarker
 from relier_celery.cli.render import render
-from relier_celery.inspect import take, to_json
-from relier_celery.keys import Keys
-from relier_celery.record import TaskRecord
-from relier_celery.store import Store
+from relier_celery.core.keys import Keys
+from relier_celery.core.record import TaskRecord
+from relier_celery.observe.activity import RunningMarker
+from relier_celery.observe.snapshot import take, to_json
+from relier_celery.store.client import Store
 from relier_celery.testing import RedisServer, task_headers
 
 

@@ -16,7 +16,7 @@ from celery import Celery
 from fastapi import FastAPI, Header
 
 import relier_celery
-from relier_celery.fastapi import install_exception_handler
+from relier_celery.contrib.fastapi import install_exception_handler
 
 celery_app = Celery("shop", broker=os.environ.get("REDIS_URL", "redis://localhost:6379/0"))
 celery_app.conf.relier_admission = {"emails": {"rate": "100/s", "max_queue_depth": 10_000}}

@@ -20,7 +20,7 @@ import redis
 from celery import Celery
 from kombu import Connection
 
-from relier_celery.keys import Keys
+from relier_celery.core.keys import Keys
 from relier_celery.testing import WorkerProcess, wait_for
 
 HERE = Path(__file__).parent

@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 from kombu import Connection
 
 from relier_celery import testing
-from relier_celery.keys import Keys
+from relier_celery.core.keys import Keys
 from relier_celery.testing import WorkerProcess, wait_for
 
 __all__ = [

@@ -18,11 +18,11 @@ import redis
 from celery import Celery
 from fleet import HERE, done, send_work
 
-from relier_celery import proc
-from relier_celery.errors import StoreUnavailable
-from relier_celery.inspect import take
-from relier_celery.keys import Keys
-from relier_celery.store import Store
+from relier_celery.core import proc
+from relier_celery.core.errors import StoreUnavailable
+from relier_celery.core.keys import Keys
+from relier_celery.observe.snapshot import take
+from relier_celery.store.client import Store
 from relier_celery.testing import free_port, wait_for
 
 pytestmark = pytest.mark.slow

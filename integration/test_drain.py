@@ -13,7 +13,7 @@ import time
 import pytest
 from fleet import BROKERS, held_records, relier_cli, send_work, wait_all_done
 
-from relier_celery import drain
+from relier_celery.recovery import drain
 from relier_celery.testing import wait_for
 
 CONF = json.dumps({"relier_drain_timeout": 3})

@@ -11,7 +11,7 @@ import re
 from celery import Celery
 from fleet import HERE
 
-from relier_celery.config import RelierConfig
+from relier_celery.core.config import RelierConfig
 from relier_celery.testing import WorkerProcess, wait_for
 
 # Every key a plain Celery worker and publisher leave on a Redis broker (with results ignored),

@@ -29,7 +29,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from kombu import Connection
 
-from relier_celery.keys import Keys
+from relier_celery.core.keys import Keys
 from relier_celery.testing import WorkerProcess
 
 EXAMPLES = int(os.environ.get("RELIER_FUZZ_EXAMPLES", "3"))

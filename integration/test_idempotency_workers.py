@@ -46,8 +46,8 @@ def test_a_paused_owner_cannot_overwrite_the_result_of_the_worker_that_took_over
     import os
     import signal
 
-    from relier_celery.idempotency import default_key
-    from relier_celery.keys import Keys
+    from relier_celery.core.keys import Keys
+    from relier_celery.features.idempotency import default_key
 
     # Given a worker running an idempotent task
     paused = fleet.start(concurrency=1)

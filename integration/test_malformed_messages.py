@@ -39,7 +39,7 @@ from fuzz_messages import (
 )
 from kombu import Connection
 
-from relier_celery.keys import Keys
+from relier_celery.core.keys import Keys
 from relier_celery.testing import RedisServer, wait_for
 
 # Code paths, named once; the cases' celery_alone texts refer to them.

@@ -12,9 +12,9 @@ from celery import Celery
 from fleet import done, held_records, leftovers, wait_chaos_done
 
 from relier_celery import install
-from relier_celery.keys import Keys
-from relier_celery.record import TaskRecord
-from relier_celery.resurrect import Resurrector
+from relier_celery.core.keys import Keys
+from relier_celery.core.record import TaskRecord
+from relier_celery.recovery.resurrect import Resurrector
 from relier_celery.testing import wait_for
 
 pytestmark = pytest.mark.integration

@@ -37,7 +37,7 @@ def report_bootsteps(sender: Any = None, **_: Any) -> None:
 
 @app.task(name="vanilla.add", bind=True)
 def add(self: Any, a: int, b: int) -> int:
-    context = sys.modules.get("relier_celery.context")
+    context = sys.modules.get("relier_celery.features.context")
     _r.rpush(
         "test:ran",
         json.dumps(

@@ -6,10 +6,7 @@ Enable it by configuration alone: add ``"relier_celery"`` to the app's ``imports
 
 from __future__ import annotations
 
-from .context import TaskContext
-from .dispatch import rl_task
-from .envelope import migration
-from .errors import (
+from relier_celery.core.errors import (
     AdmissionRejected,
     AdmissionUnavailable,
     ConfigError,
@@ -22,9 +19,12 @@ from .errors import (
     RelierError,
     StoreUnavailable,
 )
-from .idempotency import idempotency_lock
-from .plugin import install
-from .signals import connect as _connect
+from relier_celery.features.context import TaskContext
+from relier_celery.features.dispatch import rl_task
+from relier_celery.features.idempotency import idempotency_lock
+from relier_celery.recovery.envelope import migration
+from relier_celery.wiring.install import install
+from relier_celery.wiring.signals import connect as _connect
 
 __version__ = "0.1.0"
 

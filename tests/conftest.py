@@ -7,9 +7,9 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from relier_celery import events
-from relier_celery.keys import Keys
-from relier_celery.store import Store
+from relier_celery.core import events
+from relier_celery.core.keys import Keys
+from relier_celery.store.client import Store
 from relier_celery.testing import RedisServer
 
 

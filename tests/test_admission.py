@@ -17,8 +17,13 @@ from celery import Celery, signals
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from relier_celery import AdmissionRejected, AdmissionUnavailable, events, install
-from relier_celery.admission import (
+from relier_celery import AdmissionRejected, AdmissionUnavailable, install
+from relier_celery.core import events
+from relier_celery.core.config import RelierConfig, validate_task_options
+from relier_celery.core.errors import ConfigError, RelierError, StoreUnavailable
+from relier_celery.core.keys import Keys
+from relier_celery.core.record import TaskRecord
+from relier_celery.features.admission import (
     Limit,
     Rate,
     parse_limit,
@@ -26,11 +31,7 @@ from relier_celery.admission import (
     parse_rate,
     retry_after_header,
 )
-from relier_celery.config import RelierConfig, validate_task_options
-from relier_celery.errors import ConfigError, RelierError, StoreUnavailable
-from relier_celery.keys import Keys
-from relier_celery.record import TaskRecord
-from relier_celery.store import Store
+from relier_celery.store.client import Store
 from relier_celery.testing import free_port
 
 pytestmark = pytest.mark.timeout(30)

@@ -11,9 +11,10 @@ import pytest
 import redis
 from celery import Celery
 
-from relier_celery import TaskContext, aio, install
-from relier_celery.dispatch import split_options
-from relier_celery.errors import RelierError
+from relier_celery import TaskContext, install
+from relier_celery.core.errors import RelierError
+from relier_celery.features import aio
+from relier_celery.features.dispatch import split_options
 
 
 def test_one_loop_serves_every_call_in_a_process() -> None:

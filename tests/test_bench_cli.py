@@ -21,7 +21,7 @@ from relier_celery.bench.report import COLUMNS, ROWS, TABLE_FIELDS, footer, look
 from relier_celery.bench.suite import FULL, QUICK
 from relier_celery.cli import relier
 from relier_celery.cli.bench import table
-from relier_celery.errors import BenchError
+from relier_celery.core.errors import BenchError
 from relier_celery.testing import WorkerProcess, free_port
 
 RL = str(Path(sys.executable).parent / "rl")

@@ -17,16 +17,16 @@ from click.testing import CliRunner
 from rich.console import Console
 from test_inspect import fleet_state
 
-from relier_celery import proc
-from relier_celery.activity import RunningMarker
 from relier_celery.cli.chaos import final_line, is_loopback
 from relier_celery.cli.drain import final_line as drain_final
 from relier_celery.cli.drain import task_line
 from relier_celery.cli.follow import IN_PLACE, LOST, QUARANTINED, RECOVERED, UNAFFECTED, Tracker
 from relier_celery.cli.render import live_view
-from relier_celery.inspect import TaskView, recovery_percentiles, take
-from relier_celery.keys import Keys
-from relier_celery.store import Store
+from relier_celery.core import proc
+from relier_celery.core.keys import Keys
+from relier_celery.observe.activity import RunningMarker
+from relier_celery.observe.snapshot import TaskView, recovery_percentiles, take
+from relier_celery.store.client import Store
 from relier_celery.testing import free_port
 
 

@@ -15,10 +15,10 @@ from celery import Celery
 from celery.bin.celery import celery as celery_cli
 from click.testing import CliRunner
 
-from relier_celery import dlq
-from relier_celery.keys import Keys
-from relier_celery.record import Generation, TaskRecord
-from relier_celery.store import Store
+from relier_celery.core.keys import Keys
+from relier_celery.core.record import Generation, TaskRecord
+from relier_celery.recovery import dlq
+from relier_celery.store.client import Store
 
 
 def _record(task_id: str, name: str = "shop.charge", body: bytes | None = None) -> TaskRecord:
@@ -154,8 +154,8 @@ def test_purge_asks_first_unless_yes(cli, store: Store, client: redis.Redis) -> 
 
 
 def test_the_scanner_expires_entries_past_retention(redis_url: str, client: redis.Redis) -> None:
-    from relier_celery.plugin import install
-    from relier_celery.resurrect import Resurrector
+    from relier_celery.recovery.resurrect import Resurrector
+    from relier_celery.wiring.install import install
 
     # Given an app keeping DLQ entries 60 s, and an entry quarantined 100 s ago
     app = Celery("expiry", broker=redis_url, set_as_current=False)
@@ -183,8 +183,8 @@ class _Req:
 def test_which_failures_go_to_the_dlq() -> None:
     from celery.exceptions import Ignore, Reject, Retry, TaskRevokedError, TimeLimitExceeded
 
-    from relier_celery.consumer_hooks import _dlq_reason
-    from relier_celery.errors import HardTimeout, IdempotencyInterrupted
+    from relier_celery.core.errors import HardTimeout, IdempotencyInterrupted
+    from relier_celery.wiring.consumer_hooks import _dlq_reason
 
     req = _Req()
     # final failures go, each with its reason

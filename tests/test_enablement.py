@@ -11,8 +11,8 @@ import redis
 from celery import Celery
 
 from relier_celery import install
-from relier_celery.plugin import decide, enabled
-from relier_celery.signals import on_before_task_publish, on_task_prerun, on_worker_init
+from relier_celery.wiring.install import decide, enabled
+from relier_celery.wiring.signals import on_before_task_publish, on_task_prerun, on_worker_init
 
 
 @pytest.mark.parametrize(
@@ -20,10 +20,10 @@ from relier_celery.signals import on_before_task_publish, on_task_prerun, on_wor
     [
         {"imports": ("relier_celery",)},
         {"imports": ["myapp.tasks", "relier_celery"]},
-        {"imports": ("relier_celery.tasks",)},
+        {"imports": ("relier_celery.wiring.tasks",)},
         {"imports": "relier_celery"},
         {"include": ["relier_celery"]},
-        {"include": ("other", "relier_celery.bootsteps")},
+        {"include": ("other", "relier_celery.wiring.bootsteps")},
     ],
 )
 def test_an_app_that_lists_relier_in_imports_or_include_is_enabled(conf) -> None:
@@ -93,7 +93,7 @@ def test_worker_init_adds_no_bootstep_to_a_vanilla_app() -> None:
 
 
 def test_task_prerun_leaves_a_vanilla_task_alone() -> None:
-    from relier_celery.context import peek
+    from relier_celery.features.context import peek
 
     app = Celery("vanilla_app", set_as_current=False)
 

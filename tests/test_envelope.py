@@ -11,10 +11,10 @@ from celery import Celery
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relier_celery import envelope
-from relier_celery.config import RelierConfig, validate_task_options
-from relier_celery.envelope import BadMessage, check_headers, decode_body
-from relier_celery.errors import ConfigError
+from relier_celery.core.config import RelierConfig, validate_task_options
+from relier_celery.core.errors import ConfigError
+from relier_celery.recovery import envelope
+from relier_celery.recovery.envelope import BadMessage, check_headers, decode_body
 
 JSON = {"application/json"}
 GOOD = {"id": "t1", "task": "shop.charge", "retries": 0, "eta": None, "timelimit": [None, None]}

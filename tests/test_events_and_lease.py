@@ -3,10 +3,10 @@ from __future__ import annotations
 import logging
 import time
 
-from relier_celery import events
-from relier_celery.config import RelierConfig
-from relier_celery.lease import Lease
-from relier_celery.store import Store
+from relier_celery.core import events
+from relier_celery.core.config import RelierConfig
+from relier_celery.recovery.lease import Lease
+from relier_celery.store.client import Store
 
 
 def test_a_broken_subscriber_never_breaks_the_emitter(captured, caplog) -> None:

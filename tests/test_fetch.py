@@ -15,10 +15,10 @@ from celery import Celery
 from kombu import Connection, Consumer, Queue
 
 from relier_celery import install
-from relier_celery.fetch import PROTECTED, reliable_transport
-from relier_celery.record import FETCHED_MARK, TaskRecord
-from relier_celery.resurrect import Resurrector
-from relier_celery.store import Store
+from relier_celery.core.record import FETCHED_MARK, TaskRecord
+from relier_celery.recovery.resurrect import Resurrector
+from relier_celery.store.client import Store
+from relier_celery.wiring.fetch import PROTECTED, reliable_transport
 
 WORKER = "w1@test/1/abcd"
 
@@ -302,7 +302,7 @@ def test_a_dead_workers_tasks_go_back_first_delivered_first_taken(
 def test_a_resurrected_request_waits_first_for_a_pool_slot() -> None:
     from kombu.asynchronous.semaphore import LaxBoundedSemaphore
 
-    from relier_celery.consumer_hooks import _ahead_of_reserved
+    from relier_celery.wiring.consumer_hooks import _ahead_of_reserved
 
     class Worker:
         def __init__(self) -> None:

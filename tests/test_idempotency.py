@@ -13,19 +13,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from relier_celery import install
-from relier_celery.errors import (
+from relier_celery.core.errors import (
     IdempotencyBusy,
     IdempotencyConflict,
     IdempotencyError,
     IdempotencyInterrupted,
 )
-from relier_celery.idempotency import (
+from relier_celery.features.idempotency import (
     IdempotencyLock,
     default_key,
     idempotency_lock,
     validate_key,
 )
-from relier_celery.store import Store
+from relier_celery.store.client import Store
 
 
 def test_the_default_key_is_stable_across_processes_and_versions() -> None:
@@ -227,7 +227,7 @@ def test_the_claim_state_machine(redis_server, steps, quarantine) -> None:
     # Properties: at most one holder at a time; a stored result is what every later claim
     # reads; in quarantine mode, a run whose owner died is never repeated until approved.
     redis.Redis.from_url(redis_server.url).flushall()
-    s = Store(redis_server.url, __import__("relier_celery.keys", fromlist=["Keys"]).Keys("rl"))
+    s = Store(redis_server.url, __import__("relier_celery.core.keys", fromlist=["Keys"]).Keys("rl"))
     mode = "quarantine" if quarantine else "rerun"
     holder: IdempotencyLock | None = None
     stored: object = None
@@ -265,7 +265,7 @@ def test_the_claim_state_machine(redis_server, steps, quarantine) -> None:
 
 
 def test_with_redis_down_an_idempotent_task_never_runs_unprotected_and_is_retried() -> None:
-    from relier_celery.errors import StoreUnavailable
+    from relier_celery.core.errors import StoreUnavailable
     from relier_celery.testing import free_port
 
     # Given relier's Redis unreachable
@@ -278,7 +278,7 @@ def test_with_redis_down_an_idempotent_task_never_runs_unprotected_and_is_retrie
         ran.append(order)
 
     install(app)
-    from relier_celery import events
+    from relier_celery.core import events
 
     seen = []
     events.subscribe(seen.append)
@@ -294,7 +294,7 @@ def test_with_redis_down_an_idempotent_task_never_runs_unprotected_and_is_retrie
 
 
 def test_a_result_that_cannot_be_kept_is_reported_and_the_run_not_failed() -> None:
-    from relier_celery import events
+    from relier_celery.core import events
     from relier_celery.testing import RedisServer
 
     # Given relier's Redis, which dies while the task body runs (after the claim)

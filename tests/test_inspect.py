@@ -15,14 +15,14 @@ import redis
 from celery.bin.celery import celery as celery_cli
 from click.testing import CliRunner
 
-from relier_celery import events
-from relier_celery.activity import RunningMarker
 from relier_celery.cli.render import render
-from relier_celery.counters import Counters
-from relier_celery.inspect import Filters, broker_queue_depths, take, to_json
-from relier_celery.keys import Keys
-from relier_celery.record import TaskRecord
-from relier_celery.store import Store
+from relier_celery.core import events
+from relier_celery.core.keys import Keys
+from relier_celery.core.record import TaskRecord
+from relier_celery.observe.activity import RunningMarker
+from relier_celery.observe.counters import Counters
+from relier_celery.observe.snapshot import Filters, broker_queue_depths, take, to_json
+from relier_celery.store.client import Store
 
 BIN = Path(sys.executable).parent
 

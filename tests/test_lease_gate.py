@@ -12,14 +12,14 @@ from typing import Any
 import pytest
 from celery import Celery, current_app
 
-from relier_celery.completion import record_success
-from relier_celery.config import RelierConfig
-from relier_celery.inflight import Inflight, Key
-from relier_celery.lease import Lease, LeaseClock, attach_clock, gate
-from relier_celery.plugin import Relier, _installed
-from relier_celery.record import EPOCH_KEY, HELD_KEY, Generation, TaskRecord
-from relier_celery.signals import on_before_task_publish
-from relier_celery.store import Store
+from relier_celery.core.config import RelierConfig
+from relier_celery.core.record import EPOCH_KEY, HELD_KEY, Generation, TaskRecord
+from relier_celery.recovery.completion import record_success
+from relier_celery.recovery.inflight import Inflight, Key
+from relier_celery.recovery.lease import Lease, LeaseClock, attach_clock, gate
+from relier_celery.store.client import Store
+from relier_celery.wiring.install import Relier, _installed
+from relier_celery.wiring.signals import on_before_task_publish
 
 
 class _App:

@@ -8,9 +8,10 @@ import pytest
 from celery import Celery
 from celery.contrib.testing.worker import start_worker
 
-from relier_celery import events, install
-from relier_celery.errors import ConfigError
-from relier_celery.plugin import decide, enabled
+from relier_celery import install
+from relier_celery.core import events
+from relier_celery.core.errors import ConfigError
+from relier_celery.wiring.install import decide, enabled
 
 
 def _memory_app(name: str, **conf: object) -> Celery:

@@ -23,13 +23,13 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
     InMemorySpanExporter,
 )
 
-from relier_celery import events
-from relier_celery.otel import OtelExporter, attribute_name
-from relier_celery.plugin import install
-from relier_celery.record import TaskRecord
-from relier_celery.resurrect import Resurrector
-from relier_celery.store import Store
+from relier_celery.core import events
+from relier_celery.core.record import TaskRecord
+from relier_celery.observe.otel import OtelExporter, attribute_name
+from relier_celery.recovery.resurrect import Resurrector
+from relier_celery.store.client import Store
 from relier_celery.testing import OtlpReceiver
+from relier_celery.wiring.install import install
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_SPAN = "00f067aa0ba902b7"
@@ -176,14 +176,15 @@ def test_disabled_means_opentelemetry_is_never_imported(tmp_path: Path, redis_ur
         import redis, celery
         before = set(sys.modules)
         from celery import Celery
-        import relier_celery, relier_celery.bootsteps, relier_celery.cli
-        from relier_celery import events, observe
+        import relier_celery, relier_celery.wiring.bootsteps, relier_celery.cli
+        from relier_celery.core import events
+        from relier_celery.observe import subscribers as observe
         app = Celery("z", broker="{redis_url}")
         observe.start(relier_celery.install(app))
         events.emit("task.resurrected", "x", task_id="t")
         added = sorted(m for m in set(sys.modules) - before if m.startswith("opentelemetry"))
         print(added)
-        assert not added and "relier_celery.otel" not in sys.modules
+        assert not added and "relier_celery.observe.otel" not in sys.modules
     """)
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path
@@ -253,7 +254,7 @@ def test_the_protocol_and_exporter_come_from_otel_variables(monkeypatch) -> None
         OTLPSpanExporter as HttpSpans,
     )
 
-    from relier_celery import otel
+    from relier_celery.observe import otel
 
     for var in ("OTEL_EXPORTER_OTLP_PROTOCOL", "OTEL_TRACES_EXPORTER", "OTEL_METRICS_EXPORTER"):
         monkeypatch.delenv(var, raising=False)
@@ -331,7 +332,7 @@ def test_enable_uses_a_global_provider_but_never_installs_one(preinstalled: bool
         if {preinstalled}:
             trace.set_tracer_provider(TracerProvider())
         before = trace.get_tracer_provider()
-        from relier_celery import otel
+        from relier_celery.observe import otel
         exporter = otel.enable()
         assert trace.get_tracer_provider() is before  # never replaced
         assert (exporter.tracer_provider is before) == {preinstalled}

@@ -9,15 +9,15 @@ import subprocess
 import sys
 import time
 
-from relier_celery.presence import Presence, PresenceCache
-from relier_celery.store import Store
+from relier_celery.store.client import Store
+from relier_celery.store.presence import Presence, PresenceCache
 from relier_celery.testing import wait_for
 
 CHILD = """
 import sys, time
-from relier_celery.keys import Keys
-from relier_celery.presence import Presence
-from relier_celery.store import Store
+from relier_celery.core.keys import Keys
+from relier_celery.store.presence import Presence
+from relier_celery.store.client import Store
 presence = Presence(Store(sys.argv[1], Keys("rl")), "w7@host/1/ab")
 presence.open()
 print("open", flush=True)

@@ -13,11 +13,8 @@ import redis
 from celery import Celery
 
 from relier_celery import install
-from relier_celery.config import RelierConfig
-from relier_celery.dlq import released_record
-from relier_celery.inflight import Inflight, Key
-from relier_celery.presence import Presence
-from relier_celery.record import (
+from relier_celery.core.config import RelierConfig
+from relier_celery.core.record import (
     FETCH_FIELD,
     FETCH_QUEUE,
     PUBLICATION_HEADER,
@@ -25,9 +22,12 @@ from relier_celery.record import (
     TaskRecord,
     delivery_id,
 )
-from relier_celery.signals import on_before_task_publish
-from relier_celery.store import Store
+from relier_celery.recovery.dlq import released_record
+from relier_celery.recovery.inflight import Inflight, Key
+from relier_celery.store.client import Store
+from relier_celery.store.presence import Presence
 from relier_celery.testing import task_headers
+from relier_celery.wiring.signals import on_before_task_publish
 
 # -- what identifies a delivery ---------------------------------------------------------
 

@@ -15,7 +15,7 @@ import pytest
 import redis
 
 import relier_celery.contrib.pytest as plugin
-from relier_celery.plugin import get
+from relier_celery.wiring.install import get
 
 
 def test_the_plugin_is_registered_as_the_relier_pytest11_entry_point(

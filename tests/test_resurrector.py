@@ -14,12 +14,12 @@ from pathlib import Path
 import redis
 from celery import Celery
 
-from relier_celery.config import RelierConfig
-from relier_celery.keys import Keys
-from relier_celery.plugin import install
-from relier_celery.record import Generation, TaskRecord, delivery_id
-from relier_celery.resurrect import Resurrector
-from relier_celery.store import Store
+from relier_celery.core.config import RelierConfig
+from relier_celery.core.keys import Keys
+from relier_celery.core.record import Generation, TaskRecord, delivery_id
+from relier_celery.recovery.resurrect import Resurrector
+from relier_celery.store.client import Store
+from relier_celery.wiring.install import install
 
 
 def _dead_worker_with(store: Store, n: int, resurrections: int = 0, crashes: int = 0) -> list[str]:

@@ -8,10 +8,10 @@ from types import SimpleNamespace
 import pytest
 from celery import Celery
 
-from relier_celery.config import RelierConfig, mask_url
-from relier_celery.errors import ConfigError
-from relier_celery.fetch import RelierChannel, kombu_redis, reliable_transport
-from relier_celery.store import connect, parse_sentinel_url
+from relier_celery.core.config import RelierConfig, mask_url
+from relier_celery.core.errors import ConfigError
+from relier_celery.store.client import connect, parse_sentinel_url
+from relier_celery.wiring.fetch import RelierChannel, kombu_redis, reliable_transport
 
 URL = "sentinel://:s3cret@10.0.0.1:26379/2;sentinel://10.0.0.2;sentinel://10.0.0.3:26380"
 

@@ -11,10 +11,10 @@ import redis
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relier_celery.errors import StoreUnavailable
-from relier_celery.keys import Keys
-from relier_celery.record import Generation
-from relier_celery.store import Store
+from relier_celery.core.errors import StoreUnavailable
+from relier_celery.core.keys import Keys
+from relier_celery.core.record import Generation
+from relier_celery.store.client import Store
 from relier_celery.testing import RedisServer, free_port
 
 G0 = Generation(0, 0)

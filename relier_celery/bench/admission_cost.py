@@ -9,10 +9,10 @@ from typing import Any
 
 from celery import Celery
 
-from ..admission import admit, parse_limit
-from ..inspect import percentile
-from ..plugin import install
-from .timing import interleaved
+from relier_celery.bench.timing import interleaved
+from relier_celery.features.admission import admit, parse_limit
+from relier_celery.observe.snapshot import percentile
+from relier_celery.wiring.install import install
 
 __all__ = ["admission_cost", "admission_series"]
 

@@ -14,9 +14,9 @@ import redis
 from celery import Celery
 from kombu.transport.redis import Channel
 
-from ..testing import WorkerProcess
-from .harness import Harness, kill_all, pcts, running, terminate
-from .timing import wait_until
+from relier_celery.bench.harness import Harness, kill_all, pcts, running, terminate
+from relier_celery.bench.timing import wait_until
+from relier_celery.testing import WorkerProcess
 
 __all__ = ["DLQ", "chaos_loss", "quiescent", "recovery", "settle", "starts"]
 

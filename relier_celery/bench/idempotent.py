@@ -13,8 +13,8 @@ from typing import Any
 
 from celery import Celery
 
-from .delivery import alive, settle
-from .harness import Harness, kill_all
+from relier_celery.bench.delivery import alive, settle
+from relier_celery.bench.harness import Harness, kill_all
 
 __all__ = ["duplicates"]
 

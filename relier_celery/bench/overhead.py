@@ -12,10 +12,10 @@ from typing import Any
 import redis
 from celery import Celery
 
-from ..inspect import percentile
-from ..testing import WorkerProcess
-from .harness import Harness, kill_all, running
-from .timing import wait_until
+from relier_celery.bench.harness import Harness, kill_all, running
+from relier_celery.bench.timing import wait_until
+from relier_celery.observe.snapshot import percentile
+from relier_celery.testing import WorkerProcess
 
 __all__ = ["latency", "overhead", "throughput"]
 

@@ -12,10 +12,10 @@ from typing import Any
 
 from celery import Celery
 
-from ..errors import BenchError
-from .delivery import settle, starts
-from .harness import Harness, kill_all, terminate
-from .timing import wait_until
+from relier_celery.bench.delivery import settle, starts
+from relier_celery.bench.harness import Harness, kill_all, terminate
+from relier_celery.bench.timing import wait_until
+from relier_celery.core.errors import BenchError
 
 __all__ = ["drain"]
 

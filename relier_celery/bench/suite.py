@@ -18,12 +18,12 @@ from functools import partial
 from importlib.metadata import version
 from typing import Any
 
-from .admission_cost import admission_cost
-from .delivery import chaos_loss, recovery
-from .harness import Harness
-from .idempotent import duplicates
-from .overhead import overhead
-from .sigterm import drain
+from relier_celery.bench.admission_cost import admission_cost
+from relier_celery.bench.delivery import chaos_loss, recovery
+from relier_celery.bench.harness import Harness
+from relier_celery.bench.idempotent import duplicates
+from relier_celery.bench.overhead import overhead
+from relier_celery.bench.sigterm import drain
 
 __all__ = ["FULL", "QUICK", "Profile", "Step", "run_all", "steps"]
 

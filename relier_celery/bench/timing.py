@@ -7,8 +7,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ..errors import BenchError
-from ..testing import wait_for
+from relier_celery.core.errors import BenchError
+from relier_celery.testing import wait_for
 
 __all__ = ["interleaved", "wait_until"]
 

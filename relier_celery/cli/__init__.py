@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from ..errors import RelierError
+from relier_celery.core.errors import RelierError
 
 __all__ = ["main", "relier"]
 
@@ -41,7 +41,7 @@ def _app(ctx: click.Context) -> Any:
 
 def _install(app: Any) -> Any:
     """The app's relier; a clear error for an app that does not enable it or a bad setting."""
-    from ..plugin import decide, get, install
+    from relier_celery.wiring.install import decide, get, install
 
     try:
         if get(app) is None and not decide(app):
@@ -57,7 +57,7 @@ def _install(app: Any) -> Any:
 
 def _broker_reachable(app: Any) -> None:
     """Fail with one line, not kombu's retries and a traceback, when the broker is down."""
-    from ..config import mask_url
+    from relier_celery.core.config import mask_url
 
     conn = app.connection_for_write()
     try:
@@ -92,13 +92,13 @@ def config(ctx: click.Context, as_json: bool) -> None:
 @click.option("--once", is_flag=True, help="Scan once and exit.")
 @click.pass_context
 def resurrector(ctx: click.Context, once: bool) -> None:
-    from ..resurrect import Resurrector
+    from relier_celery.recovery.resurrect import Resurrector
 
     app = _app(ctx)
     app.loader.import_default_modules()  # task options such as max_resurrections
     rel = _install(app)
     scanner = Resurrector(app, rel.config, rel.store, name="standalone")
-    from ..observe import start as start_observers
+    from relier_celery.observe.subscribers import start as start_observers
 
     observers = start_observers(rel)  # counters in Redis, OpenTelemetry if enabled
     try:
@@ -135,11 +135,11 @@ def main(argv: list[str] | None = None) -> None:
     celery_main()
 
 
-from . import bench as _bench  # noqa: E402, F401  (registers `relier bench`)
-from . import chaos as _chaos  # noqa: E402, F401  (registers `relier chaos`)
-from . import cluster as _cluster  # noqa: E402, F401  (registers `relier cluster up`)
-from . import dlq as _dlq  # noqa: E402, F401  (registers `relier dlq`)
-from . import drain as _drain  # noqa: E402, F401  (registers `relier drain`, `worker drain`)
+from relier_celery.cli import bench as _bench  # noqa: E402, F401  (registers `relier bench`)
+from relier_celery.cli import chaos as _chaos  # noqa: E402, F401  (registers `relier chaos`)
+from relier_celery.cli import cluster as _cluster  # noqa: E402, F401  (registers `relier cluster up`)
+from relier_celery.cli import dlq as _dlq  # noqa: E402, F401  (registers `relier dlq`)
+from relier_celery.cli import drain as _drain  # noqa: E402, F401  (registers `relier drain`, `worker drain`)
 
 # relier inspect / tasks / workers register themselves on the group.
-from . import inspect as _inspect  # noqa: E402, F401
+from relier_celery.cli import inspect as _inspect  # noqa: E402, F401

@@ -24,13 +24,13 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ..bench.harness import Harness
-from ..bench.report import COLUMNS, footer, rows
-from ..bench.suite import FULL, QUICK, Step, run_all
-from ..config import mask_url
-from ..errors import RelierError
-from ..testing import RedisServer
-from . import relier
+from relier_celery.bench.harness import Harness
+from relier_celery.bench.report import COLUMNS, footer, rows
+from relier_celery.bench.suite import FULL, QUICK, Step, run_all
+from relier_celery.cli import relier
+from relier_celery.core.config import mask_url
+from relier_celery.core.errors import RelierError
+from relier_celery.testing import RedisServer
 
 __all__ = ["bench_all", "bench_group", "check_redis", "table"]
 

@@ -23,11 +23,11 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn
 
-from ..store import parse_sentinel_url
-from . import _app, _install, relier
-from .follow import IN_PLACE, QUARANTINED, RECOVERED, UNAFFECTED, Followed
-from .kill import ALIVE, POLL, ChaosRun
-from .render import short_id
+from relier_celery.cli import _app, _install, relier
+from relier_celery.cli.follow import IN_PLACE, QUARANTINED, RECOVERED, UNAFFECTED, Followed
+from relier_celery.cli.kill import ALIVE, POLL, ChaosRun
+from relier_celery.cli.render import short_id
+from relier_celery.store.client import parse_sentinel_url
 
 __all__ = ["chaos_group", "is_loopback", "worker_kill"]
 
@@ -69,7 +69,7 @@ def _check_target(app: Any, rel: Any, allow_remote: bool) -> None:
         return
     for what, url in (("relier's Redis", rel.config.redis_url), ("the broker", broker)):
         if not is_loopback(url):
-            from ..config import mask_url
+            from relier_celery.core.config import mask_url
 
             raise click.ClickException(
                 f"{what} ({mask_url(url)}) is not on this machine's loopback: chaos refuses "

@@ -33,14 +33,14 @@ from urllib.parse import urlsplit
 
 import click
 
-from ..config import mask_url
-from ..errors import RelierError
-from ..testing import RedisServer, free_port
-from . import _app, _broker_reachable, _install, relier
-from .chaos import is_loopback
-from .clusterdown import drain_workers
-from .clusterview import ClusterInfo, watch
-from .supervise import Child, Signals, Supervisor, spawn
+from relier_celery.cli import _app, _broker_reachable, _install, relier
+from relier_celery.cli.chaos import is_loopback
+from relier_celery.cli.clusterdown import drain_workers
+from relier_celery.cli.clusterview import ClusterInfo, watch
+from relier_celery.cli.supervise import Child, Signals, Supervisor, spawn
+from relier_celery.core.config import mask_url
+from relier_celery.core.errors import RelierError
+from relier_celery.testing import RedisServer, free_port
 
 __all__ = ["cluster_group", "embedded_address", "otel_requested", "parse_queues", "worker_argv"]
 
@@ -225,8 +225,8 @@ def _run(
     signals: Signals,
 ) -> int:
     """Start everything, show the view until a stop signal, drain; the exit status."""
-    from ..observe import start as start_observers
-    from ..resurrect import Resurrector
+    from relier_celery.observe.subscribers import start as start_observers
+    from relier_celery.recovery.resurrect import Resurrector
 
     log = logging.FileHandler(info.logs / "resurrector.log")
     log.setFormatter(logging.Formatter("[%(asctime)s: %(levelname)s] %(message)s"))

@@ -13,13 +13,13 @@ from typing import Any
 
 import click
 
-from ..errors import RelierError
-from ..inspect import broker_queue_depths, take
-from .clusterview import ClusterInfo, resolve
-from .drain import FINISH_GRACE, task_line
-from .drain import final_line as worker_final_line
-from .inspect import _queue_namer
-from .supervise import Child, Signals, Supervisor, describe_exit
+from relier_celery.cli.clusterview import ClusterInfo, resolve
+from relier_celery.cli.drain import FINISH_GRACE, task_line
+from relier_celery.cli.drain import final_line as worker_final_line
+from relier_celery.cli.inspect import _queue_namer
+from relier_celery.cli.supervise import Child, Signals, Supervisor, describe_exit
+from relier_celery.core.errors import RelierError
+from relier_celery.observe.snapshot import broker_queue_depths, take
 
 __all__ = ["drain_workers", "final_line"]
 

@@ -19,12 +19,12 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from ..config import mask_url
-from ..errors import RelierError
-from ..inspect import Snapshot, broker_queue_depths, take
-from .inspect import _queue_namer
-from .render import WORKER_STYLES, _dur, live_view
-from .supervise import Child, CrashLoop, Signals, Supervisor, describe_exit
+from relier_celery.cli.inspect import _queue_namer
+from relier_celery.cli.render import WORKER_STYLES, _dur, live_view
+from relier_celery.cli.supervise import Child, CrashLoop, Signals, Supervisor, describe_exit
+from relier_celery.core.config import mask_url
+from relier_celery.core.errors import RelierError
+from relier_celery.observe.snapshot import Snapshot, broker_queue_depths, take
 
 __all__ = ["ClusterInfo", "header", "resolve", "watch"]
 

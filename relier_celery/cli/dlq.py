@@ -15,9 +15,9 @@ from typing import Any
 
 import click
 
-from .. import dlq as dead_letters
-from ..envelope import decode_body
-from . import _app, _install, relier
+from relier_celery.cli import _app, _install, relier
+from relier_celery.recovery import dlq as dead_letters
+from relier_celery.recovery.envelope import decode_body
 
 __all__ = ["dlq_group"]
 

@@ -1,7 +1,7 @@
 """``relier drain`` and ``relier worker drain``: drain workers (as on SIGTERM) and report.
 
 Both send the ``relier_drain`` remote command and follow each worker's drain record in Redis
-(relier_celery/drain.py). ``drain`` prints the worker's accounting as it changes; ``worker
+(relier_celery/recovery/drain.py). ``drain`` prints the worker's accounting as it changes; ``worker
 drain`` prints a line per running task as it ends (completed, or handed off when the window
 ran out), then the accounting line. Exit 1 if a worker did not answer, failed, did not finish
 in time, or lost anything.
@@ -17,8 +17,8 @@ from typing import Any
 
 import click
 
-from . import _app, _broker_reachable, _install, relier
-from .render import short_id
+from relier_celery.cli import _app, _broker_reachable, _install, relier
+from relier_celery.cli.render import short_id
 
 __all__ = ["drain", "task_line", "worker_group"]
 
@@ -38,7 +38,7 @@ class _Drained:
 def _start(ctx: click.Context, destination: tuple[str, ...], timeout: float | None) -> Any:
     # Celery's CLI checks command names against the local registry; imported only here, so
     # `celery` processes of apps without relier never register relier's command.
-    from .. import control  # noqa: F401
+    from relier_celery.wiring import control  # noqa: F401
 
     app = _app(ctx)
     rel = _install(app)

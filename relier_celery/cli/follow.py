@@ -22,7 +22,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-from ..inspect import HELD, RESERVED, RUNNING, TaskView, percentile
+from relier_celery.observe.snapshot import HELD, RESERVED, RUNNING, TaskView, percentile
 
 __all__ = ["Followed", "Tracker"]
 

@@ -1,5 +1,6 @@
 """``relier inspect``, ``tasks [inflight]``, ``workers`` and ``top``: views of one registry
-snapshot (relier_celery/inspect.py). Redis only, no broadcast: dead workers' tasks show too.
+snapshot (relier_celery/observe/snapshot.py). Redis only, no broadcast: dead workers' tasks show
+too.
 
 ``--watch`` (and ``top``, which is ``tasks inflight --watch``) redraws a rich live view in
 place, full screen on a terminal; elsewhere each refresh is printed after the last, as plain
@@ -18,10 +19,16 @@ import click
 from rich.console import Console
 from rich.live import Live
 
-from ..errors import RelierError
-from ..inspect import Filters, Snapshot, broker_queue_depths, take, to_json
-from . import _app, _install, relier
-from .render import live_view, render
+from relier_celery.cli import _app, _install, relier
+from relier_celery.cli.render import live_view, render
+from relier_celery.core.errors import RelierError
+from relier_celery.observe.snapshot import (
+    Filters,
+    Snapshot,
+    broker_queue_depths,
+    take,
+    to_json,
+)
 
 __all__ = ["inspect", "tasks", "top", "workers"]
 

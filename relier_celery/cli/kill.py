@@ -14,12 +14,12 @@ from typing import Any
 
 import click
 
-from .. import dlq as dead_letters
-from .. import proc
-from ..errors import RelierError
-from ..inspect import RUNNING, Snapshot, take
-from .follow import Followed, Tracker
-from .inspect import _queue_namer
+from relier_celery.cli.follow import Followed, Tracker
+from relier_celery.cli.inspect import _queue_namer
+from relier_celery.core import proc
+from relier_celery.core.errors import RelierError
+from relier_celery.observe.snapshot import RUNNING, Snapshot, take
+from relier_celery.recovery import dlq as dead_letters
 
 __all__ = ["ALIVE", "ChaosRun"]
 

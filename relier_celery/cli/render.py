@@ -1,4 +1,4 @@
-"""Rendering of registry snapshots (relier_celery/inspect.py), pure: no Redis, no clock.
+"""Rendering of registry snapshots (relier_celery/observe/snapshot.py), pure: no Redis, no clock.
 
 Two forms: plain aligned text for the one-shot commands (``relier inspect``, ``tasks``,
 ``workers``: grep-able, unchanged across releases), and a rich renderable for the live view
@@ -12,7 +12,7 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from ..inspect import (
+from relier_celery.observe.snapshot import (
     AWAITING,
     HELD,
     RESERVED,

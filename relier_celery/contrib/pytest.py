@@ -34,7 +34,7 @@ from typing import Any
 
 import pytest
 
-from ..testing import RedisServer, WorkerProcess
+from relier_celery.testing import RedisServer, WorkerProcess
 
 __all__ = [
     "CONFIG_ENV",
@@ -79,7 +79,7 @@ def worker_app(target: str) -> Any:
     settings of ``RELIER_PYTEST_CONFIG`` over its own, and enable relier in it."""
     from celery.app.utils import find_app
 
-    from ..plugin import get
+    from relier_celery.wiring.install import get
 
     app = find_app(target)
     installed = get(app)
@@ -178,7 +178,7 @@ def relier_app(
     """A publisher app with relier installed; send tasks by name (``send_task``)."""
     from celery import Celery
 
-    from ..plugin import install
+    from relier_celery.wiring.install import install
 
     # Celery reads these variables before any app's settings; setting them here would move
     # every other app of the test process too, so a test refuses to publish to a real broker.

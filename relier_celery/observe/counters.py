@@ -1,0 +1,105 @@
+"""Fleet-wide counters of the rare events, kept in Redis so ``relier inspect`` can show them.
+
+Only events that mean a guarantee was needed are counted (resurrections, quarantines,
+duplicates dropped, idempotent hits, timeouts, admission rejects, drains, ...), never a task's
+ordinary success: counting adds no Redis round trip to the per-task happy path. Increments are
+batched in memory and written by a flusher thread at most once per ``FLUSH_INTERVAL`` (one
+pipelined round trip, and none while nothing happens). A process SIGKILLed inside that window
+loses its last increments: the counters are for operators, not for accounting.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import threading
+from collections import Counter
+
+from relier_celery.core.events import Event
+from relier_celery.store.client import Store
+
+__all__ = ["COUNTED", "Counters"]
+
+logger = logging.getLogger("relier_celery")
+
+# Event name -> counter name (the Redis hash field and, as ``rl.<name>``, the OTel metric).
+COUNTED: dict[str, str] = {
+    "task.resurrected": "resurrections",
+    "task.handed_off": "hand_offs",
+    "task.quarantined": "quarantines",
+    "task.duplicate_dropped": "duplicates_dropped",
+    "task.taken_over": "taken_over",
+    "task.orphan_restored": "orphans_restored",
+    "idempotency.hit": "idempotent_hits",
+    "task.timeout": "timeouts",
+    "admission.rejected": "admission_rejects",
+    "drain.finished": "drains",
+    "lease.lost": "leases_lost",
+    "task.fenced": "fenced",
+}
+# Seconds between two flushes; about one heartbeat.
+FLUSH_INTERVAL = 1.0
+
+
+class Counters:
+    """An event subscriber adding up counted events, flushed to Redis in batches."""
+
+    def __init__(self, store: Store, interval: float = FLUSH_INTERVAL) -> None:
+        self.store = store
+        self.interval = interval
+        self._pending: Counter[str] = Counter()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        atexit.register(self.flush_quietly)
+        # Billiard forks pool processes at any time (a replaced child): a child must not
+        # inherit a lock the flusher thread held at that instant, nor the parent's counts.
+        os.register_at_fork(after_in_child=self._after_fork)
+
+    def _after_fork(self) -> None:
+        self._lock = threading.Lock()
+        self._pending = Counter()
+        self._thread = None
+
+    def __call__(self, event: Event) -> None:
+        name = COUNTED.get(event.name)
+        if name is None:
+            return
+        with self._lock:
+            self._pending[name] += 1
+            if self._thread is None and not self._stop.is_set():
+                self._thread = threading.Thread(
+                    target=self._loop, name="relier-counters", daemon=True
+                )
+                self._thread.start()
+
+    def flush(self) -> None:
+        """Write the pending increments now (raises StoreUnavailable; they are kept then)."""
+        with self._lock:
+            batch = dict(self._pending)
+            self._pending.clear()
+        try:
+            self.store.add_counters(batch)
+        except Exception:
+            with self._lock:
+                self._pending.update(batch)
+            raise
+
+    def flush_quietly(self) -> None:
+        try:
+            self.flush()
+        except Exception as exc:  # counters are informative: never break the flusher
+            logger.warning("relier: could not write event counters: %r", exc)
+
+    def close(self) -> None:
+        """Stop the flusher and write what is pending."""
+        self._stop.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=5)
+        self.flush_quietly()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.flush_quietly()

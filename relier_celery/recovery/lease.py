@@ -1,0 +1,218 @@
+"""A worker's lease: the proof, renewed every ``heartbeat_interval``, that it is alive.
+
+The heartbeat runs in a dedicated thread of the worker's main process, so task code cannot
+starve it: prefork tasks run in other processes, and a threads or solo pool task would have to
+hold the GIL for seconds without releasing it. When a renewal finds the lease had already run
+out, the worker was taken for dead and its tasks may be running elsewhere: that is reported
+loudly as ``lease.lost``, and the worker gives up everything it held before it acts again.
+
+:class:`LeaseClock` is the local side of the lease, shared with the pool processes: the
+monotonic deadline by which the last renewal lets this worker act, and an epoch that rises each
+time the lease was lost. A task checks both before it starts, in the process that runs it,
+without a Redis round trip (see :func:`gate`).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from multiprocessing.sharedctypes import RawArray
+from typing import Any
+
+from relier_celery.core import events
+from relier_celery.core.config import RelierConfig
+from relier_celery.core.errors import StoreUnavailable
+from relier_celery.store.client import Store
+from relier_celery.store.presence import Presence
+
+__all__ = ["Lease", "LeaseClock", "clock_of", "gate"]
+
+# How long before the lease's deadline (by the last renewal's send time) the worker stops
+# starting tasks: the Redis server computes the deadline from its own clock a little later,
+# and a scanner acts only once it passed, so the worker always stops first.
+MARGIN = 0.5
+# How often a task waiting for a renewal looks again.
+GATE_POLL = 0.02
+
+_clocks: weakref.WeakKeyDictionary[Any, LeaseClock] = weakref.WeakKeyDictionary()
+
+
+class LeaseClock:
+    """The lease as this worker's processes see it, in memory shared across the pool's fork:
+    ``deadline`` (``time.monotonic()`` seconds, system-wide on Linux) and ``epoch``."""
+
+    def __init__(self, ttl: float) -> None:
+        self.ttl = ttl
+        self.margin = min(MARGIN, ttl / 4)
+        self._shared = RawArray("d", 2)  # [deadline, epoch]
+        self.owner_pid = os.getpid()
+
+    @property
+    def deadline(self) -> float:
+        return float(self._shared[0])
+
+    @property
+    def epoch(self) -> int:
+        return int(self._shared[1])
+
+    def renewed(self, sent_at: float) -> None:
+        """A renewal sent at ``sent_at`` (monotonic) succeeded."""
+        self._shared[0] = sent_at + self.ttl - self.margin
+
+    def lost(self) -> int:
+        """The lease was lost: what was received before now is no longer this worker's."""
+        self._shared[1] = self.epoch + 1
+        return self.epoch
+
+    def live(self) -> bool:
+        return time.monotonic() < self.deadline
+
+    def wait_live(self) -> float:
+        """Block until the lease is live again; return how long that took (s)."""
+        start = time.monotonic()
+        while not self.live():
+            time.sleep(GATE_POLL)
+        return time.monotonic() - start
+
+
+def attach_clock(app: Any, clock: LeaseClock) -> None:
+    """Hang a worker's clock on its app, before the pool forks (children inherit it)."""
+    _clocks[app] = clock
+
+
+def clock_of(app: Any) -> LeaseClock | None:
+    try:
+        return _clocks.get(app)
+    except TypeError:
+        return None
+
+
+def gate(task: Any) -> None:
+    """Before a task's body, in the process that runs it: start only under a live lease, and
+    only a delivery received under the current one (``rl_epoch``, stamped by the worker as it
+    hands the request to the pool). Past the deadline it waits for the next renewal; a
+    delivery given up when the lease was lost does not run: a pool process stops itself
+    (Celery reports it lost, and relier, which gave it up already, lets it go)."""
+    clock = clock_of(task.app)
+    epoch = getattr(task.request, "rl_epoch", None)
+    if clock is None or epoch is None:
+        return
+    if not clock.live():
+        waited = clock.wait_live()
+        events.emit(
+            "lease.waited",
+            f"{task.name}[{task.request.id}] waited {waited:.2f} s for this worker's lease "
+            "to be renewed before starting",
+            task_id=task.request.id,
+            task_name=task.name,
+        )
+    if int(epoch) == clock.epoch:
+        return
+    events.emit(
+        "task.fenced",
+        f"{task.name}[{task.request.id}] was given up when this worker lost its lease: not "
+        "started here (it runs where it was resurrected)",
+        task_id=task.request.id,
+        task_name=task.name,
+    )
+    if os.getpid() != clock.owner_pid:
+        os.kill(os.getpid(), signal.SIGKILL)
+    # threads/solo: the worker already refused it before the pool (consumer_hooks); a task
+    # that got this far cannot be stopped from here and runs: reported above.
+
+
+class Lease:
+    """Keeps one worker's lease alive from a background thread."""
+
+    def __init__(
+        self,
+        config: RelierConfig,
+        store: Store,
+        worker: str,
+        on_renewed: Callable[[], None] | None = None,
+        on_lost: Callable[[], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.worker = worker
+        self.on_renewed = on_renewed
+        self.on_lost = on_lost
+        self.clock = LeaseClock(config.lease_ttl)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._down = False
+        self._renewed = False
+        self.presence = Presence(store, worker)
+
+    def acquire(self) -> None:
+        """Take the lease now (raises StoreUnavailable) and start renewing it."""
+        sent = time.monotonic()
+        self.store.renew_lease(self.worker, self.config.lease_ttl)
+        self.clock.renewed(sent)
+        self.presence.open()
+        self._thread = threading.Thread(target=self._loop, name="relier-heartbeat", daemon=True)
+        self._thread.start()
+
+    def release(self) -> int:
+        """Stop renewing; forget the lease, or expire it now if records are left (they are
+        then resurrected by the next scan). Return how many records were left."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self.presence.close()
+        return self.store.retire(self.worker)
+
+    def renew(self) -> None:
+        """Renew; when the lease had been lost, give up what was held (``on_lost``) before the
+        clock lets anything start again."""
+        sent = time.monotonic()
+        prev, now = self.store.renew_lease(self.worker, self.config.lease_ttl)
+        # A lease that ran out, or that a scanner already forgot (it held nothing left to
+        # resurrect), both mean this worker was taken for dead.
+        gone = prev == -1 and self._renewed
+        taken = prev == -2
+        lost = gone or taken or 0 <= prev < now
+        if lost:
+            ago = "some time" if gone else f"{(now - prev) / 1000:.1f} s"
+            why = (
+                "the broker redelivered tasks of this worker while it looked gone (its "
+                "presence connection to Redis was closed), and another worker took them over"
+                if taken
+                else f"this worker's lease ran out {ago} ago (paused or cut off from Redis?): "
+                "it was taken for dead and its tasks may have been resurrected elsewhere. "
+                "Raise relier_lease_ttl if pauses are expected"
+            )
+            events.emit(
+                "lease.lost",
+                why,
+                worker=self.worker,
+            )
+            if self.on_lost is not None:
+                self.on_lost()  # raises the clock's epoch as it gives up what was held
+            else:
+                self.clock.lost()
+        self.clock.renewed(sent)
+        self._renewed = True
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.config.heartbeat_interval):
+            try:
+                self.renew()
+                self.presence.touch()
+                if self.on_renewed is not None:
+                    self.on_renewed()
+                if self._down:
+                    self._down = False
+                    events.emit(
+                        "store.recovered", "heartbeat reaches Redis again", worker=self.worker
+                    )
+            except StoreUnavailable as exc:
+                if not self._down:
+                    self._down = True
+                    events.emit("store.unavailable", f"heartbeat failed: {exc}", worker=self.worker)
+            except Exception as exc:
+                events.emit("store.unavailable", f"heartbeat failed: {exc!r}", worker=self.worker)

@@ -1,0 +1,199 @@
+"""Phoenix resurrection: a dead worker's tasks run again on a live one.
+
+A scanner lists workers whose lease ran out (one ZRANGEBYSCORE), claims each one's records
+atomically (so racing scanners never resurrect a task twice), and republishes every message
+exactly as received with ``rl_resurrections`` raised by one; past ``max_resurrections`` the
+task goes to the dead letter queue instead. A record is removed only after its republish
+succeeded: a scanner that dies midway leaves its claim to expire and the rest to be taken
+again (at least once, never zero times).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from typing import Any
+
+from relier_celery.core import events
+from relier_celery.core.config import RelierConfig
+from relier_celery.core.errors import RelierError
+from relier_celery.core.record import TaskRecord, trace_context
+from relier_celery.recovery.dlq import expire, quarantine
+from relier_celery.recovery.envelope import raw_record
+from relier_celery.recovery.orphans import UnackedSweep
+from relier_celery.store.client import Store
+
+__all__ = ["Resurrector"]
+
+# Scanners look for DLQ entries past their retention once a minute, not on every scan.
+DLQ_EXPIRY_INTERVAL = 60.0
+
+logger = logging.getLogger("relier_celery")
+
+
+def _in_delivery_order(records: list[TaskRecord]) -> list[TaskRecord]:
+    """The order to put a dead worker's tasks back in, so that the first delivered is the
+    first taken again (what it was running before what it had prefetched): fetched ones are
+    pushed onto the head of their queue, so the newest goes first; published ones join the
+    tail, so the oldest goes first."""
+    fetched = [r for r in records if r.queue_key is not None]
+    published = [r for r in records if r.queue_key is None]
+    fetched.sort(key=lambda r: r.received_at, reverse=True)
+    published.sort(key=lambda r: r.received_at)
+    return fetched + published
+
+
+class Resurrector:
+    """Scans for dead workers and resurrects their tasks."""
+
+    def __init__(self, app: Any, config: RelierConfig, store: Store, name: str = "") -> None:
+        self.app = app
+        self.config = config
+        self.store = store
+        self.name = name or f"scanner-{uuid.uuid4().hex[:8]}"
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.unacked = UnackedSweep(app, config, store)
+        self._next_expiry = 0.0
+
+    def max_resurrections(self, task_name: str) -> int:
+        task = self.app.tasks.get(task_name)
+        value = getattr(task, "max_resurrections", None) if task is not None else None
+        return self.config.max_resurrections if value is None else int(value)
+
+    def resurrect(
+        self,
+        record: TaskRecord,
+        held_by: str,
+        field: str,
+        why: str,
+        crash: bool = True,
+        headers: dict[str, Any] | None = None,
+    ) -> str:
+        """Republish one record (or quarantine it), then drop it; return what was done.
+
+        ``crash`` says the worker died holding it; only crashes count against
+        ``max_resurrections`` (a hand-off at shutdown or after a consumer restart does not)."""
+        limit = self.max_resurrections(record.task_name)
+        crashes = record.crashes
+        if crash and crashes >= limit:
+            quarantine(
+                self.store,
+                record,
+                "max_resurrections",
+                f"worker {held_by} was lost holding this task ({why}) after {crashes} earlier "
+                f"crash(es) with it: max_resurrections={limit}",
+                done_ttl=self.config.completed_ttl,
+                held_by=held_by,
+                field=field,
+            )
+            return "quarantined"
+        nxt = record.next_generation(crash, headers)
+        if record.queue_key is not None:
+            # Fetched: back to the head of the list it came from, in one step with dropping
+            # the record (it was delivered before everything queued behind it).
+            if not self.store.requeue(held_by, field, record.queue_key, nxt.envelope(), True):
+                return "gone"  # it completed, or another scanner moved it, meanwhile
+        else:
+            with self.app.producer_pool.acquire(block=True, timeout=10) as producer:
+                nxt.publish(producer)
+            self.store.take(held_by, field)
+        events.emit(
+            "task.resurrected" if crash else "task.handed_off",
+            f"{record.task_name}[{record.task_id}] republished: {why}",
+            task_id=record.task_id,
+            task_name=record.task_name,
+            worker=held_by,
+            resurrections=nxt.generation.resurrections,
+            crashes=nxt.crashes,
+            reason=why,
+            **trace_context(record.headers),
+        )
+        return "resurrected" if crash else "handed_off"
+
+    def quarantine_unreadable(self, dead: str, field: str, raw: str, exc: Exception) -> None:
+        """A held record that cannot be parsed goes to the DLQ raw, never back in a loop."""
+        quarantine(
+            self.store,
+            raw_record(dead, None, raw, "application/x-relier-record", "utf-8"),
+            "invalid_envelope",
+            f"the record {field!r} held by worker {dead} cannot be read ({exc!r}); the "
+            "body of this entry is the record as it was in Redis",
+            done_ttl=self.config.completed_ttl,
+            held_by=dead,
+            field=field,
+        )
+
+    def scan_once(self) -> int:
+        """One scan over every expired lease; return how many tasks were resurrected or
+        quarantined."""
+        handled = 0
+        for dead, deadline_ms in self.store.expired_leases().items():
+            claimed = self.store.claim(dead, self.name, self.config.claim_ttl)
+            if not claimed:
+                continue
+            events.emit(
+                "scan.claimed",
+                f"worker {dead} is dead; taking {len(claimed)} task(s)",
+                worker=dead,
+                count=len(claimed),
+                scanner=self.name,
+            )
+            try:
+                records: list[TaskRecord] = []
+                for field, raw in claimed.items():
+                    try:
+                        records.append(TaskRecord.loads(raw, field))
+                    except (ValueError, KeyError, TypeError) as exc:
+                        self.quarantine_unreadable(dead, field, raw, exc)
+                republished = 0
+                for record in _in_delivery_order(records):
+                    why = "its worker's lease expired"
+                    if self.resurrect(record, dead, record.held_field(), why) == "resurrected":
+                        republished += 1
+                    handled += 1
+            finally:
+                self.store.claim_finish(dead, self.name)
+            self._record_recovery(deadline_ms, republished)
+        handled += self.unacked.sweep()
+        self.store.mark_scan()
+        if time.monotonic() >= self._next_expiry:
+            self._next_expiry = time.monotonic() + DLQ_EXPIRY_INTERVAL
+            expire(self.store, self.config.dlq_retention)
+        return handled
+
+    def _record_recovery(self, deadline_ms: float, count: int) -> None:
+        """One sample per republished task, from the dead worker's last heartbeat (its lease
+        deadline less the lease) to now: an upper bound of kill -> republished, for the live
+        view's recovery p50/p95. Informative only: a failure here costs nothing else."""
+        try:
+            self.store.add_recovery(deadline_ms - self.config.lease_ttl * 1000, count)
+        except Exception as exc:
+            logger.warning("relier: could not record recovery times: %r", exc)
+
+    # -- background thread --------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="relier-scanner", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self.unacked.close()
+
+    def run_forever(self) -> None:
+        """Scan until stopped (the standalone resurrector)."""
+        self._loop()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.scan_once()
+            except RelierError as exc:
+                events.emit("store.unavailable", f"resurrection scan failed: {exc}")
+            except Exception:
+                logger.exception("relier: resurrection scan failed; retrying")
+            self._stop.wait(self.config.scan_interval)

@@ -1,0 +1,124 @@
+"""A live worker's presence: one named Redis connection its main process keeps open.
+
+The kernel closes a process's sockets the moment it dies (SIGKILL, OOM), and Redis forgets the
+connection's name with it; the lease only notices a death when it runs out. When a broker
+redelivers a message at once because its consumer went away (RabbitMQ closes a dead
+consumer's channel), the worker that receives it asks whether the holder is still present:
+absent, the redelivery is taken over and runs now instead of after the holder's lease
+(inflight.py). Present, it is a duplicate, as before: a live holder never loses a task to it.
+
+Pool processes close their copy of the socket after a fork, so a pool child that outlives its
+main process does not keep the worker looking present (it would only delay a takeover).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import weakref
+from typing import TYPE_CHECKING, Any
+
+import redis
+
+if TYPE_CHECKING:
+    from relier_celery.store.client import Store
+
+__all__ = ["Presence", "PresenceCache"]
+
+# How long a worker seen absent stays absent without asking Redis again: a burst of
+# redeliveries of one dead worker's messages costs one CLIENT LIST, not one per message.
+ABSENT_FOR = 0.5
+# A holder seen present when its message is redelivered is asked again for this long before
+# the copy counts as a duplicate (a live holder costs its redeliveries this much, once each).
+SETTLE = 0.3
+SETTLE_STEP = 0.05
+
+_open: weakref.WeakSet[Presence] = weakref.WeakSet()
+
+
+def _forget_in_child() -> None:
+    for presence in list(_open):
+        presence.forget()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
+
+
+class Presence:
+    """The named connection of one worker (opened with its lease, closed with it)."""
+
+    def __init__(self, store: Store, worker: str) -> None:
+        self.store = store
+        self.name = store.keys.presence(worker)
+        self._client: redis.Redis | None = None
+        self._conn: Any = None
+
+    def open(self) -> None:
+        """Connect under the name now (raises StoreUnavailable)."""
+        self._client = self.store.named_client(self.name)
+        self._conn = self._client.connection_pool.get_connection()
+        _open.add(self)
+        self.touch()
+
+    def touch(self) -> None:
+        """One PING on the held connection; it reconnects, under the same name, after Redis
+        dropped it (a restart, a failover)."""
+        conn = self._conn
+        if conn is None:
+            return
+
+        def ping(_main: redis.Redis) -> None:
+            try:
+                conn.send_command("PING")
+                conn.read_response()
+            except Exception:
+                conn.disconnect()
+                raise
+
+        self.store.call(ping)  # Redis errors as StoreUnavailable
+
+    def forget(self) -> None:
+        """In a forked child: close this process's copy of the socket only (redis-py shuts a
+        socket down only in the process that opened it)."""
+        conn, self._conn, self._client = self._conn, None, None
+        if conn is not None:
+            conn.disconnect()
+
+    def close(self) -> None:
+        conn, client = self._conn, self._client
+        self._conn, self._client = None, None
+        _open.discard(self)
+        if conn is not None:
+            conn.disconnect()
+        if client is not None:
+            client.close()
+
+
+class PresenceCache:
+    """Which workers are present, asked of Redis at most once per ABSENT_FOR per absent one."""
+
+    def gone(self, worker: str, within: float = SETTLE) -> bool:
+        """Whether ``worker`` is absent, or becomes absent within ``within`` seconds: the
+        broker may notice a death (and redeliver) a moment before Redis drops the dead
+        process's connection."""
+        deadline = time.monotonic() + within
+        while self.present(worker):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(SETTLE_STEP)
+        return True
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._absent: dict[str, float] = {}
+
+    def present(self, worker: str) -> bool:
+        now = time.monotonic()
+        if now - self._absent.get(worker, -ABSENT_FOR) < ABSENT_FOR:
+            return False
+        if self.store.keys.presence(worker) in self.store.connection_names():
+            self._absent.pop(worker, None)
+            return True
+        self._absent = {w: t for w, t in self._absent.items() if now - t < ABSENT_FOR}
+        self._absent[worker] = now
+        return False
