@@ -2,7 +2,7 @@
 """The two commands of the README, needing only Python 3.11+:
 
     python3 dev.py demo   # set up .venv, then run the demo (workers, a SIGKILL, tasks back)
-    python3 dev.py test   # set up .venv, then run lint, types and the whole test suite
+    python3 dev.py test   # set up .venv, then run lint, types, layers and the whole test suite
     python3 dev.py celery-suite [--subset ci|full] [--relier|--vanilla|--both]
                           # Celery's own integration suite, vanilla and with relier, compared
                           # (docs/celery-suite.md)
@@ -69,6 +69,8 @@ def main() -> None:
                 "tools",
             )
             run(PY, "-m", "mypy")
+            # The layers of docs/design.md#layout (contract in setup.cfg).
+            run(BIN / "lint-imports")
             # Two test processes: most integration tests wait on workers and timers, not on
             # the CPU, so two at a time halve the wall time on 2 cores (-n 0 runs serially).
             run(PY, "-m", "pytest", "-n", "2", "tests", "integration", *args[1:])

@@ -28,7 +28,8 @@ from relier_celery.cli.render import render
 from relier_celery.core.keys import Keys
 from relier_celery.core.record import TaskRecord
 from relier_celery.observe.activity import RunningMarker
-from relier_celery.observe.snapshot import take, to_json
+from relier_celery.observe.snapshot import take
+from relier_celery.observe.summary import to_json
 from relier_celery.store.client import Store
 from relier_celery.testing import RedisServer, task_headers
 

@@ -13,8 +13,8 @@ import time
 import pytest
 from fleet import BROKERS, held_records, relier_cli, send_work, wait_all_done
 
-from relier_celery.recovery import drain
 from relier_celery.testing import wait_for
+from relier_celery.wiring import drain
 
 CONF = json.dumps({"relier_drain_timeout": 3})
 

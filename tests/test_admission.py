@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from relier_celery import AdmissionRejected, AdmissionUnavailable, install
 from relier_celery.core import events
-from relier_celery.core.config import RelierConfig, validate_task_options
+from relier_celery.core.config import RelierConfig
 from relier_celery.core.errors import ConfigError, RelierError, StoreUnavailable
 from relier_celery.core.keys import Keys
 from relier_celery.core.record import TaskRecord
@@ -33,6 +33,7 @@ from relier_celery.features.admission import (
 )
 from relier_celery.store.client import Store
 from relier_celery.testing import free_port
+from relier_celery.wiring.task_options import validate_task_options
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -25,7 +25,8 @@ from relier_celery.cli.render import live_view
 from relier_celery.core import proc
 from relier_celery.core.keys import Keys
 from relier_celery.observe.activity import RunningMarker
-from relier_celery.observe.snapshot import TaskView, recovery_percentiles, take
+from relier_celery.observe.snapshot import TaskView, take
+from relier_celery.observe.summary import recovery_percentiles
 from relier_celery.store.client import Store
 from relier_celery.testing import free_port
 

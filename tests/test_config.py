@@ -5,8 +5,9 @@ from datetime import timedelta
 import pytest
 from celery import Celery
 
-from relier_celery.core.config import RelierConfig, mask_url, validate_task_options
+from relier_celery.core.config import RelierConfig, mask_url
 from relier_celery.core.errors import ConfigError
+from relier_celery.wiring.task_options import validate_task_options
 
 REDIS = "redis://127.0.0.1:6379/0"
 

@@ -184,25 +184,25 @@ def test_which_failures_go_to_the_dlq() -> None:
     from celery.exceptions import Ignore, Reject, Retry, TaskRevokedError, TimeLimitExceeded
 
     from relier_celery.core.errors import HardTimeout, IdempotencyInterrupted
-    from relier_celery.wiring.consumer_hooks import _dlq_reason
+    from relier_celery.wiring.request_hooks import dlq_reason
 
     req = _Req()
     # final failures go, each with its reason
-    assert _dlq_reason(req, ValueError("x"), True) == "exception"
-    assert _dlq_reason(req, HardTimeout("x"), True) == "hard_timeout"
-    assert _dlq_reason(req, TimeLimitExceeded(3), True) == "hard_timeout"
-    assert _dlq_reason(req, Reject("no", requeue=False), True) == "rejected"
+    assert dlq_reason(req, ValueError("x"), True) == "exception"
+    assert dlq_reason(req, HardTimeout("x"), True) == "hard_timeout"
+    assert dlq_reason(req, TimeLimitExceeded(3), True) == "hard_timeout"
+    assert dlq_reason(req, Reject("no", requeue=False), True) == "rejected"
     # what is not final never goes: a retry, an ignore, a revoke, Celery's own requeues
     for exc in (Retry(), Ignore(), TaskRevokedError("t"), Reject("again", requeue=True)):
-        assert _dlq_reason(req, exc, True) is None, exc
+        assert dlq_reason(req, exc, True) is None, exc
     assert (
-        _dlq_reason(_Req(acks_late=True, acks_on_timeout=False), TimeLimitExceeded(3), True) is None
+        dlq_reason(_Req(acks_late=True, acks_on_timeout=False), TimeLimitExceeded(3), True) is None
     )
     # relier_dlq_on_failure off, and the task option overriding it either way
-    assert _dlq_reason(req, ValueError("x"), False) is None
-    assert _dlq_reason(_Req(dlq_on_failure=True), ValueError("x"), False) == "exception"
-    assert _dlq_reason(_Req(dlq_on_failure=False), ValueError("x"), True) is None
+    assert dlq_reason(req, ValueError("x"), False) is None
+    assert dlq_reason(_Req(dlq_on_failure=True), ValueError("x"), False) == "exception"
+    assert dlq_reason(_Req(dlq_on_failure=False), ValueError("x"), True) is None
     # an interrupted idempotent run always goes: never repeated unasked
-    assert _dlq_reason(_Req(dlq_on_failure=False), IdempotencyInterrupted("x"), False) == (
+    assert dlq_reason(_Req(dlq_on_failure=False), IdempotencyInterrupted("x"), False) == (
         "idempotency_interrupted"
     )

@@ -11,10 +11,11 @@ from celery import Celery
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relier_celery.core.config import RelierConfig, validate_task_options
+from relier_celery.core.config import RelierConfig
 from relier_celery.core.errors import ConfigError
-from relier_celery.recovery import envelope
+from relier_celery.recovery import envelope, schema
 from relier_celery.recovery.envelope import BadMessage, check_headers, decode_body
+from relier_celery.wiring.task_options import validate_task_options
 
 JSON = {"application/json"}
 GOOD = {"id": "t1", "task": "shop.charge", "retries": 0, "eta": None, "timelimit": [None, None]}
@@ -98,11 +99,11 @@ def test_protocol_one_is_recognised() -> None:
 # -- schema versions --------------------------------------------------------------------
 @pytest.fixture
 def clean_migrations():
-    saved = dict(envelope._migrations)
-    envelope._migrations.clear()
+    saved = dict(schema._migrations)
+    schema._migrations.clear()
     yield
-    envelope._migrations.clear()
-    envelope._migrations.update(saved)
+    schema._migrations.clear()
+    schema._migrations.update(saved)
 
 
 def _app(version: int | None) -> Celery:
@@ -116,39 +117,39 @@ def _app(version: int | None) -> Celery:
 
 
 def test_migrations_run_in_order_up_to_the_workers_version(clean_migrations) -> None:
-    @envelope.migration("shop.order", from_version=1)
+    @schema.migration("shop.order", from_version=1)
     def add_currency(args, kwargs):
         return [*args, "EUR"], kwargs
 
-    @envelope.migration("shop.order", from_version=2)
+    @schema.migration("shop.order", from_version=2)
     def add_note(args, kwargs):
         return args, {**kwargs, "note": ""}
 
-    envelope.check_migrations(_app(3))
-    assert envelope.migrate("shop.order", 1, 3, [7, 9.5], {}) == ([7, 9.5, "EUR"], {"note": ""})
-    assert envelope.migrate("shop.order", 2, 3, [7, 9.5, "USD"], {}) == (
+    schema.check_migrations(_app(3))
+    assert schema.migrate("shop.order", 1, 3, [7, 9.5], {}) == ([7, 9.5, "EUR"], {"note": ""})
+    assert schema.migrate("shop.order", 2, 3, [7, 9.5, "USD"], {}) == (
         [7, 9.5, "USD"],
         {"note": ""},
     )
 
 
 def test_a_gap_in_the_migration_chain_stops_the_worker(clean_migrations) -> None:
-    @envelope.migration("shop.order", from_version=2)
+    @schema.migration("shop.order", from_version=2)
     def add_note(args, kwargs):
         return args, kwargs
 
     with pytest.raises(ConfigError, match=r"no migration from version\(s\) \[1\]"):
-        envelope.check_migrations(_app(3))
+        schema.check_migrations(_app(3))
     with pytest.raises(ConfigError, match="has a migration from version 2"):
-        envelope.check_migrations(_app(1))
+        schema.check_migrations(_app(1))
 
 
 def test_bad_migration_registrations_are_refused(clean_migrations) -> None:
     with pytest.raises(ConfigError, match="from_version must be an integer >= 1"):
-        envelope.migration("shop.order", from_version=0)
-    envelope.migration("shop.order", 1)(lambda a, k: (a, k))
+        schema.migration("shop.order", from_version=0)
+    schema.migration("shop.order", 1)(lambda a, k: (a, k))
     with pytest.raises(ConfigError, match="two migrations"):
-        envelope.migration("shop.order", 1)(lambda a, k: (a, k))
+        schema.migration("shop.order", 1)(lambda a, k: (a, k))
 
 
 @pytest.mark.parametrize("bad", [0, -1, "2", 1.5, True])
@@ -177,7 +178,7 @@ class _Message:
 
 def test_a_migrated_body_is_rewritten_in_its_own_serializer() -> None:
     message = _Message(json.dumps([[1], {}, {}]).encode())
-    envelope.rewrite_body(message, [1, "EUR"], {"x": 1}, {}, 2)
+    schema.rewrite_body(message, [1, "EUR"], {"x": 1}, {}, 2)
     assert decode_body(message.body, message.content_type, message.content_encoding, JSON) == (
         [1, "EUR"],
         {"x": 1},

@@ -15,10 +15,11 @@ from celery import Celery
 from kombu import Connection, Consumer, Queue
 
 from relier_celery import install
+from relier_celery.core.headers import PROTECTED
 from relier_celery.core.record import FETCHED_MARK, TaskRecord
 from relier_celery.recovery.resurrect import Resurrector
 from relier_celery.store.client import Store
-from relier_celery.wiring.fetch import PROTECTED, reliable_transport
+from relier_celery.wiring.fetch_transport import reliable_transport
 
 WORKER = "w1@test/1/abcd"
 

@@ -21,7 +21,8 @@ from relier_celery.core.keys import Keys
 from relier_celery.core.record import TaskRecord
 from relier_celery.observe.activity import RunningMarker
 from relier_celery.observe.counters import Counters
-from relier_celery.observe.snapshot import Filters, broker_queue_depths, take, to_json
+from relier_celery.observe.snapshot import Filters, broker_queue_depths, take
+from relier_celery.observe.summary import to_json
 from relier_celery.store.client import Store
 
 BIN = Path(sys.executable).parent

@@ -5,8 +5,9 @@ import re
 from hypothesis import given
 from hypothesis import strategies as st
 
+from relier_celery.core.headers import CRASHES_HEADER, RESURRECTIONS_HEADER
 from relier_celery.core.keys import Keys
-from relier_celery.core.record import CRASHES_HEADER, RESURRECTIONS_HEADER, Generation, TaskRecord
+from relier_celery.core.record import Generation, TaskRecord
 
 prefixes = st.from_regex(r"[A-Za-z0-9_.\-]{1,12}", fullmatch=True)
 ids = st.text(min_size=1, max_size=40)

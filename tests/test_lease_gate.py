@@ -13,12 +13,13 @@ import pytest
 from celery import Celery, current_app
 
 from relier_celery.core.config import RelierConfig
-from relier_celery.core.record import EPOCH_KEY, HELD_KEY, Generation, TaskRecord
+from relier_celery.core.headers import EPOCH_KEY, HELD_KEY
+from relier_celery.core.record import Generation, TaskRecord
 from relier_celery.recovery.completion import record_success
 from relier_celery.recovery.inflight import Inflight, Key
 from relier_celery.recovery.lease import Lease, LeaseClock, attach_clock, gate
+from relier_celery.runtime import Relier, attach
 from relier_celery.store.client import Store
-from relier_celery.wiring.install import Relier, _installed
 from relier_celery.wiring.signals import on_before_task_publish
 
 
@@ -161,7 +162,7 @@ def test_a_success_recorded_in_the_pool_is_dropped_again_in_one_batch(store: Sto
 
 def test_the_pool_process_drops_the_record_of_a_task_whose_body_succeeded(store: Store) -> None:
     app = _App()
-    _installed[app] = Relier(app, RelierConfig.from_mapping({}, broker_url=store.url), store)
+    attach(app, Relier(app, RelierConfig.from_mapping({}, broker_url=store.url), store))
     clock = LeaseClock(4.0)
     attach_clock(app, clock)
     held = store.keys.held("w1")

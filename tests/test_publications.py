@@ -14,14 +14,8 @@ from celery import Celery
 
 from relier_celery import install
 from relier_celery.core.config import RelierConfig
-from relier_celery.core.record import (
-    FETCH_FIELD,
-    FETCH_QUEUE,
-    PUBLICATION_HEADER,
-    Generation,
-    TaskRecord,
-    delivery_id,
-)
+from relier_celery.core.headers import FETCH_FIELD, FETCH_QUEUE, PUBLICATION_HEADER
+from relier_celery.core.record import Generation, TaskRecord, delivery_id
 from relier_celery.recovery.dlq import released_record
 from relier_celery.recovery.inflight import Inflight, Key
 from relier_celery.store.client import Store

@@ -11,7 +11,8 @@ from celery import Celery
 from relier_celery.core.config import RelierConfig, mask_url
 from relier_celery.core.errors import ConfigError
 from relier_celery.store.client import connect, parse_sentinel_url
-from relier_celery.wiring.fetch import RelierChannel, kombu_redis, reliable_transport
+from relier_celery.wiring.fetch import RelierChannel, kombu_redis
+from relier_celery.wiring.fetch_transport import reliable_transport
 
 URL = "sentinel://:s3cret@10.0.0.1:26379/2;sentinel://10.0.0.2;sentinel://10.0.0.3:26380"
 

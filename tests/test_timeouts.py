@@ -9,9 +9,10 @@ import pytest
 from celery import Celery
 
 from relier_celery import TaskContext, install
-from relier_celery.core.config import RelierConfig, validate_task_options
+from relier_celery.core.config import RelierConfig
 from relier_celery.core.errors import ConfigError, HardTimeout
 from relier_celery.features.timeouts import Limits, Watchdog
+from relier_celery.wiring.task_options import validate_task_options
 
 REDIS = "redis://127.0.0.1:6379/0"
 

@@ -11,7 +11,7 @@ from celery import Celery
 
 from relier_celery.bench.timing import interleaved
 from relier_celery.features.admission import admit, parse_limit
-from relier_celery.observe.snapshot import percentile
+from relier_celery.observe.summary import percentile
 from relier_celery.wiring.install import install
 
 __all__ = ["admission_cost", "admission_series"]

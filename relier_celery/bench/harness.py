@@ -23,7 +23,7 @@ from typing import Any
 import redis
 
 from relier_celery.core.errors import BenchError
-from relier_celery.observe.snapshot import percentile
+from relier_celery.observe.summary import percentile
 from relier_celery.testing import WorkerProcess, wait_for
 
 __all__ = ["APP_DIR", "Harness", "kill_all", "ms", "pcts", "running", "terminate"]

@@ -14,7 +14,7 @@ from celery import Celery
 
 from relier_celery.bench.harness import Harness, kill_all, running
 from relier_celery.bench.timing import wait_until
-from relier_celery.observe.snapshot import percentile
+from relier_celery.observe.summary import percentile
 from relier_celery.testing import WorkerProcess
 
 __all__ = ["latency", "overhead", "throughput"]

@@ -27,7 +27,7 @@ from rich.table import Table
 from relier_celery.bench.harness import Harness
 from relier_celery.bench.report import COLUMNS, footer, rows
 from relier_celery.bench.suite import FULL, QUICK, Step, run_all
-from relier_celery.cli import relier
+from relier_celery.cli.group import relier
 from relier_celery.core.config import mask_url
 from relier_celery.core.errors import RelierError
 from relier_celery.testing import RedisServer

@@ -23,8 +23,8 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn
 
-from relier_celery.cli import _app, _install, relier
 from relier_celery.cli.follow import IN_PLACE, QUARANTINED, RECOVERED, UNAFFECTED, Followed
+from relier_celery.cli.group import _app, _install, relier
 from relier_celery.cli.kill import ALIVE, POLL, ChaosRun
 from relier_celery.cli.render import short_id
 from relier_celery.store.client import parse_sentinel_url

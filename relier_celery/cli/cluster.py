@@ -33,10 +33,10 @@ from urllib.parse import urlsplit
 
 import click
 
-from relier_celery.cli import _app, _broker_reachable, _install, relier
 from relier_celery.cli.chaos import is_loopback
 from relier_celery.cli.clusterdown import drain_workers
 from relier_celery.cli.clusterview import ClusterInfo, watch
+from relier_celery.cli.group import _app, _broker_reachable, _install, relier
 from relier_celery.cli.supervise import Child, Signals, Supervisor, spawn
 from relier_celery.core.config import mask_url
 from relier_celery.core.errors import RelierError

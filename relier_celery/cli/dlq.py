@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from relier_celery.cli import _app, _install, relier
+from relier_celery.cli.group import _app, _install, relier
 from relier_celery.recovery import dlq as dead_letters
 from relier_celery.recovery.envelope import decode_body
 

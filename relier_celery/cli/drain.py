@@ -1,7 +1,7 @@
 """``relier drain`` and ``relier worker drain``: drain workers (as on SIGTERM) and report.
 
 Both send the ``relier_drain`` remote command and follow each worker's drain record in Redis
-(relier_celery/recovery/drain.py). ``drain`` prints the worker's accounting as it changes; ``worker
+(relier_celery/wiring/drain.py). ``drain`` prints the worker's accounting as it changes; ``worker
 drain`` prints a line per running task as it ends (completed, or handed off when the window
 ran out), then the accounting line. Exit 1 if a worker did not answer, failed, did not finish
 in time, or lost anything.
@@ -17,7 +17,7 @@ from typing import Any
 
 import click
 
-from relier_celery.cli import _app, _broker_reachable, _install, relier
+from relier_celery.cli.group import _app, _broker_reachable, _install, relier
 from relier_celery.cli.render import short_id
 
 __all__ = ["drain", "task_line", "worker_group"]

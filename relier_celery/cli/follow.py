@@ -22,7 +22,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-from relier_celery.observe.snapshot import HELD, RESERVED, RUNNING, TaskView, percentile
+from relier_celery.observe.snapshot import HELD, RESERVED, RUNNING, TaskView
+from relier_celery.observe.summary import percentile
 
 __all__ = ["Followed", "Tracker"]
 

@@ -19,16 +19,11 @@ import click
 from rich.console import Console
 from rich.live import Live
 
-from relier_celery.cli import _app, _install, relier
+from relier_celery.cli.group import _app, _install, relier
 from relier_celery.cli.render import live_view, render
 from relier_celery.core.errors import RelierError
-from relier_celery.observe.snapshot import (
-    Filters,
-    Snapshot,
-    broker_queue_depths,
-    take,
-    to_json,
-)
+from relier_celery.observe.snapshot import Filters, Snapshot, broker_queue_depths, take
+from relier_celery.observe.summary import to_json
 
 __all__ = ["inspect", "tasks", "top", "workers"]
 

@@ -12,17 +12,8 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from relier_celery.observe.snapshot import (
-    AWAITING,
-    HELD,
-    RESERVED,
-    RESURRECTING,
-    RUNNING,
-    Snapshot,
-    completed,
-    recovery_percentiles,
-    summary,
-)
+from relier_celery.observe.snapshot import AWAITING, HELD, RESERVED, RESURRECTING, RUNNING, Snapshot
+from relier_celery.observe.summary import completed, recovery_percentiles, summary
 
 __all__ = [
     "figures",

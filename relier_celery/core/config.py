@@ -16,12 +16,12 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from relier_celery.core.errors import ConfigError
+from relier_celery.core.rates import parse_queue_rules
 
 __all__ = [
-    "TASK_OPTIONS",
     "RelierConfig",
+    "check_timeouts",
     "mask_url",
-    "validate_task_options",
 ]
 
 # Defaults are chosen to meet G2 (recovery p50 <= 5 s, p99 <= 10 s): a dead worker's lease
@@ -205,7 +205,7 @@ class RelierConfig:
             raise ConfigError(
                 f"relier_max_resurrections must be 0 or more, got {self.max_resurrections}"
             )
-        _check_timeouts(
+        check_timeouts(
             "relier_soft_timeout", "relier_hard_timeout", self.soft_timeout, self.hard_timeout
         )
         if self.schema_max_requeues < 0:
@@ -216,8 +216,6 @@ class RelierConfig:
             raise ConfigError(
                 f"relier_max_message_bytes must be above 0, got {self.max_message_bytes}"
             )
-        from relier_celery.features.admission import parse_queue_rules
-
         parse_queue_rules(self.admission)
         if self.redis_url.startswith(SENTINEL) and not self.redis_options.get("master_name"):
             raise ConfigError(
@@ -288,92 +286,7 @@ def mask_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
 
 
-# Task options relier reads. Celery turns unknown task options into task attributes, so a
-# typo would be silently ignored; validate_task_options catches relier-looking ones.
-TASK_OPTIONS = {
-    "max_resurrections",
-    "soft_timeout",
-    "hard_timeout",
-    "on_soft_timeout",
-    "idempotent",
-    "idempotency_key",
-    "idempotency_ttl",
-    "idempotency_wait",
-    "idempotency_on_crash",
-    "dlq_on_failure",
-    "schema_version",
-    "admission",
-    "admission_burst",
-    "max_queue_depth",
-}
-_RELIER_LOOKING = re.compile(r"^(rl_|relier_)|resurrect|resurect")
-
-
-def _looks_like_relier(attr: str) -> bool:
-    return bool(_RELIER_LOOKING.search(attr)) or bool(
-        difflib.get_close_matches(attr, sorted(TASK_OPTIONS), n=1, cutoff=0.85)
-    )
-
-
-def validate_task_options(app: Any) -> None:
-    """Raise :class:`ConfigError` for a bad or mistyped relier option on any registered task."""
-    from celery.app.task import Task
-
-    celery_attrs = set(dir(Task))
-    for name, task in sorted(app.tasks.items()):
-        for attr in vars(type(task)):
-            if attr in TASK_OPTIONS or attr in celery_attrs or not _looks_like_relier(attr):
-                continue
-            hint = difflib.get_close_matches(attr, sorted(TASK_OPTIONS), n=1)
-            fix = (
-                f"did you mean {hint[0]!r}?" if hint else f"relier options: {sorted(TASK_OPTIONS)}"
-            )
-            raise ConfigError(f"task {name!r} has unknown relier option {attr!r}: {fix}")
-        soft = getattr(task, "soft_timeout", None)
-        hard = getattr(task, "hard_timeout", None)
-        for option, limit in (("soft_timeout", soft), ("hard_timeout", hard)):
-            if limit is not None and (
-                isinstance(limit, bool) or not isinstance(limit, int | float) or limit <= 0
-            ):
-                raise ConfigError(
-                    f"task {name!r}: {option} must be a number of seconds above 0, got {limit!r}"
-                )
-        _check_timeouts(f"task {name!r}: soft_timeout", "hard_timeout", soft, hard)
-        hook = getattr(task, "on_soft_timeout", None)
-        if hook is not None and not callable(hook):
-            raise ConfigError(
-                f"task {name!r}: on_soft_timeout must be a callable taking a TaskContext, "
-                f"got {hook!r}"
-            )
-        dlq = getattr(task, "dlq_on_failure", None)
-        if dlq is not None and not isinstance(dlq, bool):
-            raise ConfigError(f"task {name!r}: dlq_on_failure must be True or False, got {dlq!r}")
-        version = getattr(task, "schema_version", None)
-        if version is not None and (
-            isinstance(version, bool) or not isinstance(version, int) or version < 1
-        ):
-            raise ConfigError(
-                f"task {name!r}: schema_version must be an integer >= 1, got {version!r}"
-            )
-        on_crash = getattr(task, "idempotency_on_crash", None)
-        if on_crash is not None and on_crash not in ("rerun", "quarantine"):
-            raise ConfigError(
-                f"task {name!r}: idempotency_on_crash must be 'rerun' or 'quarantine', "
-                f"got {on_crash!r}"
-            )
-        value = getattr(task, "max_resurrections", None)
-        if value is not None and (
-            isinstance(value, bool) or not isinstance(value, int) or value < 0
-        ):
-            raise ConfigError(
-                f"task {name!r}: max_resurrections must be an integer >= 0, got {value!r}"
-            )
-        from relier_celery.features.admission import validate_task
-
-        validate_task(name, task)
-
-
-def _check_timeouts(soft_name: str, hard_name: str, soft: Any, hard: Any) -> None:
+def check_timeouts(soft_name: str, hard_name: str, soft: Any, hard: Any) -> None:
     for name, limit in ((soft_name, soft), (hard_name, hard)):
         if limit is not None and limit <= 0:
             raise ConfigError(f"{name} must be above 0, got {limit!r}")

@@ -10,21 +10,22 @@ from __future__ import annotations
 import base64
 import copy
 import json
-import secrets
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from relier_celery.core.delivery import (
+    Generation,
+    as_int,
+    delivery_id,
+    new_publication_id,
+    trace_context,
+)
+from relier_celery.core.headers import CRASHES_HEADER, RESURRECTIONS_HEADER
+
 __all__ = [
-    "CRASHES_HEADER",
-    "EPOCH_KEY",
     "FETCHED_MARK",
-    "FETCH_FIELD",
-    "FETCH_QUEUE",
-    "HELD_KEY",
-    "PUBLICATION_HEADER",
-    "RESURRECTIONS_HEADER",
     "Generation",
     "TaskRecord",
     "as_int",
@@ -33,33 +34,8 @@ __all__ = [
     "trace_context",
 ]
 
-# Every republish by relier raises this; it orders deliveries of one task id (Generation).
-RESURRECTIONS_HEADER = "rl_resurrections"
-# Only republishes after a worker died holding the task raise this; max_resurrections bounds
-# it. A hand-off at a clean shutdown or after a consumer restart is not the task's fault.
-CRASHES_HEADER = "rl_crashes"
-
-# Stamped fresh on every publication by an app with relier enabled (signals.py), never copied
-# from a request: a broker redelivery or a relier republish (resurrection, hand-off, DLQ
-# release) carries the message's headers unchanged, so the same value, while a deliberate
-# re-publication by Celery under the same task id (Task.replace, a re-applied frozen
-# signature, apply_async(task_id=...) again) goes through before_task_publish: a new value.
-PUBLICATION_HEADER = "rl_pub"
-# Celery's own header: how many Task.replace() calls deep this message is (0 when not a
-# replacement). The fallback identity of a message published without relier.
-_NESTING_HEADER = "replaced_task_nesting"
-
 # First line of a held record written by the reliable fetch (fetch.lua), not by receipt.
 FETCHED_MARK = "rlf1\n"
-# delivery_info keys the reliable fetch sets on a message it took: its field in the worker's
-# held hash and the queue list it came from.
-FETCH_FIELD = "rl_field"
-FETCH_QUEUE = "rl_queue"
-# Keys the worker adds to a request's dict as it hands it to the pool (the pool process reads
-# them as ``task.request.<key>``): the lease epoch it was received under (lease.gate), and
-# for a fetched delivery the worker id and held field its completion drops (completion.py).
-EPOCH_KEY = "rl_epoch"
-HELD_KEY = "rl_held"
 
 # AMQP message properties worth carrying over; the rest (delivery_tag, delivery_info,
 # body_encoding) belong to one delivery by one transport and must not be copied.
@@ -75,63 +51,6 @@ _KEPT_PROPERTIES = (
     "user_id",
     "app_id",
 )
-
-
-@dataclass(frozen=True, order=True)
-class Generation:
-    """Which delivery of one publication (:func:`delivery_id`) this is: relier's
-    resurrections raise ``resurrections`` (Celery's ``retries`` is compared first; a retry is
-    also a new publication). A delivery older than or equal to one already held or finished
-    is a duplicate."""
-
-    retries: int = 0
-    resurrections: int = 0
-
-    def field(self, delivery: str) -> str:
-        """The held field of this generation of a delivery id (receipt path)."""
-        return f"{delivery}|{self.retries}|{self.resurrections}"
-
-    @classmethod
-    def from_headers(cls, headers: dict[str, Any]) -> Generation:
-        return cls(as_int(headers.get("retries")), as_int(headers.get(RESURRECTIONS_HEADER)))
-
-
-def new_publication_id() -> str:
-    """A fresh publication id (64 random bits, hex: unique enough among the publications of
-    one task id, and cheap on every publish)."""
-    return secrets.token_hex(8)
-
-
-def delivery_id(headers: Any, task_id: str) -> str:
-    """What identifies one publication of a task: the task id and relier's publication id.
-
-    Deliveries of one publication (broker redeliveries, relier's resurrections) share it and
-    are ordered by their :class:`Generation`; a new publication under the same task id (a
-    replacement, a re-applied frozen signature) is another delivery id, so it is never taken
-    for a duplicate. A message published without relier (no ``rl_pub``) falls back on the
-    task id and Celery's ``replaced_task_nesting``, so that at least a replacement runs.
-    """
-    pub = headers.get(PUBLICATION_HEADER) if isinstance(headers, dict) else None
-    if pub:
-        return f"{task_id}#{pub}"
-    nesting = as_int(headers.get(_NESTING_HEADER)) if isinstance(headers, dict) else 0
-    return f"{task_id}#r{nesting}" if nesting else task_id
-
-
-def trace_context(headers: Any) -> dict[str, str]:
-    """The W3C trace context (``traceparent``, ``tracestate``) of a task message's headers,
-    where opentelemetry-instrumentation-celery puts it; events carry it so an exporter can
-    link them to the task's trace."""
-    if not isinstance(headers, dict):
-        return {}
-    return {k: str(headers[k]) for k in ("traceparent", "tracestate") if headers.get(k)}
-
-
-def as_int(value: Any) -> int:
-    try:
-        return max(int(value or 0), 0)
-    except (TypeError, ValueError):
-        return 0
 
 
 @dataclass

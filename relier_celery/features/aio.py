@@ -1,68 +1,30 @@
-"""One persistent event loop per worker process, for ``async def`` tasks.
+"""``async def`` tasks under Celery's synchronous tracer.
 
 Celery runs task code synchronously. An ``async def`` task is wrapped at worker start so that
-its coroutine runs on this process's loop, which lives in a daemon thread and is created on
-first use after fork (a forked pool child never inherits its parent's loop). The calling pool
-thread blocks on the result; many threads (the threads pool) share the one loop, so a process
-runs many async tasks at once on a single loop. Never ``asyncio.run`` per task: creating and
-closing a loop costs far more than the task, and it breaks clients that outlive one task.
+its coroutine runs on this process's persistent loop (loop.py), with its TaskContext and its
+deadlines; the calling pool thread blocks on the result, and many threads (the threads pool)
+share the one loop. :func:`wrap_run` is the one place a task's ``run`` is replaced; the async
+and the idempotent wrappers stack there.
 """
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import inspect
-import os
-import threading
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from relier_celery.features.context import bind_context
+from relier_celery.features.loop import get_loop, run
+from relier_celery.features.timeouts import context_for, guard, task_limits
 
 __all__ = ["get_loop", "make_sync", "run"]
 
 T = TypeVar("T")
 
-_lock = threading.Lock()
-_loop: asyncio.AbstractEventLoop | None = None
-_pid = -1
-
-
-def get_loop() -> asyncio.AbstractEventLoop:
-    """This process's persistent loop, started on first use."""
-    global _loop, _pid
-    if _loop is None or _pid != os.getpid():
-        with _lock:
-            if _loop is None or _pid != os.getpid():
-                loop = asyncio.new_event_loop()
-                thread = threading.Thread(
-                    target=loop.run_forever, name="relier-event-loop", daemon=True
-                )
-                thread.start()
-                _loop, _pid = loop, os.getpid()
-    return _loop
-
-
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    """Run ``coro`` on the persistent loop and wait for its result from a non-loop thread."""
-    loop = get_loop()
-    try:
-        running = asyncio.get_running_loop()
-    except RuntimeError:
-        running = None
-    if running is loop:
-        coro.close()
-        raise RuntimeError(
-            "relier_celery.features.aio.run() called from the loop itself: await instead"
-        )
-    return asyncio.run_coroutine_threadsafe(coro, loop).result()
-
 
 def _run_task(task: Any, coro: Coroutine[Any, Any, T]) -> T:
     """Run one async task's coroutine on the loop, with its TaskContext and its deadlines."""
-    from relier_celery.features.timeouts import context_for, guard, task_limits
-
     ctx = context_for(task)
     return run(guard(bind_context(ctx, coro), ctx, task_limits(task)))
 

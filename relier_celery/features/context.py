@@ -14,8 +14,9 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from relier_celery import runtime
 from relier_celery.core.errors import RelierError
-from relier_celery.core.record import CRASHES_HEADER, RESURRECTIONS_HEADER
+from relier_celery.core.headers import CRASHES_HEADER, RESURRECTIONS_HEADER
 
 __all__ = ["TaskContext", "bind_context", "set_current"]
 
@@ -49,10 +50,8 @@ class TaskContext:
     def save_progress(self, **data: Any) -> None:
         """Merge ``data`` into ``progress`` and keep it in Redis for ``relier_completed_ttl``,
         readable after the task (or its worker) is gone with ``TaskContext.load_progress``."""
-        from relier_celery.wiring.install import install
-
         self.progress.update(data)
-        relier = install(self.app)
+        relier = runtime.install(self.app)
         relier.store.save_progress(
             self.task_id, json.dumps(self.progress, default=str), relier.config.completed_ttl
         )
@@ -60,9 +59,7 @@ class TaskContext:
     @staticmethod
     def load_progress(app: Any, task_id: str) -> dict[str, Any]:
         """The progress a task saved, or {}."""
-        from relier_celery.wiring.install import install
-
-        raw = install(app).store.load_progress(task_id)
+        raw = runtime.install(app).store.load_progress(task_id)
         return dict(json.loads(raw)) if raw else {}
 
     @classmethod

@@ -68,9 +68,13 @@ def push(self: Any, *args: Any, **kwargs: Any) -> Any:
     task_kwargs, options = split_options(kwargs)
     key = options.pop("idempotency_key", None)
     if key is not None:
-        from relier_celery.features.idempotency import HEADER, validate_key
+        from relier_celery.core.headers import IDEMPOTENCY_HEADER
+        from relier_celery.features.idempotency import validate_key
 
-        options["headers"] = {**(options.get("headers") or {}), HEADER: validate_key(key)}
+        options["headers"] = {
+            **(options.get("headers") or {}),
+            IDEMPOTENCY_HEADER: validate_key(key),
+        }
     admit(self, args, task_kwargs, options, options.pop("admission_key", None))
     with already_admitted():
         return self.apply_async(args, task_kwargs, **options)

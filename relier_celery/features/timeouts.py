@@ -25,9 +25,12 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from relier_celery import runtime
 from relier_celery.core import events
-from relier_celery.core.errors import HardTimeout
+from relier_celery.core.config import check_timeouts
+from relier_celery.core.errors import ConfigError, HardTimeout
 from relier_celery.features.context import TaskContext, peek, reset_current, set_current
+from relier_celery.features.loop import run
 
 __all__ = ["Limits", "Watchdog", "begin", "end", "guard", "limits_of", "run_hook", "task_limits"]
 
@@ -35,6 +38,30 @@ T = TypeVar("T")
 
 # Whether hard timeouts of sync tasks are enforced (Celery's time_limit, prefork only). Set by
 # the worker step at start; pool children inherit it through fork.
+# The task options this feature reads (wiring/task_options.py checks every task's against all).
+TASK_OPTIONS = ("soft_timeout", "hard_timeout", "on_soft_timeout")
+
+
+def validate_task(name: str, task: Any) -> None:
+    """Raise :class:`ConfigError` for a bad ``soft_timeout``, ``hard_timeout`` or
+    ``on_soft_timeout`` of a task."""
+    soft = getattr(task, "soft_timeout", None)
+    hard = getattr(task, "hard_timeout", None)
+    for option, limit in (("soft_timeout", soft), ("hard_timeout", hard)):
+        if limit is not None and (
+            isinstance(limit, bool) or not isinstance(limit, int | float) or limit <= 0
+        ):
+            raise ConfigError(
+                f"task {name!r}: {option} must be a number of seconds above 0, got {limit!r}"
+            )
+    check_timeouts(f"task {name!r}: soft_timeout", "hard_timeout", soft, hard)
+    hook = getattr(task, "on_soft_timeout", None)
+    if hook is not None and not callable(hook):
+        raise ConfigError(
+            f"task {name!r}: on_soft_timeout must be a callable taking a TaskContext, got {hook!r}"
+        )
+
+
 HARD_LIMIT_ENFORCED = {"value": True}
 
 
@@ -75,9 +102,7 @@ def _hook_of(task: Any) -> Callable[[TaskContext], Any] | None:
 
 def task_limits(task: Any) -> Limits:
     """The task's limits, with the app's ``relier_soft_timeout``/``relier_hard_timeout``."""
-    from relier_celery.wiring.install import get
-
-    relier = get(task.app)
+    relier = runtime.of(task.app)
     if relier is None:
         return limits_of(task, None, None)
     return limits_of(task, relier.config.soft_timeout, relier.config.hard_timeout)
@@ -172,8 +197,6 @@ def run_hook(hook: Callable[[TaskContext], Any] | None, ctx: TaskContext) -> Non
     try:
         result = hook(ctx)
         if inspect.isawaitable(result):
-            from relier_celery.features.aio import run
-
             run(_awaited(result))
     except Exception as exc:
         events.emit(

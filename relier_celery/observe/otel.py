@@ -95,7 +95,7 @@ class OtelExporter:
         tracer_provider: TracerProvider | None = None,
         meter_provider: MeterProvider | None = None,
     ) -> None:
-        from relier_celery import __version__
+        from relier_celery.core.version import __version__
 
         self.tracer_provider = tracer_provider or trace.get_tracer_provider()
         self.meter_provider = meter_provider or metrics.get_meter_provider()

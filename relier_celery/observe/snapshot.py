@@ -1,5 +1,5 @@
-"""Inflight visibility: a snapshot of relier's registry in Redis, its summary and its JSON form
-(the CLI renders it: relier_celery/cli/render.py).
+"""Inflight visibility: a snapshot of relier's registry in Redis (its summary and JSON form are
+in summary.py; the CLI renders it: relier_celery/cli/render.py).
 
 ``celery inspect active`` asks live workers over the broker; this reads relier's own registry,
 so it also sees the tasks of workers that died and await resurrection, and needs no worker to
@@ -18,14 +18,13 @@ Task states:
 
 from __future__ import annotations
 
-import dataclasses
 import fnmatch
-import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from relier_celery.core.record import CRASHES_HEADER, RESURRECTIONS_HEADER, TaskRecord
+from relier_celery.core.headers import CRASHES_HEADER, RESURRECTIONS_HEADER
+from relier_celery.core.record import TaskRecord, as_int
 from relier_celery.observe.counters import COUNTED
 from relier_celery.store.client import Store, list_lengths
 
@@ -36,12 +35,7 @@ __all__ = [
     "TaskView",
     "WorkerView",
     "broker_queue_depths",
-    "completed",
-    "percentile",
-    "recovery_percentiles",
-    "summary",
     "take",
-    "to_json",
 ]
 
 RUNNING, RESERVED, HELD = "running", "reserved", "held"
@@ -141,13 +135,6 @@ class Filters:
         return self.worker_ok(t.worker)
 
 
-def _int(value: Any) -> int:
-    try:
-        return max(int(value or 0), 0)
-    except (TypeError, ValueError):
-        return 0
-
-
 def take(
     store: Store,
     lease_ttl: float,
@@ -208,9 +195,9 @@ def take(
                     received_at=received,
                     started_at=started or None,
                     age=max(now - since, 0.0),
-                    retries=_int(headers.get("retries")),
-                    resurrections=_int(headers.get(RESURRECTIONS_HEADER)),
-                    crashes=_int(headers.get(CRASHES_HEADER)),
+                    retries=as_int(headers.get("retries")),
+                    resurrections=as_int(headers.get(RESURRECTIONS_HEADER)),
+                    crashes=as_int(headers.get(CRASHES_HEADER)),
                 )
             )
         drain = d["drain"].get("state")
@@ -275,64 +262,3 @@ def broker_queue_depths(app: Any, names: Iterable[str]) -> QueueDepths:
         conn.release()
     per = {name: {k: lengths[k] for k in keys} for name, keys in lists.items()}
     return QueueDepths(depths={n: sum(v.values()) for n, v in per.items()}, lists=per)
-
-
-# -- summaries (pure) ---------------------------------------------------------------------
-def summary(snap: Snapshot) -> dict[str, Any]:
-    count = {s: sum(1 for t in snap.tasks if t.state == s) for s in (RUNNING, RESERVED, HELD)}
-    awaiting = sum(1 for t in snap.tasks if t.state in (AWAITING, RESURRECTING))
-    alive = [w for w in snap.workers if w.status not in ("dead", "resurrecting")]
-    return {
-        "running": count[RUNNING],
-        "reserved": count[RESERVED],
-        "held": count[HELD],
-        "awaiting_resurrection": awaiting,
-        "workers_alive": len(alive),
-        "workers_idle": sum(1 for w in alive if w.status == "idle"),
-        "workers_dead": len(snap.workers) - len(alive),
-        "lost": snap.unreadable,
-        "last_scan_age": None if snap.last_scan is None else max(snap.at - snap.last_scan, 0.0),
-    }
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    """Nearest-rank percentile (``q`` in 0..1); None for no values."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(max(math.ceil(q * len(ordered)) - 1, 0), len(ordered) - 1)]
-
-
-def recovery_percentiles(snap: Snapshot, window: float = 3600.0) -> dict[str, Any]:
-    """p50 and p95 (s) of the recovery samples of the last ``window`` seconds, and how many."""
-    recent = [delay for at, delay in snap.recovery if snap.at - at <= window]
-    if not recent:
-        return {"count": 0, "p50": None, "p95": None}
-    return {"count": len(recent), "p50": percentile(recent, 0.5), "p95": percentile(recent, 0.95)}
-
-
-def completed(snap: Snapshot) -> int:
-    """Tasks the registered workers completed since each started (their process records)."""
-    total = 0
-    for record in snap.processes.values():
-        try:
-            total += max(int(record.get("completed", 0)), 0)
-        except ValueError:
-            continue
-    return total
-
-
-def to_json(snap: Snapshot, view: str = "inspect") -> dict[str, Any]:
-    """Machine-readable form of a snapshot (``view`` as in :func:`render`)."""
-    out: dict[str, Any] = {"at": snap.at}
-    if view in ("inspect", "tasks"):
-        # vars(), not dataclasses.asdict: the fields are flat, and asdict deep-copies each one
-        # (a third of the time with 10,000 tasks).
-        out["tasks"] = [dict(vars(t)) for t in snap.tasks]
-    if view in ("inspect", "workers"):
-        out["workers"] = [dict(vars(w)) for w in snap.workers]
-    if view == "inspect":
-        out["queues"] = None if snap.queues is None else dataclasses.asdict(snap.queues)
-        out["counters"] = snap.counters
-        out["summary"] = summary(snap)
-    return out

@@ -19,9 +19,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from relier_celery.core.record import EPOCH_KEY, HELD_KEY
+from relier_celery import runtime
+from relier_celery.core.headers import EPOCH_KEY, HELD_KEY
 from relier_celery.recovery.lease import clock_of
-from relier_celery.wiring.install import get
 
 __all__ = ["record_success"]
 
@@ -31,7 +31,7 @@ logger = logging.getLogger("relier_celery")
 def record_success(task: Any) -> None:
     """On task_success, in the process that ran ``task``: drop its held record."""
     held = getattr(task.request, HELD_KEY, None)
-    relier = get(task.app)
+    relier = runtime.of(task.app)
     if not held or relier is None:
         return
     clock = clock_of(task.app)

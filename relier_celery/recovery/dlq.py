@@ -19,19 +19,30 @@ import uuid
 from typing import Any
 
 from relier_celery.core import events
-from relier_celery.core.record import (
+from relier_celery.core.errors import ConfigError
+from relier_celery.core.headers import (
     CRASHES_HEADER,
+    REQUEUES_HEADER,
+    RERUN_HEADER,
     RESURRECTIONS_HEADER,
-    TaskRecord,
-    trace_context,
 )
-from relier_celery.features.idempotency import RERUN_HEADER
-from relier_celery.recovery.envelope import REQUEUES_HEADER
+from relier_celery.core.record import TaskRecord, trace_context
 from relier_celery.store.client import Store
 
 __all__ = ["Entry", "entries", "expire", "find", "purge", "quarantine", "release"]
 
 # Headers a release resets: the released run starts its counts again.
+# The task options this module reads (wiring/task_options.py checks every task's against all).
+TASK_OPTIONS = ("dlq_on_failure",)
+
+
+def validate_task(name: str, task: Any) -> None:
+    """Raise :class:`ConfigError` for a bad ``dlq_on_failure`` of a task."""
+    dlq = getattr(task, "dlq_on_failure", None)
+    if dlq is not None and not isinstance(dlq, bool):
+        raise ConfigError(f"task {name!r}: dlq_on_failure must be True or False, got {dlq!r}")
+
+
 _RESET = {"retries": 0, RESURRECTIONS_HEADER: 0, CRASHES_HEADER: 0, REQUEUES_HEADER: 0}
 
 Entry = dict[str, Any]

@@ -18,7 +18,7 @@ from typing import Any
 
 from relier_celery.core import events
 from relier_celery.core.config import RelierConfig
-from relier_celery.core.errors import RelierError
+from relier_celery.core.errors import ConfigError, RelierError
 from relier_celery.core.record import TaskRecord, trace_context
 from relier_celery.recovery.dlq import expire, quarantine
 from relier_celery.recovery.envelope import raw_record
@@ -29,6 +29,18 @@ __all__ = ["Resurrector"]
 
 # Scanners look for DLQ entries past their retention once a minute, not on every scan.
 DLQ_EXPIRY_INTERVAL = 60.0
+# The task options this module reads (wiring/task_options.py checks every task's against all).
+TASK_OPTIONS = ("max_resurrections",)
+
+
+def validate_task(name: str, task: Any) -> None:
+    """Raise :class:`ConfigError` for a bad ``max_resurrections`` of a task."""
+    value = getattr(task, "max_resurrections", None)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise ConfigError(
+            f"task {name!r}: max_resurrections must be an integer >= 0, got {value!r}"
+        )
+
 
 logger = logging.getLogger("relier_celery")
 

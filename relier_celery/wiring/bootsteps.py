@@ -18,21 +18,21 @@ from celery import bootsteps
 from celery.worker import state as worker_state
 
 from relier_celery.core import events
-from relier_celery.core.config import validate_task_options
 from relier_celery.features.timeouts import HARD_LIMIT_ENFORCED, is_async, task_limits
 from relier_celery.observe import subscribers as observe
 from relier_celery.observe.activity import RunningMarker
-from relier_celery.recovery.drain import Drain
-from relier_celery.recovery.envelope import check_migrations
-from relier_celery.recovery.fence import give_up
 from relier_celery.recovery.inflight import Inflight
 from relier_celery.recovery.lease import Lease, attach_clock
 from relier_celery.recovery.resurrect import Resurrector
+from relier_celery.recovery.schema import check_migrations
 from relier_celery.wiring import control as _control  # noqa: F401  (registers the relier_drain command)
 from relier_celery.wiring import kombu_guard
 from relier_celery.wiring.consumer_hooks import wrap_consumer
-from relier_celery.wiring.fetch import enable_for_consumer
-from relier_celery.wiring.install import install, new_worker_id, set_worker_id
+from relier_celery.wiring.drain import Drain
+from relier_celery.wiring.fence import give_up
+from relier_celery.wiring.fetch_transport import enable_for_consumer
+from relier_celery.wiring.install import install, new_worker_id
+from relier_celery.wiring.task_options import validate_task_options
 
 __all__ = ["RelierConsumer", "RelierWorker", "WorkerRuntime"]
 
@@ -53,7 +53,7 @@ class WorkerRuntime:
         self.config = relier.config
         self.store = relier.store
         self.worker_id = new_worker_id(hostname)
-        set_worker_id(self.worker_id)
+        relier.worker_id = self.worker_id  # before the pool forks: idempotency claims name it
         self.resurrector = Resurrector(
             app, self.config, self.store, name=f"scanner@{self.worker_id}"
         )

@@ -18,7 +18,8 @@ connection only:
 - no ``unacked`` hash and no visibility timeout for these deliveries: nothing redelivers them.
 
 Publishing and the queue layout are kombu's own, so publishers and workers without relier
-keep working on the same queues. This module and ``consumer_hooks.py`` are the integration.
+keep working on the same queues. fetch_transport.py gives the consumer's connection this
+channel.
 """
 
 from __future__ import annotations
@@ -35,12 +36,13 @@ from typing import Any
 from redis.exceptions import NoScriptError, ResponseError
 
 from relier_celery.core import events
-from relier_celery.core.record import FETCH_FIELD as FIELD
-from relier_celery.core.record import FETCH_QUEUE, FETCHED_MARK
+from relier_celery.core.headers import FETCH_FIELD as FIELD
+from relier_celery.core.headers import FETCH_QUEUE, PROTECTED
+from relier_celery.core.record import FETCHED_MARK
 from relier_celery.store.client import script_text
 from relier_celery.wiring import kombu_guard
 
-__all__ = ["FIELD", "PROTECTED", "enable_for_consumer", "reliable_transport"]
+__all__ = ["FIELD", "RelierChannel", "RelierQoS", "kombu_redis"]
 
 logger = logging.getLogger("relier_celery")
 
@@ -48,9 +50,6 @@ logger = logging.getLogger("relier_celery")
 kombu_redis: Any = importlib.import_module("kombu.transport.redis")
 virtual: Any = importlib.import_module("kombu.transport.virtual")
 
-# delivery_info key on a fetched message relier took over: relier, not Celery's ack, removes
-# its record when the task ends (FIELD and FETCH_QUEUE say where it is held and came from).
-PROTECTED = "rl_protected"
 # With several queues the channel can block on one list only: it waits this long on one, then
 # fetches across all of them again, so an idle worker picks up any queue's message within it.
 MULTI_QUEUE_WAIT = 0.1
@@ -276,41 +275,3 @@ def _same_redis(channel: Any, runtime: Any) -> bool:
         worker=runtime.worker_id,
     )
     return False
-
-
-_transports: dict[tuple[int, type], type] = {}
-
-
-def reliable_transport(runtime: Any, base: Any = None) -> type:
-    """kombu's Redis transport (or its Sentinel transport, ``base``) with relier's channel,
-    bound to one worker runtime."""
-    base = base or kombu_redis.Transport
-    cls = _transports.get((id(runtime), base))
-    if cls is None:
-        if any(key[0] != id(runtime) for key in _transports):
-            _transports.clear()  # one runtime per worker process
-        channel = type("Channel", (RelierChannel, base.Channel), {"rl_runtime": runtime})
-        cls = type(base.__name__, (base,), {"Channel": channel})
-        _transports[(id(runtime), base)] = cls
-    return cls
-
-
-# kombu transports whose queues relier can fetch from: the plain Redis one and Sentinel's.
-_FETCHABLE = (kombu_redis.Transport, kombu_redis.SentinelTransport)
-
-
-def enable_for_consumer(c: Any, runtime: Any) -> None:
-    """Give the consumer's own broker connection the reliable fetch (kombu's Redis and Redis
-    Sentinel transports; other brokers and a disabled setting keep kombu's)."""
-    if not runtime.config.reliable_fetch:
-        return
-    app = c.app
-
-    def relier_connection_for_read(heartbeat: Any = None) -> Any:
-        conn = app.connection_for_read(heartbeat=heartbeat)
-        base = conn.get_transport_cls()
-        if base in _FETCHABLE:
-            conn.transport_cls = reliable_transport(runtime, base)
-        return c.ensure_connected(conn)
-
-    c.connection_for_read = relier_connection_for_read

@@ -12,21 +12,20 @@ from __future__ import annotations
 
 import os
 import socket
-import threading
 import uuid
 import weakref
-from dataclasses import dataclass
 from typing import Any
 
+from relier_celery import runtime
 from relier_celery.core import events
-from relier_celery.core.config import RelierConfig
-from relier_celery.core.keys import Keys
-from relier_celery.store.client import Store
+from relier_celery.features.aio import make_sync
+from relier_celery.features.dispatch import add_dispatch
+from relier_celery.features.idempotency import make_idempotent
+from relier_celery.runtime import Relier
+from relier_celery.wiring.tasks import register_tasks
 
 __all__ = ["Relier", "decide", "enabled", "get", "inactive_reason", "install", "new_worker_id"]
 
-_installed: weakref.WeakKeyDictionary[Any, Relier] = weakref.WeakKeyDictionary()
-_lock = threading.Lock()
 # App -> whether relier acts in it. Signal handlers ask per task and per publish, and reading
 # app.conf costs about 4 us, a dict lookup 0.1 us.
 _enabled: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
@@ -38,38 +37,27 @@ MEMORY_BROKER = "memory://"
 _warned: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
-@dataclass(frozen=True)
-class Relier:
-    """What relier knows about one Celery app."""
-
-    app: Any
-    config: RelierConfig
-    store: Store
-
-
 def install(app: Any) -> Relier:
-    """Read and validate ``app``'s relier settings once; later calls return the same object.
+    """Read and validate ``app``'s relier settings once; later calls return the same object
+    (:func:`relier_celery.runtime.install`, which also runs :func:`_wire` the first time).
 
-    Raises :class:`~relier_celery.core.errors.ConfigError` on a bad setting."""
-    with _lock:
-        relier = _installed.get(app)
-        if relier is None:
-            config = RelierConfig.from_app(app)
-            relier = Relier(
-                app, config, Store(config.redis_url, Keys(config.prefix), config.redis_options)
-            )
-            _installed[app] = relier
-            _enabled[app] = True
-            from relier_celery.features.dispatch import add_dispatch
-            from relier_celery.wiring.tasks import register_tasks
+    Raises :class:`~relier_celery.errors.ConfigError` on a bad setting."""
+    return runtime.install(app)
 
-            register_tasks(app)
-            add_dispatch()
-            if app.finalized:
-                _make_async_tasks_sync(app)
-            else:
-                app.on_after_finalize.connect(_make_async_tasks_sync, weak=False)
-        return relier
+
+def _wire(app: Any) -> None:
+    """What installing adds to an app: relier enabled in it, its tasks, ``push``/``apush`` on
+    every task, and ``async def`` and idempotent tasks wrapped once the app is finalized."""
+    _enabled[app] = True
+    register_tasks(app)
+    add_dispatch()
+    if app.finalized:
+        _make_async_tasks_sync(app)
+    else:
+        app.on_after_finalize.connect(_make_async_tasks_sync, weak=False)
+
+
+runtime.on_install(_wire)
 
 
 def enabled(app: Any) -> bool:
@@ -88,7 +76,7 @@ def decide(app: Any) -> bool:
     ``relier_celery`` or one of its submodules in ``imports`` or ``include``, or an earlier
     ``install(app)``. An app listing relier on the in-process ``memory://`` broker with no
     ``relier_redis_url`` runs as plain Celery, with one warning (see :func:`inactive_reason`)."""
-    decision = app in _installed or (
+    decision = runtime.of(app) is not None or (
         any(
             name == PACKAGE or name.startswith(PACKAGE + ".")
             for setting in (app.conf.imports, app.conf.include)
@@ -140,30 +128,14 @@ def _module_names(setting: Any) -> list[str]:
 
 def _make_async_tasks_sync(sender: Any = None, **_: Any) -> None:
     """Let Celery's synchronous tracer run every ``async def`` task (see aio.py)."""
-    from relier_celery.features.aio import make_sync
-    from relier_celery.features.idempotency import make_idempotent
-
     for task in list(sender.tasks.values()):
         make_sync(task)
         make_idempotent(task)
 
 
-_worker_id = {"value": ""}
-
-
-def set_worker_id(worker_id: str) -> None:
-    """Set by the worker at start, before its pool forks: idempotency claims name it."""
-    _worker_id["value"] = worker_id
-
-
-def current_worker_id() -> str:
-    """This process's worker lease id, or "" outside a worker."""
-    return _worker_id["value"]
-
-
 def get(app: Any) -> Relier | None:
     """The installed relier of an app, if any."""
-    return _installed.get(app)
+    return runtime.of(app)
 
 
 def new_worker_id(hostname: str) -> str:

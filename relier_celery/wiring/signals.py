@@ -119,13 +119,9 @@ def on_before_task_publish(sender: Any = None, headers: Any = None, **_: Any) ->
     app = _current_app()
     if not enabled(app):
         return
-    from relier_celery.core.record import (
-        EPOCH_KEY,
-        HELD_KEY,
-        PUBLICATION_HEADER,
-        new_publication_id,
-    )
-    from relier_celery.recovery.envelope import SCHEMA_HEADER, schema_version
+    from relier_celery.core.headers import EPOCH_KEY, HELD_KEY, PUBLICATION_HEADER, SCHEMA_HEADER
+    from relier_celery.core.record import new_publication_id
+    from relier_celery.recovery.schema import schema_version
 
     # Always a fresh one, even over a value a caller copied from a request's headers: this
     # publication is a new one (a replacement, a re-applied frozen signature), while a broker

@@ -20,7 +20,7 @@ def register_tasks(app: Any) -> None:
     def resurrect() -> int:
         """Resurrect the tasks of every worker whose lease ran out; return how many."""
         from relier_celery.recovery.resurrect import Resurrector
-        from relier_celery.wiring.install import install
+        from relier_celery.runtime import install
 
         relier = install(app)
         return Resurrector(app, relier.config, relier.store, name="beat").scan_once()

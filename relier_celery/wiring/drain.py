@@ -32,7 +32,8 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from relier_celery.core import events
-from relier_celery.recovery.fence import kill_pool_tasks
+from relier_celery.features.timeouts import fire_drain_hooks
+from relier_celery.wiring.fence import kill_pool_tasks
 
 if TYPE_CHECKING:
     from relier_celery.wiring.bootsteps import WorkerRuntime
@@ -229,8 +230,6 @@ class Drain:
         are handed off: in prefork each pool process is told by SIGUSR2; elsewhere the hooks
         run here."""
         from celery.concurrency.prefork import TaskPool as Prefork
-
-        from relier_celery.features.timeouts import fire_drain_hooks
 
         pool = self.runtime.pool_cls
         if isinstance(pool, type) and issubclass(pool, Prefork):

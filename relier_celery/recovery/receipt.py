@@ -1,0 +1,256 @@
+"""Receipt, in the worker's main process: every task message is recorded in Redis under this
+worker's lease before Celery sees it (so before it can be acked). A delivery already held or
+finished is a duplicate: it is acked and dropped, never run twice (G4). If Redis cannot be
+reached, the message is parked unacked and retried: it stays with the broker, nothing is lost.
+A message from a newer schema is requeued for a newer worker, one that cannot run is
+quarantined.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from typing import Any
+
+from relier_celery.core import events
+from relier_celery.core.errors import StoreUnavailable
+from relier_celery.core.headers import (
+    FETCH_FIELD,
+    FETCH_QUEUE,
+    REQUEUES_HEADER,
+)
+from relier_celery.core.record import TaskRecord, as_int, trace_context
+from relier_celery.recovery import envelope, schema
+from relier_celery.recovery.dlq import quarantine
+from relier_celery.recovery.registry import Key, Registry, Verdict
+from relier_celery.store.client import Receipt
+
+__all__ = ["Receiving"]
+
+logger = logging.getLogger("relier_celery")
+
+
+class Receiving(Registry):
+    """The receipt side of the registry."""
+
+    # -- receipt ------------------------------------------------------------------------
+    def receive(self, message: Any, known_tasks: Any) -> Verdict:
+        """Decide what happens to one incoming message."""
+        headers = message.headers
+        if not isinstance(headers, dict) or "task" not in headers:
+            return self._receive_other(message)
+        try:
+            envelope.check_headers(headers)
+        except envelope.BadMessage as bad:
+            return self._quarantine_unrecorded(envelope.raw_record_of(message, self.worker), bad)
+        record = TaskRecord.from_message(message, self.worker)
+        info = message.delivery_info or {}
+        if FETCH_FIELD in info:  # a quarantine then drops its held field in the same step
+            record.field_name = str(info[FETCH_FIELD])
+        if record.task_name not in known_tasks:
+            verdict = self._quarantine_unrecorded(
+                record,
+                envelope.BadMessage(
+                    "unknown_task",
+                    f"no task named {record.task_name!r} is registered on worker {self.worker}",
+                ),
+            )
+            # Celery then rejects it and marks the result as failed, as usual.
+            return "parked" if verdict == "parked" else "run"
+        try:
+            args, kwargs, embed = envelope.decode_body(
+                message.body, message.content_type, message.content_encoding, self.accept
+            )
+        except envelope.BadMessage as bad:
+            return self._quarantine_unrecorded(record, bad)
+        if FETCH_FIELD in info:
+            # The reliable fetch took it from its queue into this worker's held hash already.
+            record.field_name = str(info[FETCH_FIELD])
+            record.queue_key = str(info[FETCH_QUEUE])
+            record.delivery_tag = str(message.delivery_tag)
+            key = Key.of_record(record)
+            with self._lock:
+                self.local[key] = record
+            return self._check_schema(key, record, message, args, kwargs, embed)
+        if len(record.body) > self.config.max_message_bytes:
+            events.emit(
+                "task.unprotected",
+                f"{record.task_name}[{record.task_id}] body is {len(record.body)} bytes, "
+                f"above relier_max_message_bytes={self.config.max_message_bytes}: it runs "
+                "without a record and will NOT be resurrected if this worker dies",
+                task_id=record.task_id,
+                task_name=record.task_name,
+                worker=self.worker,
+            )
+            return "run"
+        gen = record.generation
+        try:
+            receipt = self.store.record(record.delivery_id, self.worker, gen, record.dumps())
+            if receipt.reason == "held" and self._take_over(message, record, receipt.detail):
+                receipt = Receipt(True)
+        except StoreUnavailable as exc:
+            self._mark_store_down(exc)
+            return "parked"
+        self._mark_store_up()
+        if not receipt.recorded:
+            events.emit(
+                "task.duplicate_dropped",
+                f"{record.task_name}[{record.task_id}] delivery {gen.retries}|"
+                f"{gen.resurrections} is not newer than the one {receipt.reason} "
+                f"({receipt.detail}); acked without running",
+                task_id=record.task_id,
+                task_name=record.task_name,
+                worker=self.worker,
+                reason=receipt.reason,
+                **trace_context(record.headers),
+            )
+            return "duplicate"
+        key = Key.of_record(record)
+        with self._lock:
+            self.local[key] = record
+        return self._check_schema(key, record, message, args, kwargs, embed)
+
+    def _take_over(self, message: Any, record: TaskRecord, seen: str) -> bool:
+        """A broker's redelivery of a delivery whose holder is gone runs now, not after the
+        holder's lease (presence.py); a live holder keeps it."""
+        if not (message.delivery_info or {}).get("redelivered"):
+            return False
+        holder = seen.rsplit("|", 2)[0]
+        if holder == self.worker or not self.presence.gone(holder):
+            return False
+        gen = record.generation
+        ttl = 10 * self.config.lease_ttl  # the holder's marker: past it, its lease ran out
+        if not self.store.take_over(
+            record.delivery_id, seen, self.worker, gen, record.dumps(), ttl
+        ):
+            return False
+        events.emit(
+            "task.taken_over",
+            f"{record.task_name}[{record.task_id}] redelivered by the broker, and its holder "
+            f"{holder} is gone (its presence connection closed): it runs now, not when that "
+            "worker's lease runs out",
+            task_id=record.task_id,
+            task_name=record.task_name,
+            worker=self.worker,
+            holder=holder,
+            **trace_context(record.headers),
+        )
+        return True
+
+    def _check_schema(
+        self,
+        key: Key,
+        record: TaskRecord,
+        message: Any,
+        args: list[Any],
+        kwargs: dict[str, Any],
+        embed: dict[str, Any],
+    ) -> Verdict:
+        """Migrate an older message before it runs; hold back a newer one."""
+        version = envelope.message_version(record.headers)
+        task = self.resurrector.app.tasks[record.task_name]
+        local = schema.schema_version(task)
+        if version == local:
+            return "run"
+        if version > local:
+            tries = as_int(record.headers.get(REQUEUES_HEADER))
+            why = (
+                f"{record.task_name}[{record.task_id}] has schema {version}; this worker knows "
+                f"up to {local}"
+            )
+            if tries >= self.config.schema_max_requeues:
+                self.quarantine_held(
+                    key, "schema_too_new", f"{why}, after {tries} requeue(s) for a newer worker"
+                )
+                return "quarantined"
+            events.emit(
+                "task.schema_too_new",
+                f"{why}: requeued for a newer worker in {self.config.schema_requeue_delay} s "
+                f"(try {tries + 1} of {self.config.schema_max_requeues})",
+                task_id=record.task_id,
+                task_name=record.task_name,
+                worker=self.worker,
+                schema=version,
+            )
+            return "deferred"
+        try:
+            args, kwargs = schema.migrate(record.task_name, version, local, args, kwargs)
+            schema.rewrite_body(message, args, kwargs, embed, local)
+        except Exception:
+            self.quarantine_held(
+                key,
+                "migration_failed",
+                f"migrating {record.task_name} arguments from schema {version} to {local} "
+                f"failed:\n{traceback.format_exc()}",
+            )
+            return "quarantined"
+        schema.emit_migrated(record, version, local)
+        return "run"
+
+    def requeue_for_newer(self, key: Key) -> bool:
+        """Republish a held message from a newer schema, its requeue count raised by one."""
+        with self._lock:
+            record = self.local.pop(key, None)
+        if record is None:
+            return False
+        tries = as_int(record.headers.get(REQUEUES_HEADER))
+        self.resurrector.resurrect(
+            record,
+            self.worker,
+            record.held_field(),
+            "its schema is newer than this worker knows",
+            crash=False,
+            headers={REQUEUES_HEADER: tries + 1},
+        )
+        return True
+
+    def _receive_other(self, message: Any) -> Verdict:
+        """A message without protocol-2 task headers: a protocol 1 task runs (Celery converts
+        it), unprotected; anything else goes to the DLQ."""
+        record = envelope.raw_record_of(message, self.worker)
+        body = message.body
+        if isinstance(message.headers, dict | None) and envelope.protocol_one(
+            body, message.content_type, message.content_encoding, self.accept
+        ):
+            events.emit(
+                "task.unprotected",
+                "a Celery protocol 1 message runs without a record and will NOT be "
+                "resurrected if this worker dies: publish with task_protocol = 2",
+                worker=self.worker,
+            )
+            return "run"
+        return self._quarantine_unrecorded(
+            record,
+            envelope.BadMessage(
+                "invalid_message",
+                "not a Celery task message (no 'task' header, no protocol 1 body)",
+            ),
+        )
+
+    def quarantine_message(self, message: Any, reason: str, error: str) -> bool:
+        """Quarantine a message Celery could not take: from its record if relier holds it,
+        raw otherwise. False if Redis could not be reached."""
+        key = self.key_of(message)
+        if self.holds(key):
+            assert key is not None
+            return self.quarantine_held(key, reason, error)
+        record = envelope.raw_record_of(message, self.worker)
+        return self._quarantine_unrecorded(record, envelope.BadMessage(reason, error)) != "parked"
+
+    def _quarantine_unrecorded(self, record: TaskRecord, bad: envelope.BadMessage) -> Verdict:
+        """Put a message relier never recorded into the DLQ; park it if Redis is down."""
+        held = record.field_name is not None
+        try:
+            quarantine(
+                self.store,
+                record,
+                bad.reason,
+                str(bad),
+                done_ttl=self.config.completed_ttl,
+                held_by=self.worker if held else None,
+                field=record.field_name,
+            )
+        except StoreUnavailable as exc:
+            self._mark_store_down(exc)
+            return "parked"
+        return "quarantined"

@@ -1,0 +1,130 @@
+"""The state of one worker's in-flight registry, shared by its receipt side (receipt.py) and
+its final states (inflight.py): the deliveries it holds in memory, the completions waiting for
+Redis, and whether Redis is reachable. A delivery is named by its :class:`Key`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple
+
+from relier_celery.core import events
+from relier_celery.core.config import RelierConfig
+from relier_celery.core.headers import (
+    FETCH_FIELD,
+)
+from relier_celery.core.record import Generation, TaskRecord, delivery_id
+from relier_celery.recovery import envelope
+from relier_celery.recovery.dlq import quarantine
+from relier_celery.recovery.resurrect import Resurrector
+from relier_celery.store.client import Store
+from relier_celery.store.presence import PresenceCache
+
+__all__ = ["Key", "Registry", "Verdict"]
+
+logger = logging.getLogger("relier_celery")
+
+Verdict = Literal["run", "duplicate", "parked", "quarantined", "deferred"]
+
+
+class Key(NamedTuple):
+    """One delivery this worker holds, in memory. Two deliveries of one task id can be in one
+    worker at once: a task that replaced itself still runs (it raises Ignore after publishing)
+    when its replacement, under the same id, arrives. So the key is the delivery id (task id
+    and publication), its generation and, for a fetched delivery, its held field (unique per
+    fetch, so even two messages that carry no publication id stay apart)."""
+
+    delivery: str
+    generation: Generation
+    field: str = ""
+
+    @classmethod
+    def of(cls, headers: dict[str, Any], info: Any = None) -> Key:
+        """The key of a message by its headers and delivery_info."""
+        field = info.get(FETCH_FIELD) if isinstance(info, dict) else None
+        return cls(
+            delivery_id(headers, str(headers["id"])),
+            Generation.from_headers(headers),
+            "" if field is None else str(field),
+        )
+
+    @classmethod
+    def of_record(cls, record: TaskRecord) -> Key:
+        return cls(record.delivery_id, record.generation, record.field_name or "")
+
+
+@dataclass
+class Pending:
+    key: Key
+    finished: bool
+    field: str | None  # set for a fetched delivery: its completion is dropping this field
+
+
+class Registry:
+    """What one worker's registry holds; the receipt and final-state sides extend it."""
+
+    def __init__(
+        self, config: RelierConfig, store: Store, worker: str, resurrector: Resurrector
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.worker = worker
+        self.resurrector = resurrector
+        self.presence = PresenceCache(store)
+        self.local: dict[Key, TaskRecord] = {}
+        self._lock = threading.Lock()
+        self._pending: deque[Pending] = deque()
+        self._store_down = False
+        self.draining = False
+        self.drain_completed = 0
+        self.drain_stopped = 0  # running tasks the drain stopped, handed off as they ended
+        # Held fields of fetched deliveries whose pool process dropped the record itself when
+        # the task succeeded (completion.py); dropped again, in one batch, by the heartbeat.
+        self._done_in_pool: list[str] = []
+        self.accept = envelope.accepted(resurrector.app)
+
+    @staticmethod
+    def key_of(message: Any) -> Key | None:
+        headers = getattr(message, "headers", None)
+        if not isinstance(headers, dict) or "id" not in headers:
+            return None
+        return Key.of(headers, getattr(message, "delivery_info", None))
+
+    def holds(self, key: Key | None) -> bool:
+        return key is not None and key in self.local
+
+    def quarantine_held(self, key: Key, reason: str, error: str, **extra: Any) -> bool:
+        """Move a held delivery that cannot run (or failed for good) to the DLQ."""
+        with self._lock:
+            record = self.local.pop(key, None)
+        if record is None:
+            return False
+        quarantine(
+            self.store,
+            record,
+            reason,
+            error,
+            done_ttl=self.config.completed_ttl,
+            held_by=self.worker,
+            field=record.held_field(),
+            **extra,
+        )
+        return True
+
+    # -- Redis health -------------------------------------------------------------------
+    def _mark_store_down(self, exc: Exception) -> None:
+        if not self._store_down:
+            self._store_down = True
+            events.emit(
+                "store.unavailable",
+                f"{exc}. Messages stay unacked with the broker until Redis is back",
+                worker=self.worker,
+            )
+
+    def _mark_store_up(self) -> None:
+        if self._store_down:
+            self._store_down = False
+            events.emit("store.recovered", "Redis is reachable again", worker=self.worker)

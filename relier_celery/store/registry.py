@@ -1,0 +1,140 @@
+"""Redis commands of the in-flight registry (inflight.py, resurrect.py): record a delivery on
+receipt, drop it on completion, hand it back to its queue, and claim a dead worker's records.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, cast
+
+import redis
+
+from relier_celery.core.record import Generation
+from relier_celery.store.connection import Connection, ms
+
+__all__ = ["Receipt", "RegistryCommands"]
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """What the receipt script decided for one delivery."""
+
+    recorded: bool
+    reason: str = ""
+    detail: str = ""
+
+
+class RegistryCommands(Connection):
+    """The deliveries each worker holds, and the claims on a dead worker's."""
+
+    def record(self, delivery: str, worker: str, gen: Generation, record: str) -> Receipt:
+        """Record a received delivery under ``worker``, unless it is a duplicate. ``delivery``
+        is its delivery id (:func:`~relier_celery.core.record.delivery_id`): the task id and its
+        publication id, so a new publication under the same task id is never a duplicate."""
+        k = self.keys
+        out = self._run(
+            "receipt",
+            [k.owners, k.done(delivery), k.held(worker)],
+            [delivery, worker, gen.retries, gen.resurrections, record],
+        )
+        if int(out[0]) == 1:
+            return Receipt(True)
+        return Receipt(False, str(out[1]), str(out[2]))
+
+    def take_over(
+        self, delivery: str, seen: str, worker: str, gen: Generation, record: str, ttl: float
+    ) -> bool:
+        """Move a delivery from a holder that is gone (``seen``: its owners entry) to
+        ``worker``; False when it is a duplicate after all (take_over.lua). ``ttl``: how long
+        the holder's marker waits for a renewal that fences it (a few leases)."""
+        holder = seen.rsplit("|", 2)[0]
+        k = self.keys
+        out = self._run(
+            "take_over",
+            [k.owners, k.held(holder), k.claim(holder), k.held(worker), k.taken(holder)],
+            [delivery, seen, worker, gen.retries, gen.resurrections, record, ms(ttl)],
+        )
+        return bool(out)
+
+    def complete(
+        self, delivery: str, worker: str, gen: Generation, done_ttl: float, finished: bool = True
+    ) -> bool:
+        """Remove a delivery's record; return whether it was still held. ``finished=False``
+        when the broker gets the message back (so its redelivery is not a duplicate)."""
+        k = self.keys
+        removed = self._run(
+            "complete",
+            [k.owners, k.done(delivery), k.held(worker)],
+            [
+                delivery,
+                worker,
+                gen.retries,
+                gen.resurrections,
+                ms(done_ttl),
+                "1" if finished else "0",
+            ],
+        )
+        return bool(removed)
+
+    def ack(self, worker: str, field: str) -> bool:
+        """A fetched delivery reached a final state: drop its record (the reliable fetch's
+        acknowledgement, one round trip; nothing about it outlives it)."""
+        return bool(self.call(lambda c: c.hdel(self.keys.held(worker), field)))
+
+    def ack_many(self, worker: str, fields: list[str]) -> int:
+        """Drop many fetched records in one round trip (absent ones are no-ops)."""
+        return int(self.call(lambda c: c.hdel(self.keys.held(worker), *fields)))
+
+    def requeue(self, worker: str, field: str, queue_key: str, envelope: str, head: bool) -> bool:
+        """Move a fetched delivery back into its queue list (at the head, or the tail), in one
+        step with dropping its record; False if the worker no longer held it."""
+        out = self._run(
+            "requeue",
+            [self.keys.held(worker), queue_key],
+            [field, envelope, "head" if head else "tail"],
+        )
+        return bool(out)
+
+    def known(self, deliveries: set[str]) -> set[str]:
+        """The delivery ids some worker holds or recently finished (one pipelined round
+        trip)."""
+        ids = sorted(deliveries)
+        if not ids:
+            return set()
+
+        def ask(c: redis.Redis) -> list[Any]:
+            pipe = c.pipeline(transaction=False)
+            for delivery in ids:
+                pipe.hexists(self.keys.owners, delivery)
+                pipe.exists(self.keys.done(delivery))
+            return list(pipe.execute())
+
+        flags = self.call(ask)
+        return {t for i, t in enumerate(ids) if flags[2 * i] or flags[2 * i + 1]}
+
+    def held(self, worker: str) -> dict[str, str]:
+        """Every record a worker holds, by ``delivery_id|retries|resurrections`` (receipt) or
+        fetch field."""
+        return cast(dict[str, str], self.call(lambda c: c.hgetall(self.keys.held(worker))))
+
+    def claim(self, dead: str, scanner: str, ttl: float) -> dict[str, str]:
+        """Claim a dead worker's records for one scanner; empty if alive or already claimed."""
+        k = self.keys
+        flat = self._run("claim", [k.leases, k.held(dead), k.claim(dead)], [dead, scanner, ms(ttl)])
+        return dict(zip(flat[::2], flat[1::2], strict=True))
+
+    def take(self, worker: str, field: str) -> bool:
+        """Remove one record after it was republished."""
+        return bool(self.call(lambda c: c.hdel(self.keys.held(worker), field)))
+
+    def claim_finish(self, dead: str, scanner: str) -> int:
+        """End a claim; return how many records are left."""
+        k = self.keys
+        return int(
+            self._run("claim_finish", [k.leases, k.held(dead), k.claim(dead)], [dead, scanner])
+        )
+
+    def forget_done(self, delivery: str) -> None:
+        """Drop a delivery id's done record, so a released copy is not taken for a
+        duplicate."""
+        self.call(lambda c: c.delete(self.keys.done(delivery)))
