@@ -136,3 +136,26 @@ def test_no_module_over_300_lines() -> None:
         if (n := len(path.read_text().splitlines())) > 300
     }
     assert long == {}
+
+
+def test_every_event_is_a_named_constant_with_a_level() -> None:
+    from relier_celery.core import events
+
+    # Given every events.emit(...) call in the package
+    names: list[str] = []
+    for module, (path, _) in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "emit"
+                and module != "relier_celery.core.events"
+            ):
+                names.append(f"{module}: {ast.unparse(node.args[0])}")
+    assert names
+    # Then each names its event by a constant of core/events.py (or picks between two)
+    loose = [n for n in names if '"' in n or "'" in n]
+    assert loose == []
+    # And every constant has a log level
+    constants = {v for k, v in vars(events).items() if k.isupper() and isinstance(v, str)}
+    assert constants == set(events.LEVELS)

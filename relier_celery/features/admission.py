@@ -175,7 +175,7 @@ def admit(
                 "published. Set relier_admission_fail_open = True to publish anyway."
             ) from exc
         events.emit(
-            "admission.fail_open",
+            events.ADMISSION_FAIL_OPEN,
             f"{task.name} published without an admission decision: {exc}",
             task_name=task.name,
             key=key,
@@ -208,7 +208,7 @@ def _gcra(limit: Limit) -> tuple[int, int]:
 def _reject(message: str, **info: Any) -> None:
     error = AdmissionRejected(message, **info)
     events.emit(
-        "admission.rejected",
+        events.ADMISSION_REJECTED,
         message,
         task_name=error.task_name,
         key=error.key,

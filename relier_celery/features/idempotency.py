@@ -146,7 +146,7 @@ def _guarded(task: Any, call: Callable[[], Any]) -> Any:
         except StoreUnavailable as exc:
             # Never run unprotected: fail loudly, and let Celery retry (its max_retries bound).
             events.emit(
-                "idempotency.unavailable",
+                events.IDEMPOTENCY_UNAVAILABLE,
                 f"key {key!r}: Redis unavailable ({exc}); the task does not run unprotected "
                 "and is retried",
                 idempotency_key=key,
@@ -169,7 +169,7 @@ def _guarded(task: Any, call: Callable[[], Any]) -> Any:
     except StoreUnavailable as exc:
         # The side effect happened; running it again would repeat it. Say so, and return.
         events.emit(
-            "idempotency.store_failed",
+            events.IDEMPOTENCY_STORE_FAILED,
             f"key {key!r}: the run finished but its result could not be kept ({exc}); "
             "duplicates wait for the claim to expire (idempotency_ttl) before running",
             idempotency_key=key,

@@ -133,13 +133,13 @@ class IdempotencyLock:
             self.already_executed = True
             self.cached_result = json.loads(out[1])
             events.emit(
-                "idempotency.hit",
+                events.IDEMPOTENCY_HIT,
                 f"key {self.key!r} already done; result reused",
                 idempotency_key=self.key,
             )
         elif kind == "conflict":
             events.emit(
-                "idempotency.conflict",
+                events.IDEMPOTENCY_CONFLICT,
                 f"key {self.key!r} reused with other arguments",
                 idempotency_key=self.key,
             )
@@ -151,7 +151,7 @@ class IdempotencyLock:
             raise IdempotencyBusy(f"idempotency key {self.key!r} is running now ({out[1]})")
         elif kind == "interrupted":
             events.emit(
-                "idempotency.interrupted",
+                events.IDEMPOTENCY_INTERRUPTED,
                 f"key {self.key!r}: its owner {out[1]} died mid-run; not repeated without an "
                 "operator's release",
                 idempotency_key=self.key,
@@ -165,7 +165,7 @@ class IdempotencyLock:
             self._token = str(out[1])
             self.taken_over = bool(int(out[2]))
             events.emit(
-                "idempotency.takeover" if self.taken_over else "idempotency.claimed",
+                events.IDEMPOTENCY_TAKEOVER if self.taken_over else events.IDEMPOTENCY_CLAIMED,
                 f"key {self.key!r} claimed" + (" from a dead owner" if self.taken_over else ""),
                 idempotency_key=self.key,
             )
@@ -180,7 +180,7 @@ class IdempotencyLock:
         stored = self._store.idem_store(self.key, self._token, data, self.ttl)
         if not stored:
             events.emit(
-                "idempotency.fenced",
+                events.IDEMPOTENCY_FENCED,
                 f"key {self.key!r}: a newer owner holds it; this result was not kept",
                 idempotency_key=self.key,
             )

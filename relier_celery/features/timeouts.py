@@ -182,7 +182,7 @@ def install_drain_hook_signal() -> None:
 
 def _report(ctx: TaskContext, kind: str, message: str) -> None:
     events.emit(
-        "task.timeout",
+        events.TASK_TIMEOUT,
         f"{ctx.name}[{ctx.task_id}] {message}",
         task_id=ctx.task_id,
         task_name=ctx.name,
@@ -200,7 +200,7 @@ def run_hook(hook: Callable[[TaskContext], Any] | None, ctx: TaskContext) -> Non
             run(_awaited(result))
     except Exception as exc:
         events.emit(
-            "task.timeout_hook_failed",
+            events.TASK_TIMEOUT_HOOK_FAILED,
             f"{ctx.name}[{ctx.task_id}] on_soft_timeout raised {exc!r}; the task goes on",
             task_id=ctx.task_id,
             task_name=ctx.name,

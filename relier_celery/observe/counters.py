@@ -16,6 +16,7 @@ import os
 import threading
 from collections import Counter
 
+from relier_celery.core import events
 from relier_celery.core.events import Event
 from relier_celery.store.client import Store
 
@@ -25,18 +26,18 @@ logger = logging.getLogger("relier_celery")
 
 # Event name -> counter name (the Redis hash field and, as ``rl.<name>``, the OTel metric).
 COUNTED: dict[str, str] = {
-    "task.resurrected": "resurrections",
-    "task.handed_off": "hand_offs",
-    "task.quarantined": "quarantines",
-    "task.duplicate_dropped": "duplicates_dropped",
-    "task.taken_over": "taken_over",
-    "task.orphan_restored": "orphans_restored",
-    "idempotency.hit": "idempotent_hits",
-    "task.timeout": "timeouts",
-    "admission.rejected": "admission_rejects",
-    "drain.finished": "drains",
-    "lease.lost": "leases_lost",
-    "task.fenced": "fenced",
+    events.TASK_RESURRECTED: "resurrections",
+    events.TASK_HANDED_OFF: "hand_offs",
+    events.TASK_QUARANTINED: "quarantines",
+    events.TASK_DUPLICATE_DROPPED: "duplicates_dropped",
+    events.TASK_TAKEN_OVER: "taken_over",
+    events.TASK_ORPHAN_RESTORED: "orphans_restored",
+    events.IDEMPOTENCY_HIT: "idempotent_hits",
+    events.TASK_TIMEOUT: "timeouts",
+    events.ADMISSION_REJECTED: "admission_rejects",
+    events.DRAIN_FINISHED: "drains",
+    events.LEASE_LOST: "leases_lost",
+    events.TASK_FENCED: "fenced",
 }
 # Seconds between two flushes; about one heartbeat.
 FLUSH_INTERVAL = 1.0

@@ -89,7 +89,7 @@ def quarantine(
         field=field,
     )
     events.emit(
-        "task.quarantined",
+        events.TASK_QUARANTINED,
         f"{record.task_name}[{record.task_id}] moved to the DLQ",
         task_id=record.task_id,
         task_name=record.task_name,
@@ -144,7 +144,7 @@ def release(app: Any, store: Store, entry: Entry) -> TaskRecord:
         record.publish(producer)
     store.dlq_remove([entry["id"]])
     events.emit(
-        "dlq.released",
+        events.DLQ_RELEASED,
         f"{record.task_name}[{record.task_id}] released from the DLQ ({entry['reason']})",
         task_id=record.task_id,
         task_name=record.task_name,
@@ -159,7 +159,7 @@ def purge(store: Store, chosen: list[Entry]) -> int:
     removed = store.dlq_remove([e["id"] for e in chosen])
     if removed:
         events.emit(
-            "dlq.purged",
+            events.DLQ_PURGED,
             f"{removed} DLQ entr{'y' if removed == 1 else 'ies'} purged",
             count=removed,
             dlq_ids=",".join(e["id"] for e in chosen[:20]),
@@ -173,7 +173,7 @@ def expire(store: Store, retention: float) -> int:
     removed = store.dlq_remove(ids)
     if removed:
         events.emit(
-            "dlq.expired",
+            events.DLQ_EXPIRED,
             f"{removed} DLQ entr{'y' if removed == 1 else 'ies'} older than "
             f"relier_dlq_retention ({retention:.0f} s) removed",
             count=removed,

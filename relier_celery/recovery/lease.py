@@ -104,7 +104,7 @@ def gate(task: Any) -> None:
     if not clock.live():
         waited = clock.wait_live()
         events.emit(
-            "lease.waited",
+            events.LEASE_WAITED,
             f"{task.name}[{task.request.id}] waited {waited:.2f} s for this worker's lease "
             "to be renewed before starting",
             task_id=task.request.id,
@@ -113,7 +113,7 @@ def gate(task: Any) -> None:
     if int(epoch) == clock.epoch:
         return
     events.emit(
-        "task.fenced",
+        events.TASK_FENCED,
         f"{task.name}[{task.request.id}] was given up when this worker lost its lease: not "
         "started here (it runs where it was resurrected)",
         task_id=task.request.id,
@@ -187,7 +187,7 @@ class Lease:
                 "Raise relier_lease_ttl if pauses are expected"
             )
             events.emit(
-                "lease.lost",
+                events.LEASE_LOST,
                 why,
                 worker=self.worker,
             )
@@ -208,11 +208,15 @@ class Lease:
                 if self._down:
                     self._down = False
                     events.emit(
-                        "store.recovered", "heartbeat reaches Redis again", worker=self.worker
+                        events.STORE_RECOVERED, "heartbeat reaches Redis again", worker=self.worker
                     )
             except StoreUnavailable as exc:
                 if not self._down:
                     self._down = True
-                    events.emit("store.unavailable", f"heartbeat failed: {exc}", worker=self.worker)
+                    events.emit(
+                        events.STORE_UNAVAILABLE, f"heartbeat failed: {exc}", worker=self.worker
+                    )
             except Exception as exc:
-                events.emit("store.unavailable", f"heartbeat failed: {exc!r}", worker=self.worker)
+                events.emit(
+                    events.STORE_UNAVAILABLE, f"heartbeat failed: {exc!r}", worker=self.worker
+                )

@@ -93,7 +93,7 @@ class UnackedSweep:
             channel.qos.restore_by_tag(tag, client)
             restored += 1
             events.emit(
-                "task.orphan_restored",
+                events.TASK_ORPHAN_RESTORED,
                 f"{name}[{task_id}] was delivered to a worker that died before recording it; "
                 "returned to its queue",
                 task_id=task_id,

@@ -74,7 +74,7 @@ class Receiving(Registry):
             return self._check_schema(key, record, message, args, kwargs, embed)
         if len(record.body) > self.config.max_message_bytes:
             events.emit(
-                "task.unprotected",
+                events.TASK_UNPROTECTED,
                 f"{record.task_name}[{record.task_id}] body is {len(record.body)} bytes, "
                 f"above relier_max_message_bytes={self.config.max_message_bytes}: it runs "
                 "without a record and will NOT be resurrected if this worker dies",
@@ -94,7 +94,7 @@ class Receiving(Registry):
         self._mark_store_up()
         if not receipt.recorded:
             events.emit(
-                "task.duplicate_dropped",
+                events.TASK_DUPLICATE_DROPPED,
                 f"{record.task_name}[{record.task_id}] delivery {gen.retries}|"
                 f"{gen.resurrections} is not newer than the one {receipt.reason} "
                 f"({receipt.detail}); acked without running",
@@ -125,7 +125,7 @@ class Receiving(Registry):
         ):
             return False
         events.emit(
-            "task.taken_over",
+            events.TASK_TAKEN_OVER,
             f"{record.task_name}[{record.task_id}] redelivered by the broker, and its holder "
             f"{holder} is gone (its presence connection closed): it runs now, not when that "
             "worker's lease runs out",
@@ -164,7 +164,7 @@ class Receiving(Registry):
                 )
                 return "quarantined"
             events.emit(
-                "task.schema_too_new",
+                events.TASK_SCHEMA_TOO_NEW,
                 f"{why}: requeued for a newer worker in {self.config.schema_requeue_delay} s "
                 f"(try {tries + 1} of {self.config.schema_max_requeues})",
                 task_id=record.task_id,
@@ -213,7 +213,7 @@ class Receiving(Registry):
             body, message.content_type, message.content_encoding, self.accept
         ):
             events.emit(
-                "task.unprotected",
+                events.TASK_UNPROTECTED,
                 "a Celery protocol 1 message runs without a record and will NOT be "
                 "resurrected if this worker dies: publish with task_protocol = 2",
                 worker=self.worker,

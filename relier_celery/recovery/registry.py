@@ -119,7 +119,7 @@ class Registry:
         if not self._store_down:
             self._store_down = True
             events.emit(
-                "store.unavailable",
+                events.STORE_UNAVAILABLE,
                 f"{exc}. Messages stay unacked with the broker until Redis is back",
                 worker=self.worker,
             )
@@ -127,4 +127,4 @@ class Registry:
     def _mark_store_up(self) -> None:
         if self._store_down:
             self._store_down = False
-            events.emit("store.recovered", "Redis is reachable again", worker=self.worker)
+            events.emit(events.STORE_RECOVERED, "Redis is reachable again", worker=self.worker)

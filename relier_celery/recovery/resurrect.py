@@ -113,7 +113,7 @@ class Resurrector:
                 nxt.publish(producer)
             self.store.take(held_by, field)
         events.emit(
-            "task.resurrected" if crash else "task.handed_off",
+            events.TASK_RESURRECTED if crash else events.TASK_HANDED_OFF,
             f"{record.task_name}[{record.task_id}] republished: {why}",
             task_id=record.task_id,
             task_name=record.task_name,
@@ -147,7 +147,7 @@ class Resurrector:
             if not claimed:
                 continue
             events.emit(
-                "scan.claimed",
+                events.SCAN_CLAIMED,
                 f"worker {dead} is dead; taking {len(claimed)} task(s)",
                 worker=dead,
                 count=len(claimed),
@@ -205,7 +205,7 @@ class Resurrector:
             try:
                 self.scan_once()
             except RelierError as exc:
-                events.emit("store.unavailable", f"resurrection scan failed: {exc}")
+                events.emit(events.STORE_UNAVAILABLE, f"resurrection scan failed: {exc}")
             except Exception:
                 logger.exception("relier: resurrection scan failed; retrying")
             self._stop.wait(self.config.scan_interval)

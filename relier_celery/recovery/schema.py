@@ -133,7 +133,7 @@ def rewrite_body(
 
 def emit_migrated(record: TaskRecord, from_version: int, to_version: int) -> None:
     events.emit(
-        "task.migrated",
+        events.TASK_MIGRATED,
         f"{record.task_name}[{record.task_id}] migrated from schema {from_version} to {to_version}",
         task_id=record.task_id,
         task_name=record.task_name,

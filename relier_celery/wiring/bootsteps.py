@@ -82,7 +82,7 @@ class WorkerRuntime:
 
     def start(self) -> None:
         for warning in self.store.self_check():
-            events.emit("config.warning", warning)
+            events.emit(events.CONFIG_WARNING, warning)
         self.lease.acquire()
         kombu_guard.install(self)
         self.running.publish()  # "idle" / "reserved" from the start, not "held"
@@ -91,7 +91,7 @@ class WorkerRuntime:
         self.started = True
         WorkerRuntime.current = self
         events.emit(
-            "worker.started",
+            events.WORKER_STARTED,
             f"lease {self.worker_id} taken (Redis "
             f"{self.config.describe()['relier_redis_url']}, prefix "
             f"{self.config.prefix!r})",
@@ -116,7 +116,7 @@ class WorkerRuntime:
             left = self.lease.release()
         except Exception as exc:
             events.emit(
-                "store.unavailable",
+                events.STORE_UNAVAILABLE,
                 f"could not retire the lease: {exc}; it will "
                 "expire by itself and any record left is resurrected",
                 worker=self.worker_id,
@@ -124,7 +124,7 @@ class WorkerRuntime:
             self.observers.close()
             return
         events.emit(
-            "worker.stopped",
+            events.WORKER_STOPPED,
             f"lease {self.worker_id} retired; {handed} task(s) handed off, {left} record(s) "
             "left for the scanners",
             worker=self.worker_id,

@@ -93,7 +93,7 @@ class Drain:
                     return False
                 self._hurry.set()
                 events.emit(
-                    "drain.hurried",
+                    events.DRAIN_HURRIED,
                     f"{reason}: ending the wait, handing off now",
                     worker=self.runtime.worker_id,
                 )
@@ -144,7 +144,7 @@ class Drain:
         worker = self.runtime.worker_id
         deadline = time.monotonic() + window
         events.emit(
-            "drain.started",
+            events.DRAIN_STARTED,
             f"draining ({reason}); running tasks get {window} s",
             worker=worker,
             timeout=window,
@@ -199,7 +199,7 @@ class Drain:
         completed = inflight.drain_completed
         line = f"completed {completed}, handed off {handed}, returned {returned}, lost 0"
         events.emit(
-            "drain.finished",
+            events.DRAIN_FINISHED,
             f"drained: {line}",
             worker=worker,
             completed=completed,

@@ -73,7 +73,7 @@ def give_up(runtime: WorkerRuntime) -> None:
     records = inflight.give_up(runtime.lease.clock)
     if not records:
         events.emit(
-            "lease.given_up",
+            events.LEASE_GIVEN_UP,
             "this worker held nothing when it found its lease lost",
             worker=runtime.worker_id,
             count=0,
@@ -106,7 +106,7 @@ def give_up(runtime: WorkerRuntime) -> None:
         else:
             back += 1
     events.emit(
-        "lease.given_up",
+        events.LEASE_GIVEN_UP,
         f"gave up {len(records)} task(s) after losing the lease: {len(stopped)} running "
         f"stopped, {back} given back to their queues, {taken} already taken by a scanner",
         worker=runtime.worker_id,

@@ -234,14 +234,14 @@ class RelierChannel(kombu_redis.Channel):  # type: ignore[misc]
     def _lease_state(self, lost: bool) -> None:
         if lost and not self._rl_lease_lost:
             events.emit(
-                "fetch.paused",
+                events.FETCH_PAUSED,
                 f"worker {self.rl_runtime.worker_id} has no live lease (expired, or a scanner "
                 "is taking its tasks): it fetches nothing until the lease is renewed",
                 worker=self.rl_runtime.worker_id,
             )
         elif not lost and self._rl_lease_lost:
             events.emit(
-                "fetch.resumed",
+                events.FETCH_RESUMED,
                 f"worker {self.rl_runtime.worker_id} holds its lease again and fetches",
                 worker=self.rl_runtime.worker_id,
             )
@@ -267,7 +267,7 @@ def _same_redis(channel: Any, runtime: Any) -> bool:
         return True
     runtime.resurrector.unacked.enabled = runtime.config.unacked_sweep
     events.emit(
-        "config.warning",
+        events.CONFIG_WARNING,
         "relier_reliable_fetch is on, but relier_redis_url is not the broker's Redis: the "
         "fetch must move messages within one Redis. Falling back to recording what kombu "
         "delivers (kombu's BRPOP window stays open). Point relier_redis_url at the broker, "

@@ -111,7 +111,7 @@ def _inactive(app: Any) -> bool:
         return False
     if app not in _warned:  # one line per app, however often it is decided
         _warned.add(app)
-        events.emit("config.warning", reason, app=str(app.main))
+        events.emit(events.CONFIG_WARNING, reason, app=str(app.main))
     return True
 
 

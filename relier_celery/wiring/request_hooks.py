@@ -50,7 +50,7 @@ def wrap_request(req: Any, key: Key, inflight: Inflight, clock: LeaseClock) -> N
         if not inflight.to_pool(key, req.request_dict, clock.epoch):
             # Given up when this worker lost its lease (or handed off): it runs elsewhere.
             events.emit(
-                "task.fenced",
+                events.TASK_FENCED,
                 f"{req.name}[{req.id}] is no longer this worker's (given up when its lease "
                 "was lost): not started here",
                 task_id=req.id,
@@ -110,7 +110,7 @@ def wrap_request(req: Any, key: Key, inflight: Inflight, clock: LeaseClock) -> N
                 return None
         if isinstance(exc, TimeLimitExceeded):
             events.emit(
-                "task.timeout",
+                events.TASK_TIMEOUT,
                 f"{req.name}[{req.id}] passed its hard timeout and was stopped by Celery's "
                 "time limit: a failure, not a resurrection",
                 task_id=req.id,
