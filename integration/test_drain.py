@@ -90,8 +90,10 @@ def test_tasks_still_running_at_the_end_get_their_hook_then_move(fleet, publishe
     leaving = fleet.start(pool=pool, concurrency=2, RELIER_TEST_CONF=CONF)
     task_id = publisher.send_task("chaos.long_with_hook", args=(50, 6.0)).id
     wait_for(lambda: r.get("test:started:50"), 15, what="the long task to start")
-    fleet.start(pool=pool, concurrency=2, RELIER_TEST_CONF=CONF)
     leaving.stop(timeout=30)
+    # (the next worker starts after the drain: on a loaded machine its start could outlast
+    # the task, which would then end before the drain and never need its hook)
+    fleet.start(pool=pool, concurrency=2, RELIER_TEST_CONF=CONF)
     install(publisher)
     assert TaskContext.load_progress(publisher, task_id) == {"step": "halfway", "n": 50}
     assert "still running at the end of its worker's drain; hook runs" in leaving.log()

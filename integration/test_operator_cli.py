@@ -95,19 +95,20 @@ def test_chaos_on_an_idle_fleet_has_nothing_to_prove(fleet) -> None:
 
 @pytest.mark.timeout(90)
 def test_worker_drain_prints_a_line_per_task(fleet, publisher, r) -> None:
-    # Given a worker running a 1 s task and a 30 s one
-    conf = json.dumps({"relier_drain_timeout": 3})
+    # Given a worker running a 3 s task and a 30 s one (the short one must still be running
+    # when the drain starts, after the rl process's own start-up, and end inside its window)
+    conf = json.dumps({"relier_drain_timeout": 6})
     worker = fleet.start(concurrency=2, RELIER_TEST_PREFETCH="1", RELIER_TEST_CONF=conf)
-    short_id = publisher.send_task("chaos.work", args=(0, 1.5)).id
+    short_id = publisher.send_task("chaos.work", args=(0, 3.0)).id
     long_id = publisher.send_task("chaos.work", args=(1, 30.0)).id
     wait_for(lambda: r.get("test:started:0") and r.get("test:started:1"), 20, what="both")
-    # When it is drained with a 3 s window
+    # When it is drained with a 6 s window
     name = worker.hostname.replace("%h", socket.gethostname())
-    out = rl(fleet.redis_url, "worker", "drain", "-d", name, "--timeout", "3")
+    out = rl(fleet.redis_url, "worker", "drain", "-d", name, "--timeout", "6")
     # Then a line per task as it ends, then the accounting line
     assert out.returncode == 0, out.stdout + out.stderr
     lines = out.stdout.strip().splitlines()
-    assert lines[0] == f"{name}: draining (running tasks get 3.0 s)"
+    assert lines[0] == f"{name}: draining (running tasks get 6.0 s)"
     assert any(
         line.startswith(f"✓ {short_id[:8]} chaos.work completed (") and line.endswith("s)")
         for line in lines

@@ -170,9 +170,10 @@ def test_late_broker_redelivery_of_a_resurrected_task_is_dropped(
     victim = fleet.start(concurrency=2, **env)
     send_work(publisher, range(2), seconds=2.5)
     wait_for(lambda: all(r.get(f"test:started:{n}") for n in range(2)), 10, what="tasks to start")
-    survivor = fleet.start(concurrency=2, **env)
-    # When the worker running them is SIGKILLed
+    # When the worker running them is SIGKILLed (before another worker starts: a start can
+    # outlast the tasks on a loaded machine), and another worker starts
     victim.kill(signal.SIGKILL)
+    survivor = fleet.start(concurrency=2, **env)
     wait_all_done(r, {0, 1}, 40, fleet)
     time.sleep(4)  # time for any further copy to arrive and run
     # Then each ran once on the dead worker and once after: never a third time
