@@ -41,6 +41,12 @@ class Relier:
     worker_id: str = ""
     """This process's worker lease id, set by the worker at start before its pool forks
     (idempotency claims name it); "" outside a worker."""
+    hard_limit_enforced: bool = True
+    """Whether Celery's own time limit stops a sync task at its hard timeout (only the prefork
+    pool can); where not, the task's watchdog reports the hard timeout instead."""
+    worker: Any = None
+    """The worker's own state (``wiring.bootsteps.WorkerRuntime``) once it started, in its main
+    process: the signal handlers reach the drain and the registry through it."""
 
 
 def of(app: Any) -> Relier | None:

@@ -62,9 +62,6 @@ def validate_task(name: str, task: Any) -> None:
         )
 
 
-HARD_LIMIT_ENFORCED = {"value": True}
-
-
 @dataclass(frozen=True)
 class Limits:
     """A task's timeouts, in seconds (None: none)."""
@@ -134,7 +131,8 @@ def begin(task: Any) -> None:
     limits = task_limits(task)
     _running[ctx.task_id] = (ctx, limits)
     if not is_async(task) and limits:
-        watchdog = Watchdog(ctx, limits)
+        relier = runtime.of(task.app)
+        watchdog = Watchdog(ctx, limits, relier is None or relier.hard_limit_enforced)
         watchdog.start()
     stack = getattr(_local, "stack", None)
     if stack is None:
@@ -214,9 +212,10 @@ async def _awaited(awaitable: Any) -> Any:
 class Watchdog:
     """Soft (and, where nothing else can, hard) deadline timers for one sync task."""
 
-    def __init__(self, ctx: TaskContext, limits: Limits) -> None:
+    def __init__(self, ctx: TaskContext, limits: Limits, hard_enforced: bool = True) -> None:
         self.ctx = ctx
         self.limits = limits
+        self.hard_enforced = hard_enforced
         self._timers: list[threading.Timer] = []
 
     def start(self) -> None:
@@ -225,7 +224,7 @@ class Watchdog:
             self._arm(self.limits.soft, self._soft)
         if self.limits.hard is not None:
             self.ctx.deadline = started + self.limits.hard
-            if not HARD_LIMIT_ENFORCED["value"]:
+            if not self.hard_enforced:
                 self._arm(self.limits.hard, self._hard_unenforceable)
 
     def _arm(self, seconds: float, fn: Callable[[], None]) -> None:

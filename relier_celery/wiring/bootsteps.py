@@ -18,7 +18,7 @@ from celery import bootsteps
 from celery.worker import state as worker_state
 
 from relier_celery.core import events
-from relier_celery.features.timeouts import HARD_LIMIT_ENFORCED, is_async, task_limits
+from relier_celery.features.timeouts import is_async, task_limits
 from relier_celery.observe import subscribers as observe
 from relier_celery.observe.activity import RunningMarker
 from relier_celery.recovery.inflight import Inflight
@@ -41,8 +41,6 @@ logger = logging.getLogger("relier_celery")
 
 class WorkerRuntime:
     """Relier's state in one worker process."""
-
-    current: WorkerRuntime | None = None
 
     def __init__(self, app: Any, hostname: str, pool_cls: Any = None) -> None:
         relier = install(app)
@@ -89,7 +87,7 @@ class WorkerRuntime:
         if self.config.scanner_enabled:
             self.resurrector.start()
         self.started = True
-        WorkerRuntime.current = self
+        install(self.app).worker = self  # the signal handlers reach the drain through it
         events.emit(
             events.WORKER_STARTED,
             f"lease {self.worker_id} taken (Redis "
@@ -211,7 +209,7 @@ def _apply_hard_timeouts(app: Any, pool_cls: Any) -> None:
     """Sync tasks' hard timeouts become Celery's own time_limit, which only the prefork pool
     enforces (by killing the pool process); elsewhere relier can only report them."""
     prefork = _is_prefork(pool_cls)
-    HARD_LIMIT_ENFORCED["value"] = prefork
+    install(app).hard_limit_enforced = prefork
     for name, task in sorted(app.tasks.items()):
         hard = task_limits(task).hard
         if hard is None or is_async(task):

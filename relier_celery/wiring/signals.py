@@ -17,9 +17,17 @@ from typing import Any
 
 from celery import signals
 
+from relier_celery import runtime
 from relier_celery.wiring.install import decide, enabled
 
 __all__ = ["connect"]
+
+
+def _worker_of(app: Any) -> Any:
+    """The started worker's state (bootsteps.WorkerRuntime) of ``app`` in this process, or
+    None (a pool process, a publisher)."""
+    relier = runtime.of(app)
+    return None if relier is None else relier.worker
 
 
 def _current_app() -> Any:
@@ -44,9 +52,9 @@ def on_worker_init(sender: Any = None, **_: Any) -> None:
 def on_worker_shutdown(sender: Any = None, **_: Any) -> None:
     if not enabled(getattr(sender, "app", None)):
         return
-    runtime = getattr(sender, "relier", None)
-    if runtime is not None:
-        runtime.stop()
+    worker = getattr(sender, "relier", None)
+    if worker is not None:
+        worker.stop()
 
 
 def on_task_prerun(task: Any = None, **_: Any) -> None:
@@ -87,25 +95,21 @@ def on_worker_shutting_down(sig: Any = None, how: Any = None, **_: Any) -> None:
     """Any shutdown signal (SIGTERM, SIGINT, SIGQUIT, warm or cold) starts relier's drain."""
     if not enabled(_current_app()):
         return
-    from relier_celery.wiring.bootsteps import WorkerRuntime
-
-    runtime = WorkerRuntime.current
-    if runtime is not None and runtime.started:
-        runtime.drain.begin(f"{sig} ({how} shutdown)")
+    worker = _worker_of(_current_app())
+    if worker is not None and worker.started:
+        worker.drain.begin(f"{sig} ({how} shutdown)")
 
 
 def on_task_revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
     app = getattr(sender, "app", None)
     if not enabled(app if app is not None else _current_app()):
         return
-    from relier_celery.wiring.bootsteps import WorkerRuntime
-
-    runtime = WorkerRuntime.current
+    worker = _worker_of(app if app is not None else _current_app())
     task_id = getattr(request, "id", None)
-    if runtime is not None and task_id:
+    if worker is not None and task_id:
         # The request's context carries its message's headers: which delivery was revoked.
         headers = getattr(request, "__dict__", None)
-        runtime.inflight.finish_task(str(task_id), headers if isinstance(headers, dict) else None)
+        worker.inflight.finish_task(str(task_id), headers if isinstance(headers, dict) else None)
 
 
 def on_before_task_publish(sender: Any = None, headers: Any = None, **_: Any) -> None:
