@@ -21,11 +21,11 @@ from relier_celery.core.errors import (
 )
 from relier_celery.core.version import __version__
 from relier_celery.features.context import TaskContext
-from relier_celery.features.dispatch import rl_task
 from relier_celery.features.idempotency import idempotency_lock
 from relier_celery.recovery.schema import migration
 from relier_celery.wiring.install import install
 from relier_celery.wiring.signals import connect as _connect
+from relier_celery.wiring.task_methods import rl_task
 
 __all__ = [
     "AdmissionRejected",

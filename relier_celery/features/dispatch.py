@@ -1,4 +1,4 @@
-"""``.push()`` / ``.apush()`` on every task, and the ``rl_task`` decorator.
+"""``.push()`` / ``.apush()``, which the wiring gives every task (wiring/task_methods.py).
 
 ``push(*args, **kwargs)`` is ``apply_async`` with the task's arguments written naturally;
 keyword arguments that are Celery dispatch options (``countdown``, ``queue``, ``headers``...)
@@ -12,7 +12,7 @@ import asyncio
 import functools
 from typing import Any
 
-__all__ = ["DISPATCH_OPTIONS", "add_dispatch", "apush", "push", "rl_task", "split_options"]
+__all__ = ["DISPATCH_OPTIONS", "apush", "push", "split_options"]
 
 # Keyword arguments of push()/apush() that are Celery's apply_async options, not task kwargs.
 DISPATCH_OPTIONS = frozenset(
@@ -84,31 +84,3 @@ async def apush(self: Any, *args: Any, **kwargs: Any) -> Any:
     """Dispatch this task from async code without blocking the event loop."""
     loop = asyncio.get_running_loop()
     return await loop.run_in_executor(None, functools.partial(self.push, *args, **kwargs))
-
-
-def add_dispatch() -> None:
-    """Give every Celery task ``push`` and ``apush`` (idempotent)."""
-    from celery.app.task import Task
-
-    if getattr(Task, "push", None) is not push:
-        Task.push = push
-        Task.apush = apush
-    if not getattr(Task.apply_async, "_relier_admission", False):
-        from relier_celery.features.admission import guard_apply_async
-
-        Task.apply_async = guard_apply_async(Task.apply_async)
-
-
-def rl_task(*args: Any, **options: Any) -> Any:
-    """``shared_task`` with relier's options, sync or async: ``@rl_task(max_resurrections=5)``."""
-    from celery import shared_task
-
-    add_dispatch()
-
-    def decorate(fn: Any) -> Any:
-        # An async def function is made runnable by install(app), once the app is finalized.
-        return shared_task(**options)(fn)
-
-    if len(args) == 1 and callable(args[0]) and not options:
-        return decorate(args[0])
-    return decorate

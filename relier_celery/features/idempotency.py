@@ -53,8 +53,9 @@ __all__ = [
     "IdempotencyLock",
     "args_hash",
     "default_key",
+    "guarded",
     "idempotency_lock",
-    "make_idempotent",
+    "key_for",
     "validate_key",
 ]
 
@@ -78,20 +79,6 @@ def validate_task(name: str, task: Any) -> None:
         )
 
 
-def make_idempotent(task: Any) -> bool:
-    """Wrap an ``idempotent=True`` task's run (after aio.make_sync). Idempotent."""
-    from relier_celery.features.aio import wrap_run
-
-    if not getattr(task, "idempotent", False):
-        return False
-    return wrap_run(
-        task,
-        "__relier_idempotent__",
-        lambda fn: True,
-        lambda instance, call: _guarded(instance, call),
-    )
-
-
 def key_for(task: Any, args: Any, kwargs: Any) -> str:
     """The idempotency key of one call of ``task`` (see the module docstring for the order)."""
     request = task.request
@@ -107,7 +94,7 @@ def key_for(task: Any, args: Any, kwargs: Any) -> str:
     return default_key(task.name, args, kwargs)
 
 
-def _guarded(task: Any, call: Callable[[], Any]) -> Any:
+def guarded(task: Any, call: Callable[[], Any]) -> Any:
     from relier_celery.features.context import peek
 
     args, kwargs = tuple(task.request.args or ()), dict(task.request.kwargs or {})

@@ -105,8 +105,12 @@ def task_limits(task: Any) -> Limits:
     return limits_of(task, relier.config.soft_timeout, relier.config.hard_timeout)
 
 
+# Set on a task's ``run`` once it is wrapped to run its coroutine (wiring/task_methods.py).
+ASYNC_MARKER = "__relier_async__"
+
+
 def is_async(task: Any) -> bool:
-    return bool(getattr(getattr(type(task), "run", None), "__relier_async__", False))
+    return bool(getattr(getattr(type(task), "run", None), ASYNC_MARKER, False))
 
 
 def context_for(task: Any) -> TaskContext:

@@ -18,10 +18,8 @@ from typing import Any
 
 from relier_celery import runtime
 from relier_celery.core import events
-from relier_celery.features.aio import make_sync
-from relier_celery.features.dispatch import add_dispatch
-from relier_celery.features.idempotency import make_idempotent
 from relier_celery.runtime import Relier
+from relier_celery.wiring.task_methods import add_dispatch, make_idempotent, make_sync
 from relier_celery.wiring.tasks import register_tasks
 
 __all__ = ["Relier", "decide", "enabled", "get", "inactive_reason", "install", "new_worker_id"]
