@@ -112,7 +112,7 @@ class RedisClusterServer:
             if not keys:
                 break
             source.execute_command(
-                "MIGRATE", "127.0.0.1", self.nodes[dest].port, "", 0, 5000, "KEYS", *keys
+                "MIGRATE", "127.0.0.1", self.nodes[dest].port, "", 0, 60000, "KEYS", *keys
             )
             moved += len(keys)
             if half is not None:
