@@ -54,8 +54,9 @@ def record(task_id: str, worker: str) -> TaskRecord:
     )
 
 
-def load(store: Store, workers: int, records: int) -> float:
-    """Leases and records of live workers, written straight to the slot's owner; seconds."""
+def load(store: Store, workers: int, records: int, victims: int) -> float:
+    """Leases and records of live workers, written straight to the slot's owner; seconds. The
+    last ``victims`` workers' records are each their own message (they are resurrected last)."""
     start = time.perf_counter()
     names = [f"live{i}@host{i}/{1000 + i}/abcd1234" for i in range(workers)]
     for w in names:
@@ -68,7 +69,9 @@ def load(store: Store, workers: int, records: int) -> float:
         held, owners = {}, {}
         for j in range(per):
             delivery = f"w{wi}-t{j}"
-            held[f"{delivery}|0|0"] = raw
+            held[f"{delivery}|0|0"] = (
+                record(delivery, w).dumps() if wi >= workers - victims else raw
+            )
             owners[delivery] = f"{w}|0|0"
             if len(held) >= CHUNK:
                 pipe.hset(store.keys.held(w), mapping=held)
@@ -138,7 +141,7 @@ def main() -> int:
         store = Store(server.url, Keys(config.prefix), cluster=not args.plain)
         app = Celery("bench_cluster", broker="memory://", set_as_current=False)
         scanner = Resurrector(app, config, store, name="bench-scanner")
-        seconds = load(store, args.workers, args.records)
+        seconds = load(store, args.workers, args.records, args.dead)
         node = owner(store)
         memory = node.info("memory")["used_memory_human"]
         held = node.hlen(store.keys.owners)
@@ -159,6 +162,22 @@ def main() -> int:
         )
         print(dead_scans(scanner, args.dead, 1, args.rounds, 0))
         print(dead_scans(scanner, 1, args.dead, args.rounds, args.rounds))
+        # Last, --dead of the loaded workers die, with all their records.
+        victims = [f"live{i}@host{i}/{1000 + i}/abcd1234" for i in range(args.workers)]
+        victims = victims[-args.dead :]
+        store.call(lambda c: c.zadd(store.keys.leases, dict.fromkeys(victims, 1)))
+        finding = timed(lambda _: store.expired_leases(), args.scans, scale=1e3)
+        print(
+            f"finding {len(victims)} dead among {args.workers} leases (what a scan reads to "
+            f"know who died): p50 {pct(finding, 50):.2f} ms, p99 {pct(finding, 99):.2f} ms"
+        )
+        start = time.perf_counter()
+        handled = scanner.scan_once()
+        took = time.perf_counter() - start
+        print(
+            f"the scan resurrecting their {handled:,} records: {took:.1f} s "
+            f"({handled / took:,.0f} records/s)"
+        )
         if args.migrate and isinstance(server, RedisClusterServer):
             cluster = server
             slot = store.client.home_slot  # type: ignore[attr-defined]
