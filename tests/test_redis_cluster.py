@@ -53,7 +53,7 @@ def test_the_store_talks_to_the_cluster_through_its_slot_owner(
     assert abs(store.overview()["now"] * 1000 - store.now_ms()) < 1000
 
 
-def test_every_script_runs_on_the_cluster(store: Store) -> None:
+def test_every_script_runs_on_the_cluster(store: Store, cluster: RedisClusterServer) -> None:
     k = store.keys
     # lease_renew, retire
     assert store.renew_lease("w1", 5)[0] == -1 and "w1" in store.leases()
@@ -99,6 +99,10 @@ def test_every_script_runs_on_the_cluster(store: Store) -> None:
     assert store.workers_detail(["w1"])["w1"]["running"]["t1"] == 1.0
     assert store.counters() == {"x": 2} and len(store.overview()["recovery"]) == 2
     assert store.retire("w3") >= 0
+    # Every one of relier's scripts was loaded on the slot's owner by one of the calls above
+    shas = [script.sha for script in store._scripts.values()]
+    assert len(shas) == 13
+    assert cluster.client(cluster.owner(_slot(store))).script_exists(*shas) == [True] * 13
 
 
 def test_scripts_come_back_after_a_resharding_and_a_flush(
