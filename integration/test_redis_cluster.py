@@ -110,4 +110,7 @@ def test_relier_slot_migrated_mid_run_loses_nothing(
     node = cluster.client(dest)
     assert node.exists(store.keys.leases) and node.info("commandstats").get("cmdstat_evalsha")
     assert "task.resurrected" not in worker.log()
+    # and its presence connection followed the slot to the new owner (its next heartbeat)
+    (name,) = [store.keys.presence(w) for w in store.leases()]
+    wait_for(lambda: name in {c["name"] for c in node.client_list()}, 10, what="presence moved")
     assert broker.depth() == 0
