@@ -97,6 +97,11 @@ def connect_cluster(url: str, options: Mapping[str, Any], keys: Keys, **common: 
         )
     except RedisClusterException as exc:
         where = _address(url)
+        if "db" in str(exc):
+            raise ConfigError(
+                f"relier_redis_url {where}: a Redis Cluster has only database 0 "
+                "(relier_redis_cluster = True): end the URL with /0 or no database"
+            ) from exc
         if "not enabled" in str(exc):
             raise ConfigError(
                 f"relier_redis_cluster is True but relier_redis_url ({where}) is not a Redis "

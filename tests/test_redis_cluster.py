@@ -199,6 +199,11 @@ def test_an_unreachable_seed_is_one_line_naming_the_setting() -> None:
     assert "\n" not in str(err.value)
 
 
+def test_a_database_other_than_0_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"relier_redis_url .* only database 0"):
+        Store(f"redis://127.0.0.1:{free_port()}/3", Keys("rl"), cluster=True).self_check()
+
+
 def test_a_seed_that_is_no_cluster_node_is_refused() -> None:
     plain = RedisServer()
     plain.start()
