@@ -97,7 +97,7 @@ def connect_cluster(url: str, options: Mapping[str, Any], keys: Keys, **common: 
         )
     except RedisClusterException as exc:
         where = _address(url)
-        if "db" in str(exc):
+        if "can only be 0" in str(exc):  # redis-py: "A ``db`` ... can only be 0 in cluster mode"
             raise ConfigError(
                 f"relier_redis_url {where}: a Redis Cluster has only database 0 "
                 "(relier_redis_cluster = True): end the URL with /0 or no database"

@@ -614,7 +614,7 @@ class Store:
         """Ping Redis (raising StoreUnavailable) and return warnings about its configuration."""
         warnings: list[str] = []
         self.call(lambda c: c.ping())
-        redis_cluster.check_start(self.client, self.cluster is not None, self.broker_url)
+        self.call(lambda c: redis_cluster.check_start(c, self.cluster is not None, self.broker_url))
         try:
             conf = self.call(
                 lambda c: (
