@@ -64,6 +64,11 @@ class RelierConfig:
     spelling, ``sentinel://h1:26379;sentinel://h2:26379``) ``master_name`` is required, and
     ``sentinel_kwargs`` and ``min_other_sentinels`` go to the Sentinel client."""
 
+    redis_cluster: bool = False
+    """Whether ``relier_redis_url`` is a seed node of a Redis Cluster (relier's state then sits
+    in the one slot of its ``{prefix}`` hash tag; the broker must be another one, e.g.
+    RabbitMQ). See docs/redis-cluster.md."""
+
     prefix: str = "rl"
     """Prefix (and Redis Cluster hash tag) of every relier key."""
 
@@ -179,10 +184,10 @@ class RelierConfig:
                 )
             values["redis_url"] = broker_url
         config = cls(**values)
-        config._check()
+        config._check(broker_url)
         return config
 
-    def _check(self) -> None:
+    def _check(self, broker_url: str = "") -> None:
         for name in (
             "drain_timeout",
             "heartbeat_interval",
@@ -219,6 +224,8 @@ class RelierConfig:
         from .admission import parse_queue_rules
 
         parse_queue_rules(self.admission)
+        if self.redis_cluster:
+            _check_cluster(self.redis_url, broker_url)
         if self.redis_url.startswith(SENTINEL) and not self.redis_options.get("master_name"):
             raise ConfigError(
                 f"relier_redis_url {mask_url(self.redis_url)!r} is a Sentinel URL: set "
@@ -371,6 +378,25 @@ def validate_task_options(app: Any) -> None:
         from .admission import validate_task
 
         validate_task(name, task)
+
+
+def _check_cluster(url: str, broker_url: str) -> None:
+    """A Redis Cluster for relier's state cannot be reached through Sentinel, nor hold the
+    Redis broker's queues (the worker also compares the broker with the cluster's nodes)."""
+    if url.startswith(SENTINEL):
+        raise ConfigError(
+            f"relier_redis_cluster is True but relier_redis_url {mask_url(url)!r} is a Sentinel "
+            "URL: Redis Cluster fails over by itself; give one cluster node, redis://host:port"
+        )
+    if broker_url.startswith(("redis://", "rediss://", "unix://", SENTINEL)) and (
+        url == broker_url or urlsplit(url).netloc == urlsplit(broker_url).netloc
+    ):
+        raise ConfigError(
+            "relier_redis_cluster is True but relier_redis_url is the Redis broker's "
+            f"({mask_url(broker_url)}): kombu has no Redis Cluster transport, and the reliable "
+            "fetch needs the queues in one Redis with relier's records. Use RabbitMQ (or a Redis "
+            "outside the cluster) as the broker, or set relier_redis_cluster = False"
+        )
 
 
 def _check_timeouts(soft_name: str, hard_name: str, soft: Any, hard: Any) -> None:

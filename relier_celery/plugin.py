@@ -55,9 +55,14 @@ def install(app: Any) -> Relier:
         relier = _installed.get(app)
         if relier is None:
             config = RelierConfig.from_app(app)
-            relier = Relier(
-                app, config, Store(config.redis_url, Keys(config.prefix), config.redis_options)
+            store = Store(
+                config.redis_url,
+                Keys(config.prefix),
+                config.redis_options,
+                cluster=config.redis_cluster,
+                broker_url=app.conf.broker_url or "",
             )
+            relier = Relier(app, config, store)
             _installed[app] = relier
             _enabled[app] = True
             from .dispatch import add_dispatch
