@@ -63,9 +63,14 @@ def install(app: Any) -> Relier:
         runtime = of(app)
         if runtime is None:
             config = RelierConfig.from_app(app)
-            runtime = Relier(
-                app, config, Store(config.redis_url, Keys(config.prefix), config.redis_options)
+            store = Store(
+                config.redis_url,
+                Keys(config.prefix),
+                config.redis_options,
+                cluster=config.redis_cluster,
+                broker_url=app.conf.broker_url or "",
             )
+            runtime = Relier(app, config, store)
             attach(app, runtime)
             for installer in _installers:
                 installer(app)

@@ -13,10 +13,10 @@ import re
 from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from relier_celery.core.errors import ConfigError
 from relier_celery.core.rates import parse_queue_rules
+from relier_celery.core.urls import SENTINEL, check_cluster, mask_url
 
 __all__ = [
     "RelierConfig",
@@ -49,7 +49,6 @@ DLQ_RETENTION = 14 * 24 * 3600.0
 SCHEMA_REQUEUE_DELAY = 15.0
 SCHEMA_MAX_REQUEUES = 20
 # The URL scheme of a Redis behind Sentinel, as kombu spells it.
-SENTINEL = "sentinel://"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +62,11 @@ class RelierConfig:
     """Extra keyword arguments of relier's Redis client. With a ``sentinel://`` URL (kombu's
     spelling, ``sentinel://h1:26379;sentinel://h2:26379``) ``master_name`` is required, and
     ``sentinel_kwargs`` and ``min_other_sentinels`` go to the Sentinel client."""
+
+    redis_cluster: bool = False
+    """Whether ``relier_redis_url`` is a seed node of a Redis Cluster (relier's state then sits
+    in the one slot of its ``{prefix}`` hash tag; the broker must be another one, e.g.
+    RabbitMQ). See docs/redis-cluster.md."""
 
     prefix: str = "rl"
     """Prefix (and Redis Cluster hash tag) of every relier key."""
@@ -179,10 +183,10 @@ class RelierConfig:
                 )
             values["redis_url"] = broker_url
         config = cls(**values)
-        config._check()
+        config._check(broker_url)
         return config
 
-    def _check(self) -> None:
+    def _check(self, broker_url: str = "") -> None:
         for name in (
             "drain_timeout",
             "heartbeat_interval",
@@ -217,6 +221,8 @@ class RelierConfig:
                 f"relier_max_message_bytes must be above 0, got {self.max_message_bytes}"
             )
         parse_queue_rules(self.admission)
+        if self.redis_cluster:
+            check_cluster(self.redis_url, broker_url)
         if self.redis_url.startswith(SENTINEL) and not self.redis_options.get("master_name"):
             raise ConfigError(
                 f"relier_redis_url {mask_url(self.redis_url)!r} is a Sentinel URL: set "
@@ -269,21 +275,6 @@ def _coerce(key: str, field: dataclasses.Field[Any], raw: Any) -> Any:
     if not isinstance(raw, str) or not raw:
         raise ConfigError(f"{key} must be a non-empty string, got {raw!r}")
     return raw
-
-
-def mask_url(url: str) -> str:
-    """Hide the password of a URL (of each of kombu's ``;``-separated URLs) for printing."""
-    if ";" in url:
-        return ";".join(mask_url(part) for part in url.split(";"))
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparsable url>"
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
 
 
 def check_timeouts(soft_name: str, hard_name: str, soft: Any, hard: Any) -> None:

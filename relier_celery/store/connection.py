@@ -23,6 +23,7 @@ from redis.commands.core import Script
 
 from relier_celery.core.errors import StoreUnavailable
 from relier_celery.core.keys import Keys
+from relier_celery.store import cluster as redis_cluster
 
 __all__ = ["Connection", "connect", "list_lengths", "ms", "parse_sentinel_url", "script_text"]
 
@@ -91,9 +92,12 @@ def parse_sentinel_url(url: str) -> tuple[list[tuple[str, int]], dict[str, Any]]
     return nodes, master
 
 
-def connect(url: str, options: Mapping[str, Any] | None = None) -> redis.Redis:
-    """A client of relier's Redis: a plain URL, or the master behind Sentinel (it follows a
-    failover: each new connection asks the sentinels where the master is now)."""
+def connect(
+    url: str, options: Mapping[str, Any] | None = None, cluster: Keys | None = None
+) -> redis.Redis:
+    """A client of relier's Redis: a plain URL, the master behind Sentinel (it follows a
+    failover: each new connection asks the sentinels where the master is now), or, with
+    ``cluster`` (relier's keys), the Redis Cluster behind a seed node (cluster.py)."""
     common: dict[str, Any] = {
         "decode_responses": True,
         "socket_timeout": SOCKET_TIMEOUT,
@@ -101,6 +105,8 @@ def connect(url: str, options: Mapping[str, Any] | None = None) -> redis.Redis:
         "health_check_interval": 30,
     }
     extra = dict(options or {})
+    if cluster is not None:
+        return redis_cluster.connect_cluster(url, extra, cluster, **common)
     if not url.startswith("sentinel://"):
         return redis.Redis.from_url(url, **{**common, **extra})
     nodes, master = parse_sentinel_url(url)
@@ -125,10 +131,19 @@ class Connection:
     """A Redis connection of this process under one key prefix, with relier's scripts loaded
     and its error mapping; the command modules of this package extend it."""
 
-    def __init__(self, url: str, keys: Keys, options: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        keys: Keys,
+        options: Mapping[str, Any] | None = None,
+        cluster: bool = False,
+        broker_url: str = "",
+    ) -> None:
         self.url = url
         self.keys = keys
         self.options = dict(options or {})
+        self.cluster = keys if cluster else None  # relier_redis_cluster
+        self.broker_url = broker_url
         self._lock = threading.Lock()
         self._pid = -1
         self._client: redis.Redis | None = None
@@ -140,7 +155,7 @@ class Connection:
         if self._pid != os.getpid() or self._client is None:
             with self._lock:
                 if self._pid != os.getpid() or self._client is None:
-                    client = connect(self.url, self.options)
+                    client = connect(self.url, self.options, self.cluster)
                     self._scripts = {n: client.register_script(_script_text(n)) for n in _SCRIPTS}
                     self._client = client
                     self._pid = os.getpid()
@@ -155,7 +170,8 @@ class Connection:
     def _errors(self) -> Iterator[None]:
         try:
             yield
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
+        except (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ClusterError) as exc:
+            # ClusterError: Redis Cluster redirected or refused (TRYAGAIN) past redis-py's retries.
             raise StoreUnavailable(f"relier cannot reach Redis at {self._masked}: {exc}") from exc
         except redis.ResponseError as exc:
             # A full (OOM), read-only (failover), loading or busy Redis did not store the
@@ -179,7 +195,7 @@ class Connection:
 
     def named_client(self, name: str) -> redis.Redis:
         """A client whose connections carry ``name`` (CLIENT SETNAME), for presence.py."""
-        return connect(self.url, {**self.options, "client_name": name})
+        return connect(self.url, {**self.options, "client_name": name}, self.cluster)
 
     def connection_names(self) -> set[str]:
         """The names of the connections Redis has now (CLIENT LIST; one round trip)."""
@@ -196,6 +212,7 @@ class Connection:
         """Ping Redis (raising StoreUnavailable) and return warnings about its configuration."""
         warnings: list[str] = []
         self.call(lambda c: c.ping())
+        self.call(lambda c: redis_cluster.check_start(c, self.cluster is not None, self.broker_url))
         try:
             conf = self.call(
                 lambda c: (

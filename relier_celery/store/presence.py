@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
+from relier_celery.store.cluster import home_connection
+
 if TYPE_CHECKING:
     from relier_celery.store.client import Store
 
@@ -62,10 +64,10 @@ class Presence:
 
     def touch(self) -> None:
         """One PING on the held connection; it reconnects, under the same name, after Redis
-        dropped it (a restart, a failover)."""
-        conn = self._conn
-        if conn is None:
+        dropped it (a restart, a failover), and follows relier's slot on Redis Cluster."""
+        if self._conn is None:
             return
+        conn = self._conn = home_connection(self._client, self._conn, self.store.client)
 
         def ping(_main: redis.Redis) -> None:
             try:

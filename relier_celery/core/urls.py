@@ -1,0 +1,48 @@
+"""Redis URLs as the settings give them: a password hidden for printing, and the checks of a
+Sentinel or Redis Cluster URL that need no connection (the worker checks the rest at start).
+"""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit, urlunsplit
+
+from relier_celery.core.errors import ConfigError
+
+__all__ = ["SENTINEL", "check_cluster", "mask_url"]
+
+# kombu's spelling of a Sentinel URL (each of its ``;``-separated nodes starts with it).
+SENTINEL = "sentinel://"
+
+
+def mask_url(url: str) -> str:
+    """Hide the password of a URL (of each of kombu's ``;``-separated URLs) for printing."""
+    if ";" in url:
+        return ";".join(mask_url(part) for part in url.split(";"))
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparsable url>"
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+def check_cluster(url: str, broker_url: str) -> None:
+    """A Redis Cluster for relier's state cannot be reached through Sentinel, nor hold the
+    Redis broker's queues (the worker also compares the broker with the cluster's nodes)."""
+    if url.startswith(SENTINEL):
+        raise ConfigError(
+            f"relier_redis_cluster is True but relier_redis_url {mask_url(url)!r} is a Sentinel "
+            "URL: Redis Cluster fails over by itself; give one cluster node, redis://host:port"
+        )
+    if broker_url.startswith(("redis://", "rediss://", "unix://", SENTINEL)) and (
+        url == broker_url or urlsplit(url).netloc == urlsplit(broker_url).netloc
+    ):
+        raise ConfigError(
+            "relier_redis_cluster is True but relier_redis_url is the Redis broker's "
+            f"({mask_url(broker_url)}): kombu has no Redis Cluster transport, and the reliable "
+            "fetch needs the queues in one Redis with relier's records. Use RabbitMQ (or a Redis "
+            "outside the cluster) as the broker, or set relier_redis_cluster = False"
+        )
