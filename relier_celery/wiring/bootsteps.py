@@ -82,7 +82,7 @@ class WorkerRuntime:
         for warning in self.store.self_check():
             events.emit(events.CONFIG_WARNING, warning)
         self.lease.acquire()
-        kombu_guard.install(self)
+        kombu_guard.guard_transport(self)
         self.running.publish()  # "idle" / "reserved" from the start, not "held"
         if self.config.scanner_enabled:
             self.resurrector.start()

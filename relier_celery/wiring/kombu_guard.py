@@ -26,7 +26,7 @@ from relier_celery.core.errors import StoreUnavailable
 from relier_celery.recovery import envelope
 from relier_celery.recovery.dlq import quarantine
 
-__all__ = ["fetched_slot", "install", "problem"]
+__all__ = ["fetched_slot", "guard_transport", "problem"]
 
 logger = logging.getLogger("relier_celery")
 
@@ -122,7 +122,7 @@ def _quarantine_raw(runtime: Any, payload: Any, queue: str, why: str) -> None:
         slot.quarantined = True
 
 
-def install(runtime: Any) -> None:
+def guard_transport(runtime: Any) -> None:
     """Patch kombu's Redis transport once per process (a no-op for other transports)."""
     import importlib
 
