@@ -152,7 +152,7 @@ def admit(
         return
     try:
         if bound is not None and queue is not None:
-            depth = _brokerparse_depth(app, queue)
+            depth = _broker_depth(app, queue)
             if depth >= bound:
                 _reject(
                     f"queue {queue!r} holds {depth} message(s), at or above max_queue_depth="
@@ -241,7 +241,7 @@ def _queue_of(task: Any, args: Any, kwargs: Any, options: Mapping[str, Any]) -> 
     return queue if isinstance(queue, str) else str(queue.name)
 
 
-def _brokerparse_depth(app: Any, queue: str) -> int:
+def _broker_depth(app: Any, queue: str) -> int:
     """Messages waiting in ``queue`` on the broker. With kombu's Redis transport that is the
     LLEN of the list named after the queue plus its priority sub-lists (``queue\\x06\\x163``...),
     which ``queue_declare(passive=True)`` sums; a queue never declared is empty."""

@@ -18,7 +18,6 @@ import os
 import signal
 import threading
 import time
-import weakref
 from collections.abc import Callable
 from multiprocessing.sharedctypes import RawArray
 from typing import Any
@@ -38,7 +37,8 @@ MARGIN = 0.5
 # How often a task waiting for a renewal looks again.
 GATE_POLL = 0.02
 
-_clocks: weakref.WeakKeyDictionary[Any, LeaseClock] = weakref.WeakKeyDictionary()
+# The attribute of a Celery app that holds its worker's clock (the pool processes inherit it).
+CLOCK_ATTR = "relier_clock"
 
 
 class LeaseClock:
@@ -81,14 +81,13 @@ class LeaseClock:
 
 def attach_clock(app: Any, clock: LeaseClock) -> None:
     """Hang a worker's clock on its app, before the pool forks (children inherit it)."""
-    _clocks[app] = clock
+    setattr(app, CLOCK_ATTR, clock)
 
 
 def clock_of(app: Any) -> LeaseClock | None:
-    try:
-        return _clocks.get(app)
-    except TypeError:
-        return None
+    """The worker's clock hung on ``app``, or None (no worker in this process, or no app)."""
+    clock = getattr(app, CLOCK_ATTR, None)
+    return clock if isinstance(clock, LeaseClock) else None
 
 
 def gate(task: Any) -> None:
