@@ -15,6 +15,8 @@ from relier_celery.testing import wait_for
 pytestmark = pytest.mark.integration
 
 # A lease far longer than the test: whatever runs again ran through the broker's redelivery.
+# A classic queue and a quorum queue (Celery's worker_detect_quorum_queues: per-consumer QoS).
+RABBITS = ["rabbitmq", "rabbitmq-quorum"]
 LONG_LEASE = {"RELIER_TEST_LEASE_TTL": "60", "RELIER_TEST_ACKS_LATE": "1"}
 
 
@@ -23,7 +25,7 @@ def _started(r, n: int) -> int:
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.parametrize("broker", ["rabbitmq"], indirect=True)
+@pytest.mark.parametrize("broker", RABBITS, indirect=True)
 def test_a_dead_holders_redelivered_tasks_run_at_once_not_after_its_lease(
     broker, fleet, publisher, r
 ) -> None:

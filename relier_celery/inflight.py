@@ -180,12 +180,13 @@ class Inflight:
         if taken and record.crashes > limit:
             # Its holder died with it once more than allowed: a poison pill, as the scanner
             # would find it (resurrect.py), caught here because the broker was faster.
+            # The entry counts the earlier crashes, as the scanner's does.
+            record.headers[CRASHES_HEADER] = earlier = record.crashes - 1
             why = f"worker {seen.rsplit('|', 2)[0]} was lost holding this task"
             self.quarantine_held(
                 key,
                 "max_resurrections",
-                f"{why} after {record.crashes - 1} earlier "
-                f"crash(es) with it: max_resurrections={limit}",
+                f"{why} after {earlier} earlier crash(es) with it: max_resurrections={limit}",
             )
             return "quarantined"
         return self._check_schema(key, record, message, args, kwargs, embed)

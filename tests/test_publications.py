@@ -300,7 +300,7 @@ def test_a_poison_pill_taken_over_past_max_resurrections_goes_to_the_dlq(store: 
     # Then it does not run again: it is in the DLQ, as the scanner would have put it
     assert verdict == "quarantined"
     (entry,) = [json.loads(v) for v in store.dlq_entries().values()]
-    assert entry["reason"] == "max_resurrections" and entry["crashes"] == 3
+    assert entry["reason"] == "max_resurrections" and entry["crashes"] == 2
     assert "worker w0 was lost holding this task after 2 earlier crash(es)" in entry["error"]
     assert store.held("w0") == {} and store.held("w1") == {}
 

@@ -1,0 +1,75 @@
+"""Issue 17: relier on a RabbitMQ quorum queue (Celery's ``worker_detect_quorum_queues``:
+per-consumer QoS, native delayed delivery). A SIGKILLed worker's tasks run again at once
+(test_rabbitmq.py runs the takeover on both queue types); a poison pill reaches relier's DLQ
+after max_resurrections whether RabbitMQ redelivers it (acks_late) or relier's scanner
+republishes it; RabbitMQ's own ``x-delivery-limit`` dropping a message does not lose it."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from fleet import dlq_entries, held_records, send_work, wait_all_done
+
+from relier_celery.testing import wait_for
+
+pytestmark = pytest.mark.integration
+
+ACKS_LATE = {"RELIER_TEST_ACKS_LATE": "1"}
+
+
+def _poison_until_quarantined(fleet, publisher, r, tag: str, timeout: float) -> dict:
+    """Publish a task that kills whichever worker runs it, keep two workers up until it is
+    in relier's DLQ, and return that entry."""
+    fleet.start(concurrency=1, **ACKS_LATE)
+    fleet.start(concurrency=1, **ACKS_LATE)
+    task_id = publisher.send_task("chaos.poison", args=(tag,)).id
+    deadline = time.monotonic() + timeout
+    while not dlq_entries(r) and time.monotonic() < deadline:
+        while len(fleet.alive()) < 2:
+            fleet.start(concurrency=1, **ACKS_LATE)
+        time.sleep(0.2)
+    entries = dlq_entries(r)
+    assert len(entries) == 1, f"{r.get(f'test:poison:{tag}')} runs\n{fleet.logs()}"
+    assert entries[0]["task_id"] == task_id
+    return entries[0]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("broker", ["rabbitmq", "rabbitmq-quorum"], indirect=True)
+def test_a_poison_pill_redelivered_by_rabbitmq_reaches_the_dlq_after_max_resurrections(
+    broker, fleet, publisher, r
+) -> None:
+    # Given acks_late (RabbitMQ redelivers a dead worker's running task at once) and a task
+    # that kills its worker every time (max_resurrections=2)
+    # When workers keep dying with it, and are replaced
+    entry = _poison_until_quarantined(fleet, publisher, r, "q1", 90)
+    # Then it ran 1 + 2 times, each death counted whether a takeover or the scanner brought it
+    # back (the entry counts the crashes before the last), and the fleet is left clean
+    assert entry["reason"] == "max_resurrections" and entry["crashes"] == 2
+    assert int(r.get("test:poison:q1")) == 3
+    send_work(publisher, range(3))
+    wait_all_done(r, set(range(3)), 30, fleet)
+    wait_for(lambda: held_records(r) == 0, 15, what="every record to be removed")
+    wait_for(lambda: broker.depth() == 0, 15, what="the queue to be empty")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("broker", ["rabbitmq-quorum-limit1"], indirect=True)
+def test_a_poison_pill_rabbitmq_dropped_at_its_delivery_limit_still_reaches_the_dlq(
+    broker, fleet, publisher, r
+) -> None:
+    # Given a quorum queue whose x-delivery-limit (1) is below relier's max_resurrections (2):
+    # RabbitMQ drops the message the second time its consumer dies with it
+    # When workers keep dying with the poison pill
+    entry = _poison_until_quarantined(fleet, publisher, r, "q2", 90)
+    # Then relier's record still brings it back (its scanner republishes it: a new message,
+    # with a delivery count of its own), and it ends in relier's DLQ as on any queue
+    assert entry["reason"] == "max_resurrections" and entry["crashes"] == 2
+    assert int(r.get("test:poison:q2")) == 3
+    logs = "".join(w.log() for w in fleet.workers)
+    assert "task.resurrected" in logs
+    # (on a queue without the limit, RabbitMQ's third delivery of the first copy would arrive
+    # after the scanner's claim and be dropped as a duplicate: it never came)
+    assert "delivery 0|0 is not newer" not in logs
+    wait_for(lambda: broker.depth() == 0, 15, what="the queue to be empty")
