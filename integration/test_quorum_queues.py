@@ -1,15 +1,17 @@
-"""Issue 17: relier on a RabbitMQ quorum queue (Celery's ``worker_detect_quorum_queues``:
-per-consumer QoS, native delayed delivery). A SIGKILLed worker's tasks run again at once
-(test_rabbitmq.py runs the takeover on both queue types); a poison pill reaches relier's DLQ
-after max_resurrections whether RabbitMQ redelivers it (acks_late) or relier's scanner
-republishes it; RabbitMQ's own ``x-delivery-limit`` dropping a message does not lose it."""
+"""Issue 17: relier on RabbitMQ with ``task_acks_late``, on a classic and on a quorum queue
+(Celery's ``worker_detect_quorum_queues``: per-consumer QoS, native delayed delivery). A
+SIGKILLed worker's tasks run again at once (test_rabbitmq.py times the takeover on both queue
+types; here a chaos run); a poison pill reaches relier's DLQ after max_resurrections whether
+RabbitMQ redelivers it (a takeover) or relier's scanner republishes it; RabbitMQ's own
+``x-delivery-limit`` dropping a message does not lose it."""
 
 from __future__ import annotations
 
+import random
 import time
 
 import pytest
-from fleet import dlq_entries, held_records, send_work, wait_all_done
+from fleet import dlq_entries, done, held_records, send_work, wait_all_done, wait_chaos_done
 
 from relier_celery.testing import wait_for
 
@@ -72,4 +74,36 @@ def test_a_poison_pill_rabbitmq_dropped_at_its_delivery_limit_still_reaches_the_
     # (on a queue without the limit, RabbitMQ's third delivery of the first copy would arrive
     # after the scanner's claim and be dropped as a duplicate: it never came)
     assert "delivery 0|0 is not newer" not in logs
+    wait_for(lambda: broker.depth() == 0, 15, what="the queue to be empty")
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("broker", ["rabbitmq", "rabbitmq-quorum"], indirect=True)
+def test_chaos_main_process_kills_with_acks_late_lose_nothing(broker, fleet, publisher, r):
+    # Given two workers with acks_late (on a quorum queue, per-consumer QoS: each prefetches
+    # 3 x 4 messages) and 240 tasks of random duration
+    rng = random.Random(4321)
+    for _ in range(2):
+        fleet.start(concurrency=3, **ACKS_LATE)
+    ids = dict(enumerate(send_work(publisher, range(240), seconds=lambda n: rng.uniform(0, 0.3))))
+    # When workers are SIGKILLed (main process and pool) repeatedly and replaced
+    kills = 0
+    deadline = time.monotonic() + 40
+    while kills < 3 and time.monotonic() < deadline and done(r) != set(ids):
+        time.sleep(rng.uniform(1.0, 2.0))
+        fleet.kill_random(rng)
+        kills += 1
+        fleet.start(concurrency=3, **ACKS_LATE)
+    # Then every task completes, what the dead held taken over at once, and nothing is left
+    wait_chaos_done(r, ids, 90, fleet)
+    assert kills >= 2, "the run ended before the chaos: make it longer"
+    logs = "".join(w.log() for w in fleet.workers)
+    assert "task.taken_over" in logs
+    twice = [n for n in ids if int(r.get(f"test:runs:{n}") or 0) > 1]
+    print(
+        f"{broker.queue_args or 'classic'} chaos: {kills} kills, "
+        f"{logs.count('task.taken_over')} taken over, "
+        f"{logs.count('task.resurrected')} resurrected, ran to the end twice: {twice}"
+    )
+    wait_for(lambda: held_records(r) == 0, 20, what="every record to be removed")
     wait_for(lambda: broker.depth() == 0, 15, what="the queue to be empty")
