@@ -42,7 +42,7 @@ if os.environ.get("RELIER_TEST_QUEUE_ARGS"):
     app.conf.task_queues = (
         Queue(
             _name,
-            Exchange(_name),
+            Exchange(_name, os.environ.get("RELIER_TEST_EXCHANGE_TYPE", "direct")),
             routing_key=_name,
             queue_arguments=json.loads(os.environ["RELIER_TEST_QUEUE_ARGS"]),
         ),

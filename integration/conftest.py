@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import redis
 from celery import Celery
-from fleet import QUEUE_ARGS, Broker, Fleet
+from fleet import Broker, Fleet
 
 from relier_celery.testing import RedisServer
 
@@ -40,7 +40,7 @@ def broker(request: pytest.FixtureRequest, redis_url: str) -> Iterator[Broker]:
     if kind == "redis":
         yield Broker("redis", redis_url)
         return
-    b = Broker.rabbitmq(QUEUE_ARGS[kind])
+    b = Broker.rabbitmq(kind)
     if b.queue_args:
         with Broker.quorum_lock():
             yield b

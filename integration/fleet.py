@@ -39,7 +39,10 @@ QUEUE_ARGS: dict[str, dict[str, Any] | None] = {
     # RabbitMQ's own redelivery count stops at 1 (drops the message past it), below relier's
     # max_resurrections.
     "rabbitmq-quorum-limit1": {"x-queue-type": "quorum", "x-delivery-limit": 1},
+    # On a topic exchange: Celery's native delayed delivery carries countdown/ETA messages.
+    "rabbitmq-quorum-topic": {"x-queue-type": "quorum"},
 }
+EXCHANGE_TYPES = {"rabbitmq-quorum-topic": "topic"}
 
 
 @dataclass
@@ -53,15 +56,19 @@ class Broker:
     # The queue's x-arguments (a quorum queue: {"x-queue-type": "quorum"}), declared alike by
     # the workers (chaos_app) and the publisher (configure).
     queue_args: dict[str, Any] | None = None
+    exchange_type: str = "direct"
 
     @classmethod
-    def rabbitmq(cls, queue_args: dict[str, Any] | None = None) -> Broker:
+    def rabbitmq(cls, kind: str = "rabbitmq") -> Broker:
         with Connection(AMQP_URL, connect_timeout=5) as conn:
             try:
                 conn.ensure_connection(max_retries=1)
             except Exception as exc:
                 pytest.fail(f"RabbitMQ is not reachable at {AMQP_URL}: {exc}")
-        return cls("rabbitmq", AMQP_URL, f"rl-test-{uuid.uuid4().hex[:12]}", queue_args)
+        queue = f"rl-test-{uuid.uuid4().hex[:12]}"
+        return cls(
+            "rabbitmq", AMQP_URL, queue, QUEUE_ARGS[kind], EXCHANGE_TYPES.get(kind, "direct")
+        )
 
     @property
     def env(self) -> dict[str, str]:
@@ -70,6 +77,7 @@ class Broker:
         env = {"RELIER_TEST_BROKER": self.url, "RELIER_TEST_QUEUE": self.queue}
         if self.queue_args:
             env["RELIER_TEST_QUEUE_ARGS"] = json.dumps(self.queue_args)
+            env["RELIER_TEST_EXCHANGE_TYPE"] = self.exchange_type
         return env
 
     def configure(self, app: Celery) -> None:
@@ -78,7 +86,7 @@ class Broker:
             return
         app.conf.task_default_queue = self.queue
         if self.queue_args:
-            app.conf.task_queues = (test_queue(self.queue, self.queue_args),)
+            app.conf.task_queues = (test_queue(self.queue, self.queue_args, self.exchange_type),)
 
     def depth(self) -> int:
         """Messages waiting in the test's queue (RabbitMQ)."""
@@ -116,9 +124,9 @@ class Broker:
                     channel.exchange_delete("celery_delayed_delivery")
 
 
-def test_queue(name: str, args: dict[str, Any]) -> Queue:
-    """The test's queue with x-arguments, on its own direct exchange (as Celery's default)."""
-    return Queue(name, Exchange(name), routing_key=name, queue_arguments=args)
+def test_queue(name: str, args: dict[str, Any], exchange_type: str = "direct") -> Queue:
+    """The test's queue with x-arguments, on its own exchange (direct, as Celery's default)."""
+    return Queue(name, Exchange(name, exchange_type), routing_key=name, queue_arguments=args)
 
 
 class Fleet:

@@ -7,6 +7,7 @@ RabbitMQ redelivers it (a takeover) or relier's scanner republishes it; RabbitMQ
 
 from __future__ import annotations
 
+import json
 import random
 import time
 
@@ -107,3 +108,30 @@ def test_chaos_main_process_kills_with_acks_late_lose_nothing(broker, fleet, pub
     )
     wait_for(lambda: held_records(r) == 0, 20, what="every record to be removed")
     wait_for(lambda: broker.depth() == 0, 15, what="the queue to be empty")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("broker", ["rabbitmq-quorum-topic"], indirect=True)
+def test_a_countdown_task_through_native_delayed_delivery_is_resurrected_into_its_queue(
+    broker, fleet, publisher, r
+) -> None:
+    # Given a quorum queue on a topic exchange: a countdown task waits in Celery's delayed
+    # delivery queues and reaches the task queue through its delivery exchange when due
+    workers = [fleet.start(concurrency=1) for _ in range(2)]
+    task_id = publisher.send_task("chaos.traced", args=(0, 4.0), countdown=2).id
+    wait_for(lambda: r.llen("test:trace"), 20, what="the delayed task to start")
+    # When its worker is SIGKILLed mid-run (acked at its start: RabbitMQ has nothing to give
+    # back; relier's record is all that is left of it)
+    host = json.loads(r.lindex("test:trace", 0))["host"]
+    (held,) = [json.loads(v) for k in r.scan_iter("rl:*held:*") for v in r.hvals(k)]
+    # It came out of the last delayed-delivery exchange: relier will republish it there
+    assert held["exchange"] == "celery_delayed_0", held
+    (victim,) = [w for w in workers if w.hostname.split("@")[0] == host.split("@")[0]]
+    victim.kill()
+    # Then the scanner republishes it where it came from, and it runs again, to the end, once
+    wait_all_done(r, {0}, 30, fleet)
+    assert r.llen("test:trace") == 3 and int(r.get("test:runs:0")) == 1  # start, start, end
+    logs = "".join(w.log() for w in fleet.workers)
+    assert f"chaos.traced[{task_id}] republished" in logs
+    assert "Direct exchanges are not supported" not in logs  # it took the delayed path
+    wait_for(lambda: held_records(r) == 0, 15, what="every record to be removed")
