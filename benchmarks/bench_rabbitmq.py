@@ -82,6 +82,7 @@ def recovery(h: Harness, amqp: str, relier: bool, kills: int, per_kill: int) -> 
         app.close()
         with Connection(amqp) as conn:
             conn.default_channel.queue_delete(queue)
+            conn.default_channel.exchange_delete(queue)  # Celery declared it with the queue
 
 
 def main() -> int:

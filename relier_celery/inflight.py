@@ -207,7 +207,10 @@ class Inflight:
         raw = self.store.call(lambda c: c.hget(self.store.keys.held(holder), field))
         if raw is None:
             return False  # it completed, or a scanner took it: a duplicate after all
-        crashes = TaskRecord.loads(raw, field).crashes + 1
+        try:
+            crashes = TaskRecord.loads(raw, field).crashes + 1
+        except (ValueError, KeyError, TypeError):
+            return False  # unreadable: the scanner quarantines it raw, after the lease
         record.headers[CRASHES_HEADER] = crashes
         message.headers[CRASHES_HEADER] = crashes  # what the task's context shows
         gen = record.generation
