@@ -15,6 +15,7 @@ RabbitMQ, with a queue of the run's own. A benchmark, not a test: it prints figu
 from __future__ import annotations
 
 import argparse
+import shutil
 import signal
 import statistics
 import tempfile
@@ -91,10 +92,16 @@ def main() -> int:
     parser.add_argument("--per-kill", type=int, default=4)
     parser.add_argument("--amqp", default="amqp://guest:guest@127.0.0.1:5672//")
     args = parser.parse_args()
-    with RedisServer() as url, tempfile.TemporaryDirectory(prefix="bench-rmq-") as logs:
+    logs = tempfile.mkdtemp(prefix="bench-rmq-")
+    with RedisServer() as url:
         h = Harness(url, Path(logs))
-        vanilla = recovery(h, args.amqp, False, args.kills, args.per_kill)
-        relier = recovery(h, args.amqp, True, args.kills, args.per_kill)
+        try:
+            vanilla = recovery(h, args.amqp, False, args.kills, args.per_kill)
+            relier = recovery(h, args.amqp, True, args.kills, args.per_kill)
+        except Exception:
+            print(f"failed: the workers' logs are kept in {logs}")
+            raise
+    shutil.rmtree(logs)
     for name, delays in (("vanilla acks_late", vanilla), ("relier", relier)):
         print(
             f"{name:>17}: kill -> running again p50 {statistics.median(delays):.3f} s, "
