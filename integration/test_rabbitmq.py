@@ -1,6 +1,7 @@
 """Issue 17: RabbitMQ as the broker, relier's state in Redis. RabbitMQ gives a dead consumer's
 unacknowledged messages back at once; relier runs them at once too when their holder is gone
-(its presence connection closed), instead of dropping them until its lease runs out."""
+(its presence connection closed), instead of dropping them until its lease runs out; on a
+classic and on a quorum queue."""
 
 from __future__ import annotations
 
