@@ -97,7 +97,12 @@ class Broker:
         with Connection(self.url) as conn, contextlib.suppress(Exception):
             channel = conn.default_channel
             channel.queue_delete(self.queue)
-            for exchange in (self.queue, f"{self.queue}.control.pidbox", f"{self.queue}.events"):
+            for exchange in (
+                self.queue,
+                f"{self.queue}.control.pidbox",
+                f"reply.{self.queue}.control.pidbox",  # Celery's control replies (the CLI's)
+                f"{self.queue}.events",
+            ):
                 channel.exchange_delete(exchange)
 
     @staticmethod
