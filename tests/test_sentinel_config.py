@@ -9,9 +9,11 @@ import pytest
 from celery import Celery
 
 from relier_celery.config import RelierConfig, mask_url
-from relier_celery.errors import ConfigError
+from relier_celery.errors import ConfigError, StoreUnavailable
 from relier_celery.fetch import RelierChannel, kombu_redis, reliable_transport
-from relier_celery.store import connect, parse_sentinel_url
+from relier_celery.keys import Keys
+from relier_celery.store import Store, connect, parse_sentinel_url
+from relier_celery.testing import free_port
 
 URL = "sentinel://:s3cret@10.0.0.1:26379/2;sentinel://10.0.0.2;sentinel://10.0.0.3:26380"
 
@@ -69,3 +71,15 @@ def test_the_reliable_fetch_wraps_kombus_sentinel_transport_too() -> None:
     assert reliable_transport(runtime, kombu_redis.SentinelTransport) is cls
     plain = reliable_transport(runtime)
     assert issubclass(plain, kombu_redis.Transport) and plain is not cls
+
+
+def test_sentinels_that_do_not_answer_are_one_short_line_naming_the_settings() -> None:
+    ports = [free_port(), free_port()]
+    url = ";".join(f"sentinel://:pw@127.0.0.1:{p}" for p in ports)
+    store = Store(url, Keys("rl"), {"master_name": "mymaster"})
+    with pytest.raises(StoreUnavailable) as caught:
+        store.call(lambda c: c.ping())
+    line = str(caught.value)
+    assert "\n" not in line and len(line) < 600 and "pw" not in line
+    assert all(f"connecting to 127.0.0.1:{p}" in line for p in ports)
+    assert "Check relier_redis_url and relier_redis_options['master_name']" in line
