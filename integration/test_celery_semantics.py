@@ -190,3 +190,13 @@ def test_remote_control_stats_and_ping_answer(worker: WorkerProcess, client: Cel
     assert reply["pool"]["max-concurrency"] == 2
     assert isinstance(reply["broker"]["transport"], str), reply["broker"]
     assert inspect.ping() and inspect.active() is not None
+
+
+def test_a_rejected_and_requeued_task_comes_back_marked_redelivered(
+    worker: WorkerProcess, client: Celery
+) -> None:
+    # Given a task that gives its message back with Reject(requeue=True) unless the message
+    # says it was redelivered (Celery's suite, test_reject_with_requeue_redelivers_and_succeeds)
+    result = client.signature("canvas.reject_then_succeed").delay()
+    # Then its second delivery is marked redelivered, as kombu marks it, and succeeds
+    assert result.get(timeout=TIMEOUT) == "second-pass", worker.log()

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import importlib
 import itertools
+import json
 import logging
 import secrets
 import time
@@ -100,7 +101,7 @@ class RelierQoS(kombu_redis.QoS):  # type: ignore[misc]
                 self.channel.rl_runtime.worker_id,
                 fetched.field,
                 fetched.queue_key,
-                fetched.envelope,
+                marked_redelivered(fetched.envelope),
                 head=False,
             )
         elif not protected:
@@ -292,6 +293,19 @@ def reliable_transport(runtime: Any, base: Any = None) -> type:
         cls = type(f"Relier{base.__name__}", (base,), {"Channel": channel})
         _transports[(id(runtime), base)] = cls
     return cls
+
+
+def marked_redelivered(envelope: str) -> str:
+    """The envelope with ``redelivered`` set, as kombu's Redis transport marks a message it
+    puts back (a task may tell its second delivery by ``request.delivery_info``); an envelope
+    of another shape goes back unchanged."""
+    try:
+        payload = json.loads(envelope)
+        payload["headers"]["redelivered"] = True
+        payload["properties"]["delivery_info"]["redelivered"] = True
+    except (ValueError, KeyError, TypeError):
+        return envelope
+    return json.dumps(payload)
 
 
 def __getattr__(name: str) -> type:
