@@ -15,6 +15,7 @@ RabbitMQ, with a queue of the run's own. A benchmark, not a test: it prints figu
 from __future__ import annotations
 
 import argparse
+import shutil
 import signal
 import statistics
 import tempfile
@@ -29,8 +30,10 @@ from stats import pct
 from relier_celery.bench.harness import Harness
 from relier_celery.testing import RedisServer, WorkerProcess, wait_for
 
-# Long enough that the victim still runs its tasks when the survivor is ready.
-HOLD = 6.0
+# Long enough that the victim still runs its tasks when the survivor is ready, on a loaded
+# machine too (6 s was not: a survivor slow to start let the tasks end before the kill, and the
+# round waited in vain). Free: the survivor is SIGKILLed as soon as the tasks started again.
+HOLD = 20.0
 
 
 def worker(h: Harness, amqp: str, queue: str, relier: bool, name: str, n: int) -> WorkerProcess:
@@ -52,6 +55,7 @@ def recovery(h: Harness, amqp: str, relier: bool, kills: int, per_kill: int) -> 
     app.conf.task_default_queue = queue
     delays: list[float] = []
     side = "relier" if relier else "vanilla"
+    workers: list[WorkerProcess] = []
 
     def starts(n: int) -> list[float]:
         return [float(x.split("|", 1)[0]) for x in r.lrange(f"bench:starts:{n}", 0, -1)]
@@ -59,15 +63,23 @@ def recovery(h: Harness, amqp: str, relier: bool, kills: int, per_kill: int) -> 
     try:
         for k in range(kills):
             victim = worker(h, amqp, queue, relier, f"{side}-victim", per_kill)
+            workers.append(victim)
             h.wait_reported([victim], 60)
             ids = [k * 100 + i for i in range(per_kill)]
             for n in ids:
                 app.send_task("bench.hold", args=(n, HOLD))
             wait_for(lambda ids=ids: all(starts(n) for n in ids), 60)
             survivor = worker(h, amqp, queue, relier, f"{side}-survivor", per_kill)
+            workers.append(survivor)
             h.wait_reported([survivor], 60)
             victim.kill(signal.SIGKILL)
             killed = time.time()
+            first = min(starts(n)[0] for n in ids)
+            if killed - first >= HOLD:
+                raise RuntimeError(
+                    f"the victim's tasks had ended {killed - first - HOLD:.1f} s before the kill "
+                    "(the survivor was slow to start): nothing to recover; raise HOLD"
+                )
             wait_for(lambda ids=ids: all(len(starts(n)) >= 2 for n in ids), 60, interval=0.01)
             delays += [starts(n)[1] - killed for n in ids]
             survivor.kill(signal.SIGKILL)  # the round is measured; its tasks are not needed
@@ -79,9 +91,13 @@ def recovery(h: Harness, amqp: str, relier: bool, kills: int, per_kill: int) -> 
             r = h.reset()
         return delays
     finally:
+        for w in workers:  # a failed round leaves none behind
+            w.stop(timeout=0)
         app.close()
         with Connection(amqp) as conn:
             conn.default_channel.queue_delete(queue)
+            for exchange in (queue, f"{queue}.control.pidbox"):  # Celery declared them
+                conn.default_channel.exchange_delete(exchange)
 
 
 def main() -> int:
@@ -90,10 +106,16 @@ def main() -> int:
     parser.add_argument("--per-kill", type=int, default=4)
     parser.add_argument("--amqp", default="amqp://guest:guest@127.0.0.1:5672//")
     args = parser.parse_args()
-    with RedisServer() as url, tempfile.TemporaryDirectory(prefix="bench-rmq-") as logs:
+    logs = tempfile.mkdtemp(prefix="bench-rmq-")
+    with RedisServer() as url:
         h = Harness(url, Path(logs))
-        vanilla = recovery(h, args.amqp, False, args.kills, args.per_kill)
-        relier = recovery(h, args.amqp, True, args.kills, args.per_kill)
+        try:
+            vanilla = recovery(h, args.amqp, False, args.kills, args.per_kill)
+            relier = recovery(h, args.amqp, True, args.kills, args.per_kill)
+        except Exception:
+            print(f"failed: the workers' logs are kept in {logs}")
+            raise
+    shutil.rmtree(logs)
     for name, delays in (("vanilla acks_late", vanilla), ("relier", relier)):
         print(
             f"{name:>17}: kill -> running again p50 {statistics.median(delays):.3f} s, "

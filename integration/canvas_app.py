@@ -66,6 +66,17 @@ def replaced_with_chain(self: Any, x: int) -> None:
     raise self.replace(chain(identity.s(x), add.s(10)))
 
 
+@app.task(name="canvas.reject_then_succeed", bind=True, acks_late=True)
+def reject_then_succeed(self: Any) -> str:
+    """Celery's own suite's task: give the message back once, tell the second delivery by
+    ``delivery_info['redelivered']`` (kombu marks a message it puts back)."""
+    from celery.exceptions import Reject
+
+    if not self.request.delivery_info.get("redelivered"):
+        raise Reject(requeue=True)
+    return "second-pass"
+
+
 @app.task(name="canvas.count")
 def count(x: Any, key: str) -> Any:
     """Record one run under ``key`` (to see a chord body run again)."""

@@ -16,6 +16,7 @@ import redis
 import redis.asyncio as aredis
 from celery import Celery
 from celery.signals import task_success
+from kombu import Exchange, Queue
 
 from relier_celery import TaskContext
 
@@ -35,6 +36,17 @@ if os.environ.get("RELIER_TEST_QUEUE"):
     app.conf.task_default_queue = os.environ["RELIER_TEST_QUEUE"]
     app.conf.control_exchange = os.environ["RELIER_TEST_QUEUE"] + ".control"
     app.conf.event_exchange = os.environ["RELIER_TEST_QUEUE"] + ".events"
+if os.environ.get("RELIER_TEST_QUEUE_ARGS"):
+    # A quorum queue (Celery detects it: per-consumer QoS, native delayed delivery).
+    _name = os.environ["RELIER_TEST_QUEUE"]
+    app.conf.task_queues = (
+        Queue(
+            _name,
+            Exchange(_name, os.environ.get("RELIER_TEST_EXCHANGE_TYPE", "direct")),
+            routing_key=_name,
+            queue_arguments=json.loads(os.environ["RELIER_TEST_QUEUE_ARGS"]),
+        ),
+    )
 app.conf.update(
     imports=("relier_celery",),
     task_acks_late=os.environ.get("RELIER_TEST_ACKS_LATE") == "1",

@@ -34,12 +34,18 @@ def r(redis_url: str) -> redis.Redis:
 @pytest.fixture
 def broker(request: pytest.FixtureRequest, redis_url: str) -> Iterator[Broker]:
     """The broker of the fleet and the publisher: relier's Redis, unless a test asks for
-    ``rabbitmq`` (``@pytest.mark.parametrize("broker", BROKERS, indirect=True)``)."""
+    ``rabbitmq`` (``@pytest.mark.parametrize("broker", BROKERS, indirect=True)``) or
+    ``rabbitmq-quorum`` (its queue a quorum queue)."""
     kind = getattr(request, "param", "redis")
     if kind == "redis":
         yield Broker("redis", redis_url)
         return
-    b = Broker.rabbitmq()
+    b = Broker.rabbitmq(kind)
+    if b.queue_args:
+        with Broker.quorum_lock():
+            yield b
+            b.clean()
+        return
     yield b
     b.clean()
 
@@ -55,7 +61,6 @@ def fleet(broker: Broker, redis_url: str, tmp_path: Path) -> Iterator[Fleet]:
 @pytest.fixture
 def publisher(broker: Broker) -> Iterator[Celery]:
     app = Celery("publisher", broker=broker.url)
-    if broker.queue:
-        app.conf.task_default_queue = broker.queue
+    broker.configure(app)
     yield app
     app.close()

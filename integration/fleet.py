@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import random
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +21,7 @@ from typing import Any
 import pytest
 import redis
 from celery import Celery
-from kombu import Connection
+from kombu import Connection, Exchange, Queue
 
 from relier_celery.core.keys import Keys
 from relier_celery.testing import WorkerProcess, wait_for
@@ -29,6 +32,17 @@ HERE = Path(__file__).parent
 AMQP_URL = os.environ.get("RELIER_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672//")
 # Parametrize a test over both brokers: @pytest.mark.parametrize("broker", BROKERS, indirect=True)
 BROKERS = ["redis", "rabbitmq"]
+# The x-arguments of the test's queue on each kind of RabbitMQ broker.
+QUEUE_ARGS: dict[str, dict[str, Any] | None] = {
+    "rabbitmq": None,
+    "rabbitmq-quorum": {"x-queue-type": "quorum"},
+    # RabbitMQ's own redelivery count stops at 1 (drops the message past it), below relier's
+    # max_resurrections.
+    "rabbitmq-quorum-limit1": {"x-queue-type": "quorum", "x-delivery-limit": 1},
+    # On a topic exchange: Celery's native delayed delivery carries countdown/ETA messages.
+    "rabbitmq-quorum-topic": {"x-queue-type": "quorum"},
+}
+EXCHANGE_TYPES = {"rabbitmq-quorum-topic": "topic"}
 
 
 @dataclass
@@ -39,21 +53,40 @@ class Broker:
     name: str
     url: str
     queue: str = ""
+    # The queue's x-arguments (a quorum queue: {"x-queue-type": "quorum"}), declared alike by
+    # the workers (chaos_app) and the publisher (configure).
+    queue_args: dict[str, Any] | None = None
+    exchange_type: str = "direct"
 
     @classmethod
-    def rabbitmq(cls) -> Broker:
+    def rabbitmq(cls, kind: str = "rabbitmq") -> Broker:
         with Connection(AMQP_URL, connect_timeout=5) as conn:
             try:
                 conn.ensure_connection(max_retries=1)
             except Exception as exc:
                 pytest.fail(f"RabbitMQ is not reachable at {AMQP_URL}: {exc}")
-        return cls("rabbitmq", AMQP_URL, f"rl-test-{uuid.uuid4().hex[:12]}")
+        queue = f"rl-test-{uuid.uuid4().hex[:12]}"
+        return cls(
+            "rabbitmq", AMQP_URL, queue, QUEUE_ARGS[kind], EXCHANGE_TYPES.get(kind, "direct")
+        )
 
     @property
     def env(self) -> dict[str, str]:
         if self.name == "redis":
             return {}
-        return {"RELIER_TEST_BROKER": self.url, "RELIER_TEST_QUEUE": self.queue}
+        env = {"RELIER_TEST_BROKER": self.url, "RELIER_TEST_QUEUE": self.queue}
+        if self.queue_args:
+            env["RELIER_TEST_QUEUE_ARGS"] = json.dumps(self.queue_args)
+            env["RELIER_TEST_EXCHANGE_TYPE"] = self.exchange_type
+        return env
+
+    def configure(self, app: Celery) -> None:
+        """Point a publishing app at the test's queue, declared as the workers declare it."""
+        if not self.queue:
+            return
+        app.conf.task_default_queue = self.queue
+        if self.queue_args:
+            app.conf.task_queues = (test_queue(self.queue, self.queue_args, self.exchange_type),)
 
     def depth(self) -> int:
         """Messages waiting in the test's queue (RabbitMQ)."""
@@ -64,8 +97,41 @@ class Broker:
         with Connection(self.url) as conn, contextlib.suppress(Exception):
             channel = conn.default_channel
             channel.queue_delete(self.queue)
-            for exchange in (self.queue, f"{self.queue}.control.pidbox", f"{self.queue}.events"):
+            for exchange in (
+                self.queue,
+                f"{self.queue}.control.pidbox",
+                f"reply.{self.queue}.control.pidbox",  # Celery's control replies (the CLI's)
+                f"{self.queue}.events",
+            ):
                 channel.exchange_delete(exchange)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def quorum_lock() -> Iterator[None]:
+        """Held by a test on a quorum queue: Celery's workers then declare the native delayed
+        delivery queues and exchanges (``celery_delayed_0`` .. ``27``, one set per vhost, no
+        prefix setting), which the test deletes at its end, never while another one runs."""
+        with open(os.path.join(tempfile.gettempdir(), "relier-test-quorum.lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                with Connection(AMQP_URL) as conn, contextlib.suppress(Exception):
+                    channel = conn.default_channel
+                    for name in [f"celery_delayed_{level}" for level in range(28)]:
+                        # Quorum queues refuse if_empty: look first (a message in one would
+                        # be an ETA task of someone else; none of the tests sends one).
+                        with contextlib.suppress(Exception):
+                            if channel.queue_declare(name, passive=True).message_count == 0:
+                                channel.queue_delete(name)
+                        channel = conn.channel()  # a passive miss closes the channel
+                        channel.exchange_delete(name)
+                    channel.exchange_delete("celery_delayed_delivery")
+
+
+def test_queue(name: str, args: dict[str, Any], exchange_type: str = "direct") -> Queue:
+    """The test's queue with x-arguments, on its own exchange (direct, as Celery's default)."""
+    return Queue(name, Exchange(name, exchange_type), routing_key=name, queue_arguments=args)
 
 
 class Fleet:

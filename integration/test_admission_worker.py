@@ -1,5 +1,6 @@
-"""Admission control with a real ``celery worker``: retries of an admitted task are never
-refused, and a malformed rate stops the worker at start, naming the task."""
+"""Admission control with a real ``celery worker``, on Redis and on RabbitMQ: retries of an
+admitted task are never refused, ``max_queue_depth`` reads the broker's queue, and a malformed
+rate stops the worker at start, naming the task."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from pathlib import Path
 
 import pytest
 import redis
-from admission_app import app
+from admission_app import make_app
+from fleet import BROKERS, Broker
 
 from relier_celery import AdmissionRejected, install
 from relier_celery.testing import WorkerProcess, wait_for
@@ -32,14 +34,17 @@ def _worker(redis_url: str, tmp_path: Path, **env: str) -> WorkerProcess:
     )
 
 
-def test_retries_of_an_admitted_task_are_not_refused(redis_url: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("broker", BROKERS, indirect=True)
+def test_retries_of_an_admitted_task_are_not_refused(
+    broker: Broker, redis_url: str, tmp_path: Path
+) -> None:
     r = redis.Redis.from_url(redis_url)
-    app.conf.broker_url = redis_url
+    app = make_app(redis_url, broker.url, broker.queue)
     install(app)
     flaky = app.tasks["adm.flaky"]
     # Given a task allowed once an hour, pushed once (its bucket is now empty)
     flaky.push(1, failures=3)
-    with _worker(redis_url, tmp_path) as worker:
+    with _worker(redis_url, tmp_path, **broker.env) as worker:
         worker.wait_ready()
         # When it fails and retries three times in the worker
         wait_for(lambda: r.sismember("test:done", 1), 30, what="the task to succeed")
@@ -48,6 +53,30 @@ def test_retries_of_an_admitted_task_are_not_refused(redis_url: str, tmp_path: P
     assert "admission.rejected" not in worker.log()
     with pytest.raises(AdmissionRejected):
         flaky.push(2, failures=0)
+    app.close()
+
+
+@pytest.mark.parametrize("broker", BROKERS, indirect=True)
+def test_max_queue_depth_counts_the_messages_waiting_on_the_broker(
+    broker: Broker, redis_url: str, tmp_path: Path
+) -> None:
+    r = redis.Redis.from_url(redis_url)
+    app = make_app(redis_url, broker.url, broker.queue)
+    bounded = app.tasks["adm.bounded"]
+    # Given no worker and a queue bounded at 3 messages (not declared yet: empty)
+    # When 4 are pushed
+    for n in range(3):
+        bounded.push(n)
+    # Then the 4th is refused before it is published, naming the depth
+    with pytest.raises(AdmissionRejected, match="holds 3 message"):
+        bounded.push(3)
+    # And once a worker has emptied the queue, the queue takes messages again
+    with _worker(redis_url, tmp_path, **broker.env) as worker:
+        worker.wait_ready()
+        wait_for(lambda: len(r.smembers("test:done")) == 3, 30, what="the 3 queued tasks")
+        bounded.push(3)
+        wait_for(lambda: r.sismember("test:done", 3), 30, what="the 4th task")
+    app.close()
 
 
 def test_a_malformed_rate_stops_the_worker_naming_the_task(redis_url: str, tmp_path: Path) -> None:

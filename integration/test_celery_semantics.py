@@ -176,3 +176,27 @@ def test_errbacks_and_chord_errbacks_run_when_the_failing_task_goes_to_the_dlq(
 
     wait_for(lambda: failed().count(fail_id) == 2 and plain_id in failed(), 10, what="the DLQ")
     _settled(r, worker)
+
+
+def test_remote_control_stats_and_ping_answer(worker: WorkerProcess, client: Celery) -> None:
+    # Given a worker with relier (Celery's own suite asks every worker for its stats)
+    inspect = client.control.inspect(timeout=5)
+    # When a client asks it for its stats, as `celery inspect stats` does
+    stats = inspect.stats()
+    # Then the worker answers (its broker connection's info must be JSON: the reliable
+    # fetch's transport class once made the reply unserializable, and no reply came)
+    assert stats and len(stats) == 1, stats
+    (reply,) = stats.values()
+    assert reply["pool"]["max-concurrency"] == 2
+    assert isinstance(reply["broker"]["transport"], str), reply["broker"]
+    assert inspect.ping() and inspect.active() is not None
+
+
+def test_a_rejected_and_requeued_task_comes_back_marked_redelivered(
+    worker: WorkerProcess, client: Celery
+) -> None:
+    # Given a task that gives its message back with Reject(requeue=True) unless the message
+    # says it was redelivered (Celery's suite, test_reject_with_requeue_redelivers_and_succeeds)
+    result = client.signature("canvas.reject_then_succeed").delay()
+    # Then its second delivery is marked redelivered, as kombu marks it, and succeeds
+    assert result.get(timeout=TIMEOUT) == "second-pass", worker.log()

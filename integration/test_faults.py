@@ -8,7 +8,16 @@ import time
 
 import pytest
 import redis
-from fleet import FETCH_MODES, dlq_entries, done, fetch_env, held_records, send_work, wait_all_done
+from fleet import (
+    BROKERS,
+    FETCH_MODES,
+    dlq_entries,
+    done,
+    fetch_env,
+    held_records,
+    send_work,
+    wait_all_done,
+)
 
 from relier_celery.testing import RedisServer, free_port, wait_for
 
@@ -65,6 +74,7 @@ def test_no_task_runs_twice_while_its_worker_lives_despite_visibility_redelivery
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("broker", BROKERS, indirect=True)
 def test_relier_redis_down_leaves_messages_with_the_broker_until_it_returns(
     fleet, publisher, r, tmp_path
 ) -> None:

@@ -1,6 +1,7 @@
 """Issue 17: RabbitMQ as the broker, relier's state in Redis. RabbitMQ gives a dead consumer's
 unacknowledged messages back at once; relier runs them at once too when their holder is gone
-(its presence connection closed), instead of dropping them until its lease runs out."""
+(its presence connection closed), instead of dropping them until its lease runs out; on a
+classic and on a quorum queue."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from relier_celery.testing import wait_for
 pytestmark = pytest.mark.integration
 
 # A lease far longer than the test: whatever runs again ran through the broker's redelivery.
+# A classic queue and a quorum queue (Celery's worker_detect_quorum_queues: per-consumer QoS).
+RABBITS = ["rabbitmq", "rabbitmq-quorum"]
 LONG_LEASE = {"RELIER_TEST_LEASE_TTL": "60", "RELIER_TEST_ACKS_LATE": "1"}
 
 
@@ -23,7 +26,7 @@ def _started(r, n: int) -> int:
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.parametrize("broker", ["rabbitmq"], indirect=True)
+@pytest.mark.parametrize("broker", RABBITS, indirect=True)
 def test_a_dead_holders_redelivered_tasks_run_at_once_not_after_its_lease(
     broker, fleet, publisher, r
 ) -> None:

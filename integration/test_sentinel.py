@@ -1,12 +1,15 @@
 """Redis Sentinel: the broker on kombu's Sentinel transport and relier's state on the same
 Sentinel-managed master (kombu's ``sentinel://...;sentinel://...`` spelling), with the reliable
 fetch. The primary is SIGKILLed mid-run and the sentinels promote the replica: nothing that
-Redis acknowledged is lost (docs/sentinel.md)."""
+Redis acknowledged is lost (docs/sentinel.md). A Sentinel configuration that cannot work (no
+master name, no sentinel answering, a master name no sentinel knows) stops the worker at start
+with one line naming the settings."""
 
 from __future__ import annotations
 
 import json
 import random
+import subprocess
 import time
 from collections.abc import Iterator
 
@@ -16,7 +19,7 @@ from celery import Celery
 from fleet import Fleet, wait_chaos_done
 from sentinel_nodes import MASTER, SentinelGroup
 
-from relier_celery.testing import RedisServer, wait_for
+from relier_celery.testing import RedisServer, find_redis_server, free_port, wait_for
 
 TASKS = 400
 TRANSPORT = {"master_name": MASTER, "unacked_restore_interval": 1}
@@ -77,3 +80,70 @@ def test_a_failover_mid_run_loses_no_task_and_the_fetch_follows_the_new_master(
     finally:
         fleet.stop_all()
         publisher.close()
+
+
+def _refused(fleet: Fleet, conf: dict[str, object]) -> str:
+    """Start a worker with these settings; it must exit at start. Its last log line."""
+    w = fleet.start(wait=False, RELIER_TEST_CONF=json.dumps(conf))
+    assert w.proc is not None
+    w.proc.wait(60)
+    assert w.proc.returncode != 0, w.log()
+    return w.log().strip().splitlines()[-1]
+
+
+@pytest.mark.timeout(60)
+def test_a_sentinel_url_without_a_master_name_stops_the_worker_naming_the_setting(fleet):
+    line = _refused(fleet, {"relier_redis_url": f"sentinel://127.0.0.1:{free_port()}"})
+    assert "is a Sentinel URL: set relier_redis_options = {'master_name':" in line
+
+
+@pytest.mark.timeout(60)
+def test_unreachable_sentinels_stop_the_worker_with_one_line_naming_the_settings(fleet):
+    ports = [free_port(), free_port()]
+    url = ";".join(f"sentinel://127.0.0.1:{p}" for p in ports)
+    line = _refused(
+        fleet, {"relier_redis_url": url, "relier_redis_options": {"master_name": MASTER}}
+    )
+    assert line.startswith("relier_celery.core.errors.StoreUnavailable: relier cannot reach Redis")
+    assert f"relier_redis_url {url!r}: no sentinel answered" in line
+    assert all(f"connecting to 127.0.0.1:{p}" in line for p in ports)
+    assert "Check relier_redis_url and relier_redis_options['master_name']" in line
+    assert "<redis.client" not in line, "redis-py's client reprs"
+
+
+@pytest.mark.timeout(60)
+def test_a_master_name_no_sentinel_knows_stops_the_worker_naming_the_settings(
+    fleet, tmp_path
+) -> None:
+    # Given a real sentinel that monitors no master
+    port = free_port()
+    conf = tmp_path / "sentinel.conf"
+    conf.write_text(f"port {port}\nbind 127.0.0.1\ndir {tmp_path}\n")
+    sentinel = subprocess.Popen(
+        [find_redis_server(), str(conf), "--sentinel"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(lambda: _answers(port), 10, what="the sentinel to listen")
+        # When a worker asks it for a master it does not know (a typo)
+        line = _refused(
+            fleet,
+            {
+                "relier_redis_url": f"sentinel://127.0.0.1:{port}",
+                "relier_redis_options": {"master_name": "mymastr"},
+            },
+        )
+    finally:
+        sentinel.kill()
+        sentinel.wait(5)
+    # Then the worker stops, saying so and naming the setting
+    assert "the sentinels that answered know no master 'mymastr', or it is down" in line
+    assert "relier_redis_options['master_name']" in line
+
+
+def _answers(port: int) -> bool:
+    try:
+        return bool(redis.Redis(port=port, socket_timeout=1).ping())
+    except redis.RedisError:
+        return False

@@ -14,7 +14,7 @@ from celery import Celery
 
 from relier_celery import install
 from relier_celery.core.config import RelierConfig
-from relier_celery.core.headers import FETCH_FIELD, FETCH_QUEUE, PUBLICATION_HEADER
+from relier_celery.core.headers import CRASHES_HEADER, FETCH_FIELD, FETCH_QUEUE, PUBLICATION_HEADER
 from relier_celery.core.record import Generation, TaskRecord, delivery_id
 from relier_celery.recovery.dlq import released_record
 from relier_celery.recovery.inflight import Inflight, Key
@@ -159,7 +159,8 @@ def _inflight(store: Store) -> Inflight:
     app = SimpleNamespace(
         conf=SimpleNamespace(accept_content=["json"]), tasks={"demo.add": SimpleNamespace()}
     )
-    return Inflight(config, store, "w1", SimpleNamespace(app=app))  # type: ignore[arg-type]
+    resurrector = SimpleNamespace(app=app, max_resurrections=lambda _name: 2)
+    return Inflight(config, store, "w1", resurrector)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
@@ -265,6 +266,36 @@ def test_a_redelivery_whose_holder_is_gone_runs_now(store: Store, captured) -> N
     assert [e.attributes["holder"] for e in captured if e.name == "task.taken_over"] == ["w0"]
     # And a second redelivery of it is a duplicate of w1's own, as before
     assert inflight.receive(_redelivered(headers), {"demo.add"}) == "duplicate"
+
+
+def test_a_takeover_counts_as_a_crash_of_the_holder(store: Store) -> None:
+    # Given a delivery held by w0 (gone) after one crash already (a takeover before it)
+    headers = task_headers("t1", task="demo.add", **{PUBLICATION_HEADER: "p1"})
+    held = _record({**headers, CRASHES_HEADER: 1})
+    store.record(held.delivery_id, "w0", held.generation, held.dumps())
+    # When the broker redelivers its own copy (published with no crash) to w1
+    message = _redelivered(headers)
+    assert _inflight(store).receive(message, {"demo.add"}) == "run"
+    # Then w0's death is counted: w1's record and the task's context say two crashes
+    (raw,) = store.held("w1").values()
+    assert TaskRecord.loads(raw).crashes == 2
+    assert message.headers[CRASHES_HEADER] == 2
+
+
+def test_a_poison_pill_taken_over_past_max_resurrections_goes_to_the_dlq(store: Store) -> None:
+    # Given a delivery whose holders died with it twice already (max_resurrections=2), held
+    # by w0, which died with it a third time
+    headers = task_headers("t1", task="demo.add", **{PUBLICATION_HEADER: "p1"})
+    held = _record({**headers, CRASHES_HEADER: 2})
+    store.record(held.delivery_id, "w0", held.generation, held.dumps())
+    # When the broker redelivers it to w1
+    verdict = _inflight(store).receive(_redelivered(headers), {"demo.add"})
+    # Then it does not run again: it is in the DLQ, as the scanner would have put it
+    assert verdict == "quarantined"
+    (entry,) = [json.loads(v) for v in store.dlq_entries().values()]
+    assert entry["reason"] == "max_resurrections" and entry["crashes"] == 2
+    assert "worker w0 was lost holding this task after 2 earlier crash(es)" in entry["error"]
+    assert store.held("w0") == {} and store.held("w1") == {}
 
 
 def test_a_redelivery_whose_holder_is_present_is_a_duplicate(store: Store) -> None:

@@ -9,8 +9,10 @@ import pytest
 from celery import Celery
 
 from relier_celery.core.config import RelierConfig, mask_url
-from relier_celery.core.errors import ConfigError
-from relier_celery.store.client import connect, parse_sentinel_url
+from relier_celery.core.errors import ConfigError, StoreUnavailable
+from relier_celery.core.keys import Keys
+from relier_celery.store.client import Store, connect, parse_sentinel_url
+from relier_celery.testing import free_port
 from relier_celery.wiring.fetch import RelierChannel, kombu_redis
 from relier_celery.wiring.fetch_transport import reliable_transport
 
@@ -70,3 +72,15 @@ def test_the_reliable_fetch_wraps_kombus_sentinel_transport_too() -> None:
     assert reliable_transport(runtime, kombu_redis.SentinelTransport) is cls
     plain = reliable_transport(runtime)
     assert issubclass(plain, kombu_redis.Transport) and plain is not cls
+
+
+def test_sentinels_that_do_not_answer_are_one_short_line_naming_the_settings() -> None:
+    ports = [free_port(), free_port()]
+    url = ";".join(f"sentinel://:pw@127.0.0.1:{p}" for p in ports)
+    store = Store(url, Keys("rl"), {"master_name": "mymaster"})
+    with pytest.raises(StoreUnavailable) as caught:
+        store.call(lambda c: c.ping())
+    line = str(caught.value)
+    assert "\n" not in line and len(line) < 600 and "pw" not in line
+    assert all(f"connecting to 127.0.0.1:{p}" in line for p in ports)
+    assert "Check relier_redis_url and relier_redis_options['master_name']" in line

@@ -15,6 +15,7 @@ from typing import Any
 from relier_celery.core import events
 from relier_celery.core.errors import StoreUnavailable
 from relier_celery.core.headers import (
+    CRASHES_HEADER,
     FETCH_FIELD,
     FETCH_QUEUE,
     REQUEUES_HEADER,
@@ -86,7 +87,9 @@ class Receiving(Registry):
         gen = record.generation
         try:
             receipt = self.store.record(record.delivery_id, self.worker, gen, record.dumps())
-            if receipt.reason == "held" and self._take_over(message, record, receipt.detail):
+            seen = receipt.detail
+            taken = receipt.reason == "held" and self._take_over(message, record, seen)
+            if taken:
                 receipt = Receipt(True)
         except StoreUnavailable as exc:
             self._mark_store_down(exc)
@@ -108,6 +111,19 @@ class Receiving(Registry):
         key = Key.of_record(record)
         with self._lock:
             self.local[key] = record
+        limit = self.resurrector.max_resurrections(record.task_name) if taken else 0
+        if taken and record.crashes > limit:
+            # Its holder died with it once more than allowed: a poison pill, as the scanner
+            # would find it (resurrect.py), caught here because the broker was faster.
+            # The entry counts the earlier crashes, as the scanner's does.
+            record.headers[CRASHES_HEADER] = earlier = record.crashes - 1
+            why = f"worker {seen.rsplit('|', 2)[0]} was lost holding this task"
+            self.quarantine_held(
+                key,
+                "max_resurrections",
+                f"{why} after {earlier} earlier crash(es) with it: max_resurrections={limit}",
+            )
+            return "quarantined"
         return self._check_schema(key, record, message, args, kwargs, embed)
 
     def _take_over(self, message: Any, record: TaskRecord, seen: str) -> bool:
@@ -118,6 +134,20 @@ class Receiving(Registry):
         holder = seen.rsplit("|", 2)[0]
         if holder == self.worker or not self.presence.gone(holder):
             return False
+        # The holder died holding it: a crash, counted against max_resurrections as the
+        # scanner counts it, from the holder's copy (the broker's carries the count it was
+        # published with, not the takeovers since).
+        _, retries, resurrections = seen.rsplit("|", 2)
+        field = f"{record.delivery_id}|{retries}|{resurrections}"
+        raw = self.store.call(lambda c: c.hget(self.store.keys.held(holder), field))
+        if raw is None:
+            return False  # it completed, or a scanner took it: a duplicate after all
+        try:
+            crashes = TaskRecord.loads(raw, field).crashes + 1
+        except (ValueError, KeyError, TypeError):
+            return False  # unreadable: the scanner quarantines it raw, after the lease
+        record.headers[CRASHES_HEADER] = crashes
+        message.headers[CRASHES_HEADER] = crashes  # what the task's context shows
         gen = record.generation
         ttl = 10 * self.config.lease_ttl  # the holder's marker: past it, its lease ran out
         if not self.store.take_over(

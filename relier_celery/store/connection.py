@@ -25,7 +25,15 @@ from relier_celery.core.errors import StoreUnavailable
 from relier_celery.core.keys import Keys
 from relier_celery.store import cluster as redis_cluster
 
-__all__ = ["Connection", "connect", "list_lengths", "ms", "parse_sentinel_url", "script_text"]
+__all__ = [
+    "Connection",
+    "connect",
+    "list_lengths",
+    "ms",
+    "no_master",
+    "parse_sentinel_url",
+    "script_text",
+]
 
 _SCRIPTS = (
     "idem_claim",
@@ -59,6 +67,7 @@ SOCKET_TIMEOUT = 5.0
 T = TypeVar("T")
 # redis-py's Sentinel client has no type hints.
 _Sentinel: Any = importlib.import_module("redis.sentinel").Sentinel
+_MasterNotFound: Any = importlib.import_module("redis.sentinel").MasterNotFoundError
 
 
 def script_text(name: str) -> str:
@@ -90,6 +99,23 @@ def parse_sentinel_url(url: str) -> tuple[list[tuple[str, int]], dict[str, Any]]
         if db:
             master.setdefault("db", int(db))
     return nodes, master
+
+
+def no_master(masked_url: str, options: Mapping[str, Any], exc: Exception) -> str:
+    """One line for redis-py's MasterNotFoundError: which sentinels, which master name, why,
+    and the two settings to check."""
+    name = options.get("master_name")
+    errors = re.findall(r"(?:Error \d+ connecting to|Timeout connecting to) [^,>]*", str(exc))
+    why = (
+        f"no sentinel answered ({'; '.join(e.strip() for e in errors)})"
+        if errors
+        else f"the sentinels that answered know no master {name!r}, or it is down"
+    )
+    return (
+        f"relier cannot reach Redis through the sentinels of relier_redis_url {masked_url!r}: "
+        f"{why}. Check relier_redis_url and relier_redis_options['master_name'] (or the "
+        "broker's URL and broker_transport_options['master_name'] when relier shares it)"
+    )
 
 
 def connect(
@@ -170,6 +196,8 @@ class Connection:
     def _errors(self) -> Iterator[None]:
         try:
             yield
+        except _MasterNotFound as exc:  # a ConnectionError whose text repeats every client
+            raise StoreUnavailable(no_master(self._masked, self.options, exc)) from exc
         except (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ClusterError) as exc:
             # ClusterError: Redis Cluster redirected or refused (TRYAGAIN) past redis-py's retries.
             raise StoreUnavailable(f"relier cannot reach Redis at {self._masked}: {exc}") from exc

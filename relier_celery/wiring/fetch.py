@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import importlib
 import itertools
+import json
 import logging
 import secrets
 import time
@@ -100,7 +101,7 @@ class RelierQoS(kombu_redis.QoS):  # type: ignore[misc]
                 self.channel.rl_runtime.worker_id,
                 fetched.field,
                 fetched.queue_key,
-                fetched.envelope,
+                marked_redelivered(fetched.envelope),
                 head=False,
             )
         elif not protected:
@@ -275,3 +276,16 @@ def _same_redis(channel: Any, runtime: Any) -> bool:
         worker=runtime.worker_id,
     )
     return False
+
+
+def marked_redelivered(envelope: str) -> str:
+    """The envelope with ``redelivered`` set, as kombu's Redis transport marks a message it
+    puts back (a task may tell its second delivery by ``request.delivery_info``); an envelope
+    of another shape goes back unchanged."""
+    try:
+        payload = json.loads(envelope)
+        payload["headers"]["redelivered"] = True
+        payload["properties"]["delivery_info"]["redelivered"] = True
+    except (ValueError, KeyError, TypeError):
+        return envelope
+    return json.dumps(payload)

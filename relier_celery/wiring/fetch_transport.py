@@ -23,9 +23,20 @@ def reliable_transport(runtime: Any, base: Any = None) -> type:
         if any(key[0] != id(runtime) for key in _transports):
             _transports.clear()  # one runtime per worker process
         channel = type("Channel", (RelierChannel, base.Channel), {"rl_runtime": runtime})
-        cls = type(base.__name__, (base,), {"Channel": channel})
+        cls = type(f"Relier{base.__name__}", (base,), {"Channel": channel})
         _transports[(id(runtime), base)] = cls
     return cls
+
+
+def __getattr__(name: str) -> type:
+    """The reliable transports by name
+    (``relier_celery.wiring.fetch_transport:RelierTransport``): a consumer's connection names
+    its transport by this path, not by the class, because Celery puts the connection's info in
+    replies to remote control (``inspect stats``), which must be JSON."""
+    for cls in _transports.values():
+        if cls.__name__ == name:
+            return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # kombu transports whose queues relier can fetch from: the plain Redis one and Sentinel's.
@@ -43,7 +54,7 @@ def enable_for_consumer(c: Any, runtime: Any) -> None:
         conn = app.connection_for_read(heartbeat=heartbeat)
         base = conn.get_transport_cls()
         if base in _FETCHABLE:
-            conn.transport_cls = reliable_transport(runtime, base)
+            conn.transport_cls = f"{__name__}:{reliable_transport(runtime, base).__name__}"
         return c.ensure_connected(conn)
 
     c.connection_for_read = relier_connection_for_read
