@@ -128,11 +128,12 @@ def _all_started(r: redis.Redis, w: WorkerProcess, ids: list[int]) -> bool:
 
 
 def recovery(
-    h: Harness, relier: bool, kills: int, per_kill: int, wait: float, hold: float = 3.0
+    h: Harness, relier: bool, kills: int, per_kill: int, wait: float, hold: float = 10.0
 ) -> dict[str, Any]:
     """Seconds from the SIGKILL of a worker to each of its running tasks starting again on an
     idle survivor (so queueing behind other work does not count), at default settings. Each
-    task holds its process ``hold`` s, long enough to be running when the survivor is up. The
+    task holds its process ``hold`` s, long enough to be running when the survivor is up (3 s
+    was not, on a loaded machine: a slow survivor start let every task end before the kill). The
     vanilla side runs with ``task_acks_late`` (its best case: without it a killed worker's
     tasks are gone); a task not running again within ``wait`` s is not recovered."""
     r = h.reset()
