@@ -51,4 +51,9 @@ CI_SUBSET = (
     f"{_TASKS}::test_tasks::test_revoke_keeps_state_of_task_started_elsewhere[STARTED]",
     f"{_TASKS}::test_tasks::test_revoked_by_headers_simple_canvas",
     f"{_TASKS}::test_tasks::test_revoke_by_stamped_headers_no_match",
+    # failed with relier only in the full run of 5 December 2026 (not its sibling
+    # test_inspect.py::test_Inspect::test_stats: run first on a fresh session worker, as the
+    # subset would, it asserts an uptime above 0 s of a worker under a second old;
+    # integration/test_celery_semantics.py covers the stats reply)
+    f"{_TASKS}::test_tasks::test_reject_with_requeue_redelivers_and_succeeds",
 )
