@@ -16,13 +16,15 @@ from typing import Any
 import click
 
 from relier_celery.cli.group import _app, _install, relier
+from relier_celery.core.rates import UNITS
 from relier_celery.recovery import dlq as dead_letters
 from relier_celery.recovery.envelope import decode_body
 
 __all__ = ["dlq_group"]
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
-_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+# Admission's units (core/rates.py), plus weeks and bare seconds for retention ages.
+_UNITS = {**UNITS, "": 1.0, "w": 7 * UNITS["d"]}
 
 
 def parse_duration(text: str) -> float:
