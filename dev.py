@@ -73,7 +73,19 @@ def main() -> None:
             run(BIN / "lint-imports")
             # Two test processes: most integration tests wait on workers and timers, not on
             # the CPU, so two at a time halve the wall time on 2 cores (-n 0 runs serially).
-            run(PY, "-m", "pytest", "-n", "2", "tests", "integration", *args[1:])
+            # loadgroup: the RabbitMQ quorum-queue tests (one xdist group) share a lock.
+            run(
+                PY,
+                "-m",
+                "pytest",
+                "-n",
+                "2",
+                "--dist",
+                "loadgroup",
+                "tests",
+                "integration",
+                *args[1:],
+            )
     except subprocess.CalledProcessError as exc:
         sys.exit(exc.returncode)
 

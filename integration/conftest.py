@@ -15,8 +15,15 @@ from relier_celery.testing import RedisServer
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Every test on a RabbitMQ quorum queue goes in one xdist group (``--dist loadgroup``):
+    # they share Celery's delayed-delivery queues and take a lock for it; in one group they run
+    # one after the other on one test process instead of one process waiting on the lock.
     for item in items:
         item.add_marker(pytest.mark.integration)
+        spec = getattr(item, "callspec", None)
+        kind = spec.params.get("broker") if spec is not None else None
+        if isinstance(kind, str) and kind.startswith("rabbitmq-quorum"):
+            item.add_marker(pytest.mark.xdist_group("rabbitmq-quorum"))
 
 
 @pytest.fixture

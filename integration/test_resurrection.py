@@ -179,7 +179,13 @@ def test_late_broker_redelivery_of_a_resurrected_task_is_dropped(
     # Then each ran once on the dead worker and once after: never a third time
     assert [int(r.get(f"test:started:{n}")) for n in range(2)] == [2, 2], survivor.log()
     assert [int(r.get(f"test:runs:{n}")) for n in range(2)] == [1, 1]
-    assert ("task.duplicate_dropped" in survivor.log()) != reliable
+    # (kombu's fetch: the broker's late copy is dropped as a duplicate, or, when it arrives
+    # first, taken over from the dead holder and the scanner then finds nothing to resurrect)
+    log = survivor.log()
+    if reliable:
+        assert "task.duplicate_dropped" not in log
+    else:
+        assert "task.duplicate_dropped" in log or "task.taken_over" in log, log
 
 
 @pytest.mark.timeout(120)
