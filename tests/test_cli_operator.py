@@ -42,7 +42,7 @@ def test_the_live_view_shows_tasks_workers_queues_and_the_fleets_figures(store: 
     # Given a fleet with running, reserved and dead workers' tasks, and recovery samples
     fleet_state(store)
     RunningMarker(store, "live", 60, lambda: {"t1": time.time() - 5}, lambda: 7).publish()
-    store.add_recovery(store.now_ms() - 4000, 3)
+    store.add_recovery([(store.now_ms() - 4000, 3)])
     snap = take(store, 60)
     # When it is rendered as the live view
     text = _text(live_view(snap, "inspect", title="relier top", scan_interval=0.5))

@@ -51,7 +51,7 @@ def test_the_heartbeat_thread_keeps_the_lease_alive_and_release_forgets_it(store
     lease = Lease(config, store, "w1")
     lease.acquire()
     time.sleep(0.8)
-    assert store.expired_workers() == []
+    assert store.expired_leases() == {}
     assert lease.release() == 0
     assert "w1" not in store.leases()
 

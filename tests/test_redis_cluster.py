@@ -66,14 +66,15 @@ def test_every_script_runs_on_the_cluster(store: Store, cluster: RedisClusterSer
     assert store.record("d2", "w3", G0, "rec2").recorded
     assert store.take_over("d2", "w3|0|0", "w1", G0, "rec2", 30)
     assert store.renew_lease("w3", 5)[0] == -2  # its next renewal reads the taken marker
-    # claim, claim_finish: w4 holds one record and its lease ran out
+    # expired, claim, claim_finish: w4 holds one record and its lease ran out
     store.renew_lease("w4", 0.001)
     assert store.record("d3", "w4", G0, "rec3").recorded
     store.call(lambda c: c.zadd(k.leases, {"w4": 1}))
-    claimed = store.claim("w4", "s1", 30)
-    assert claimed == {"d3|0|0": "rec3"}
-    assert store.take("w4", "d3|0|0")
-    assert store.claim_finish("w4", "s1") == 0
+    assert store.expired_leases() == {"w4": 1.0}
+    claimed = store.claim(["w4"], "s1", 30)
+    assert claimed == {"w4": {"d3|0|0": "rec3"}}
+    store.take({"w4": ["d3|0|0"]})
+    assert store.claim_finish(["w4"], "s1") == {"w4": 0}
     # dlq_put, then a MULTI removing the entry
     store.dlq_put("e1", "{}", 1, "d4", G0, 60, worker="w1", field="d4|0|0")
     assert store.dlq_get("e1") == "{}" and store.dlq_remove(["e1"]) == 1
@@ -95,14 +96,14 @@ def test_every_script_runs_on_the_cluster(store: Store, cluster: RedisClusterSer
     store.set_running("w1", {"t1": 1.0}, 5, {"pid": "1"})
     store.drain_update("w1", {"state": "draining"})
     store.add_counters({"x": 2})
-    store.add_recovery(store.now_ms() - 100, 2)
+    store.add_recovery([(store.now_ms() - 100, 2)])
     assert store.workers_detail(["w1"])["w1"]["running"]["t1"] == 1.0
     assert store.counters() == {"x": 2} and len(store.overview()["recovery"]) == 2
     assert store.retire("w3") >= 0
     # Every one of relier's scripts was loaded on the slot's owner by one of the calls above
     shas = [script.sha for script in store._scripts.values()]
-    assert len(shas) == 13
-    assert cluster.client(cluster.owner(_slot(store))).script_exists(*shas) == [True] * 13
+    assert len(shas) == 14
+    assert cluster.client(cluster.owner(_slot(store))).script_exists(*shas) == [True] * 14
 
 
 def test_scripts_come_back_after_a_resharding_and_a_flush(

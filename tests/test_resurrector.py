@@ -11,41 +11,45 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 import redis
 from celery import Celery
 
 from relier_celery.core.config import RelierConfig
 from relier_celery.core.keys import Keys
 from relier_celery.core.record import Generation, TaskRecord, delivery_id
-from relier_celery.recovery.resurrect import Resurrector
+from relier_celery.recovery.resurrect import CLAIM_BATCH, Resurrector
 from relier_celery.store.client import Store
 from relier_celery.wiring.install import install
 
 
-def _dead_worker_with(store: Store, n: int, resurrections: int = 0, crashes: int = 0) -> list[str]:
-    """Records of ``n`` messages held by worker 'dead', whose lease has run out."""
-    store.renew_lease("dead", ttl=0.01)
+def _dead_worker_with(
+    store: Store, n: int, resurrections: int = 0, crashes: int = 0, worker: str = "dead"
+) -> list[str]:
+    """Records of ``n`` messages held by ``worker``, whose lease has run out."""
+    store.renew_lease(worker, ttl=0.01)
     ids = []
+    prefix = "t" if worker == "dead" else f"{worker}-t"
     for i in range(n):
         rec = TaskRecord(
-            task_id=f"t{i}",
+            task_id=f"{prefix}{i}",
             task_name="jobs.x",
             body=json.dumps([[i], {}, {}]).encode(),
             content_type="application/json",
             content_encoding="utf-8",
             headers={
-                "id": f"t{i}",
+                "id": f"{prefix}{i}",
                 "task": "jobs.x",
                 "rl_resurrections": resurrections,
                 "rl_crashes": crashes,
                 "traceparent": "00-trace-span-01",
             },
-            properties={"correlation_id": f"t{i}"},
+            properties={"correlation_id": f"{prefix}{i}"},
             exchange="",
             routing_key="celery",
-            worker="dead",
+            worker=worker,
         )
-        assert store.record(rec.task_id, "dead", rec.generation, rec.dumps()).recorded
+        assert store.record(rec.task_id, worker, rec.generation, rec.dumps()).recorded
         ids.append(rec.task_id)
     time.sleep(0.05)
     return ids
@@ -85,6 +89,58 @@ def test_racing_scanners_resurrect_each_task_exactly_once(redis_url: str) -> Non
     assert first["properties"]["correlation_id"] == "t0"
     assert client.hlen(Keys("rl").held("dead")) == 0
     assert client.zscore(Keys("rl").leases, "dead") is None
+
+
+def test_a_scan_takes_many_dead_workers_in_a_few_round_trips(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given 20 dead workers holding 2 tasks each (more than one claim batch)
+    app = Celery("mass", broker=redis_url)
+    relier = install(app)
+    ids = [t for n in range(20) for t in _dead_worker_with(relier.store, 2, worker=f"d{n}")]
+    calls: list[str] = []
+    run = relier.store._run
+    monkeypatch.setattr(relier.store, "_run", lambda name, *a: calls.append(name) or run(name, *a))
+    # When one scan runs
+    assert Resurrector(app, relier.config, relier.store).scan_once() == 40
+    # Then every task is queued once, claimed and released a batch of workers at a time
+    client = redis.Redis.from_url(redis_url)
+    assert sorted(m["headers"]["id"] for m in _queued(client)) == sorted(ids)
+    batches = -(-20 // CLAIM_BATCH)
+    assert calls.count("claim") == batches and calls.count("claim_finish") == batches
+    assert client.zcard(Keys("rl").leases) == 0 and not client.keys("rl:{rl}:held:*")
+    assert len(relier.store.overview()["recovery"]) == 40
+
+
+def test_a_publish_failing_midway_leaves_the_rest_held_and_loses_nothing(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given 3 dead workers holding 2 tasks each, and a broker that fails the 4th publish
+    app = Celery("midway", broker=redis_url)
+    relier = install(app)
+    ids = [t for n in range(3) for t in _dead_worker_with(relier.store, 2, worker=f"d{n}")]
+    publish, published = TaskRecord.publish, []
+
+    def flaky(record: TaskRecord, producer: object) -> None:
+        if len(published) == 3:
+            raise ConnectionError("broker down")
+        publish(record, producer)
+        published.append(record.task_id)
+
+    monkeypatch.setattr(TaskRecord, "publish", flaky)
+    # When a scan runs, Then it fails loudly
+    with pytest.raises(ConnectionError):
+        Resurrector(app, relier.config, relier.store).scan_once()
+    # And what was published is no longer held, what was not still is, unclaimed
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    keys = Keys("rl")
+    held = {f.split("|")[0] for n in range(3) for f in client.hkeys(keys.held(f"d{n}"))}
+    assert held == set(ids) - set(published) and len(held) == 3
+    assert not client.keys(keys.claim("*"))
+    # When the broker is back and the next scan runs, Then each task is queued exactly once
+    monkeypatch.setattr(TaskRecord, "publish", publish)
+    assert Resurrector(app, relier.config, relier.store).scan_once() == 3
+    assert sorted(m["headers"]["id"] for m in _queued(client)) == sorted(ids)
 
 
 def test_past_max_resurrections_a_task_goes_to_the_dlq_not_the_queue(redis_url: str) -> None:

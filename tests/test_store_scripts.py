@@ -94,35 +94,35 @@ def test_expired_workers_uses_the_server_clock(store: Store) -> None:
     store.renew_lease("dead", ttl=0.01)
     store.renew_lease("alive", ttl=30)
     time.sleep(0.05)
-    assert store.expired_workers() == ["dead"]
+    assert list(store.expired_leases()) == ["dead"]
 
 
 def test_claim_refuses_a_live_worker_and_a_claimed_one(store: Store) -> None:
     store.renew_lease("A", ttl=30)
     store.record("t1", "A", G0, "rec")
-    assert store.claim("A", "s1", ttl=10) == {}
+    assert store.claim(["A"], "s1", ttl=10) == {}
     store.renew_lease("A", ttl=0.01)
     time.sleep(0.05)
-    assert store.claim("A", "s1", ttl=10) == {"t1|0|0": "rec"}
-    assert store.claim("A", "s2", ttl=10) == {}  # s1 holds the claim
+    assert store.claim(["A"], "s1", ttl=10) == {"A": {"t1|0|0": "rec"}}
+    assert store.claim(["A"], "s2", ttl=10) == {}  # s1 holds the claim
 
 
 def test_an_expired_claim_is_taken_again(store: Store) -> None:
     store.renew_lease("A", ttl=0.01)
     store.record("t1", "A", G0, "rec")
     time.sleep(0.05)
-    assert store.claim("A", "s1", ttl=0.05)
+    assert store.claim(["A"], "s1", ttl=0.05)
     time.sleep(0.1)  # s1 died without finishing
-    assert store.claim("A", "s2", ttl=10) == {"t1|0|0": "rec"}
+    assert store.claim(["A"], "s2", ttl=10) == {"A": {"t1|0|0": "rec"}}
 
 
 def test_claim_finish_forgets_an_emptied_dead_worker(store: Store, client: redis.Redis) -> None:
     store.renew_lease("A", ttl=0.01)
     store.record("t1", "A", G0, "rec")
     time.sleep(0.05)
-    store.claim("A", "s1", ttl=10)
-    store.take("A", "t1|0|0")
-    assert store.claim_finish("A", "s1") == 0
+    store.claim(["A"], "s1", ttl=10)
+    store.take({"A": ["t1|0|0"]})
+    assert store.claim_finish(["A"], "s1") == {"A": 0}
     assert client.zscore(store.keys.leases, "A") is None
     assert not client.exists(store.keys.claim("A"))
 
@@ -140,7 +140,7 @@ def test_racing_claims_hand_each_record_to_exactly_one_scanner(store: Store) -> 
     def scan(n: int) -> None:
         s = Store(store.url, store.keys)
         barrier.wait()
-        results.append(s.claim("A", f"s{n}", ttl=10))
+        results.append(s.claim(["A"], f"s{n}", ttl=10).get("A", {}))
 
     threads = [threading.Thread(target=scan, args=(n,)) for n in range(8)]
     for t in threads:
@@ -160,7 +160,7 @@ def test_retire_forgets_an_empty_worker_and_expires_one_with_records(
     store.renew_lease("B", ttl=30)
     store.record("t1", "B", G0, "rec")
     assert store.retire("B") == 1
-    assert store.expired_workers() == ["B"]
+    assert list(store.expired_leases()) == ["B"]
 
 
 def test_dlq_put_writes_the_entry_and_drops_the_record_together(

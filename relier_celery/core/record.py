@@ -8,7 +8,6 @@ exchange and routing key (and so the same trace context, which travels in the he
 from __future__ import annotations
 
 import base64
-import copy
 import json
 import time
 import uuid
@@ -51,6 +50,17 @@ _KEPT_PROPERTIES = (
     "user_id",
     "app_id",
 )
+
+
+def _copied(value: Any) -> Any:
+    """A copy of a message's headers or properties that kombu may change without changing
+    the record: dicts and lists copied all the way down, the rest (str, int, tuples) shared.
+    What ``copy.deepcopy`` did, at a fraction of the cost (it was a scan's largest CPU cost)."""
+    if isinstance(value, dict):
+        return {k: _copied(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copied(v) for v in value]
+    return value
 
 
 @dataclass
@@ -199,7 +209,7 @@ class TaskRecord:
         """This message as kombu's Redis transport keeps it in a queue list, so that it can go
         back into its queue directly (at the head, for a resurrection) instead of through a
         publish (at the tail)."""
-        props: dict[str, Any] = copy.deepcopy(self.properties)
+        props: dict[str, Any] = _copied(self.properties)
         props.update(
             body_encoding="base64",
             delivery_info={"exchange": self.exchange, "routing_key": self.routing_key},
@@ -224,7 +234,7 @@ class TaskRecord:
     def next_generation(self, crash: bool, extra: dict[str, Any] | None = None) -> TaskRecord:
         """The same message with its resurrection count (and, after a crash, its crash count)
         raised by one (and ``extra`` headers set)."""
-        headers = copy.deepcopy(self.headers)
+        headers = _copied(self.headers)
         headers.update(extra or {})
         headers[RESURRECTIONS_HEADER] = self.generation.resurrections + 1
         if crash:
@@ -239,9 +249,9 @@ class TaskRecord:
             routing_key=self.routing_key,
             content_type=self.content_type,
             content_encoding=self.content_encoding,
-            headers=copy.deepcopy(self.headers),
+            headers=_copied(self.headers),
             declare=None,
             retry=True,
             retry_policy={"max_retries": 5, "interval_start": 0.2, "interval_step": 0.5},
-            **copy.deepcopy(self.properties),
+            **_copied(self.properties),
         )

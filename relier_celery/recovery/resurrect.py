@@ -10,6 +10,7 @@ again (at least once, never zero times).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -43,6 +44,33 @@ def validate_task(name: str, task: Any) -> None:
 
 
 logger = logging.getLogger("relier_celery")
+
+# Dead workers claimed by one call: the claim must not run out while the scanner republishes
+# what it took (a second scanner would take it again), so a mass death is taken a slice at once.
+CLAIM_BATCH = 16
+
+
+class _Batch:
+    """One scan's publishing: a producer acquired at the first publish and released at the
+    end, and the records published so far (worker -> fields), to drop in one call."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.taken: dict[str, list[str]] = {}
+        self._stack = contextlib.ExitStack()
+        self._producer: Any = None
+
+    def producer(self) -> Any:
+        if self._producer is None:
+            pool = self.app.producer_pool
+            self._producer = self._stack.enter_context(pool.acquire(block=True, timeout=10))
+        return self._producer
+
+    def __enter__(self) -> _Batch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
 
 
 def _in_delivery_order(records: list[TaskRecord]) -> list[TaskRecord]:
@@ -83,11 +111,13 @@ class Resurrector:
         why: str,
         crash: bool = True,
         headers: dict[str, Any] | None = None,
+        batch: _Batch | None = None,
     ) -> str:
         """Republish one record (or quarantine it), then drop it; return what was done.
 
         ``crash`` says the worker died holding it; only crashes count against
-        ``max_resurrections`` (a hand-off at shutdown or after a consumer restart does not)."""
+        ``max_resurrections`` (a hand-off at shutdown or after a consumer restart does not).
+        ``batch``: a scan's producer, and its list of records to drop once published."""
         limit = self.max_resurrections(record.task_name)
         crashes = record.crashes
         if crash and crashes >= limit:
@@ -108,10 +138,13 @@ class Resurrector:
             # the record (it was delivered before everything queued behind it).
             if not self.store.requeue(held_by, field, record.queue_key, nxt.envelope(), True):
                 return "gone"  # it completed, or another scanner moved it, meanwhile
+        elif batch is not None:
+            nxt.publish(batch.producer())
+            batch.taken.setdefault(held_by, []).append(field)
         else:
             with self.app.producer_pool.acquire(block=True, timeout=10) as producer:
                 nxt.publish(producer)
-            self.store.take(held_by, field)
+            self.store.take({held_by: [field]})
         events.emit(
             events.TASK_RESURRECTED if crash else events.TASK_HANDED_OFF,
             f"{record.task_name}[{record.task_id}] republished: {why}",
@@ -142,33 +175,10 @@ class Resurrector:
         """One scan over every expired lease; return how many tasks were resurrected or
         quarantined."""
         handled = 0
-        for dead, deadline_ms in self.store.expired_leases().items():
-            claimed = self.store.claim(dead, self.name, self.config.claim_ttl)
-            if not claimed:
-                continue
-            events.emit(
-                events.SCAN_CLAIMED,
-                f"worker {dead} is dead; taking {len(claimed)} task(s)",
-                worker=dead,
-                count=len(claimed),
-                scanner=self.name,
-            )
-            try:
-                records: list[TaskRecord] = []
-                for field, raw in claimed.items():
-                    try:
-                        records.append(TaskRecord.loads(raw, field))
-                    except (ValueError, KeyError, TypeError) as exc:
-                        self.quarantine_unreadable(dead, field, raw, exc)
-                republished = 0
-                for record in _in_delivery_order(records):
-                    why = "its worker's lease expired"
-                    if self.resurrect(record, dead, record.held_field(), why) == "resurrected":
-                        republished += 1
-                    handled += 1
-            finally:
-                self.store.claim_finish(dead, self.name)
-            self._record_recovery(deadline_ms, republished)
+        expired = self.store.expired_leases()
+        dead = list(expired)
+        for at in range(0, len(dead), CLAIM_BATCH):
+            handled += self._resurrect_workers(dead[at : at + CLAIM_BATCH], expired)
         handled += self.unacked.sweep()
         self.store.mark_scan()
         if time.monotonic() >= self._next_expiry:
@@ -176,12 +186,69 @@ class Resurrector:
             expire(self.store, self.config.dlq_retention)
         return handled
 
-    def _record_recovery(self, deadline_ms: float, count: int) -> None:
+    def _resurrect_workers(self, dead: list[str], deadlines: dict[str, float]) -> int:
+        """Claim a batch of dead workers and put back every record they held: a constant
+        number of round trips to relier's Redis whatever the batch's size, plus one publish
+        (or head-of-queue push) per record."""
+        claimed = self.store.claim(dead, self.name, self.config.claim_ttl)
+        if not claimed:
+            return 0
+        handled = 0
+        recovered: list[tuple[float, int]] = []
+        with _Batch(self.app) as batch:
+            try:
+                for worker, held in claimed.items():
+                    handled += self._resurrect_held(worker, held, batch, recovered, deadlines)
+            finally:
+                # What was published is dropped even when a later publish failed; what was
+                # not stays held, for the next scan once the claim is ended.
+                try:
+                    self.store.take(batch.taken)
+                finally:
+                    self.store.claim_finish(list(claimed), self.name)
+        self._record_recovery(recovered)
+        return handled
+
+    def _resurrect_held(
+        self,
+        dead: str,
+        held: dict[str, str],
+        batch: _Batch,
+        recovered: list[tuple[float, int]],
+        deadlines: dict[str, float],
+    ) -> int:
+        events.emit(
+            events.SCAN_CLAIMED,
+            f"worker {dead} is dead; taking {len(held)} task(s)",
+            worker=dead,
+            count=len(held),
+            scanner=self.name,
+        )
+        records: list[TaskRecord] = []
+        for field, raw in held.items():
+            try:
+                records.append(TaskRecord.loads(raw, field))
+            except (ValueError, KeyError, TypeError) as exc:
+                self.quarantine_unreadable(dead, field, raw, exc)
+        republished = 0
+        why = "its worker's lease expired"
+        try:
+            for record in _in_delivery_order(records):
+                if self.resurrect(record, dead, record.held_field(), why, batch=batch) == (
+                    "resurrected"
+                ):
+                    republished += 1
+        finally:
+            # The last heartbeat was a lease before the deadline (see _record_recovery).
+            recovered.append((deadlines[dead] - self.config.lease_ttl * 1000, republished))
+        return len(records)
+
+    def _record_recovery(self, samples: list[tuple[float, int]]) -> None:
         """One sample per republished task, from the dead worker's last heartbeat (its lease
         deadline less the lease) to now: an upper bound of kill -> republished, for the live
         view's recovery p50/p95. Informative only: a failure here costs nothing else."""
         try:
-            self.store.add_recovery(deadline_ms - self.config.lease_ttl * 1000, count)
+            self.store.add_recovery(samples)
         except Exception as exc:
             logger.warning("relier: could not record recovery times: %r", exc)
 

@@ -44,6 +44,7 @@ _SCRIPTS = (
     "complete",
     "claim",
     "claim_finish",
+    "expired",
     "dlq_put",
     "retire",
     "admit",

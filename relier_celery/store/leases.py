@@ -6,8 +6,6 @@ from __future__ import annotations
 
 from typing import cast
 
-import redis
-
 from relier_celery.store.connection import Connection, ms
 
 __all__ = ["LeaseCommands"]
@@ -28,28 +26,12 @@ class LeaseCommands(Connection):
         """A worker stops: forget it, or expire its lease at once if it still holds records."""
         return int(self._run("retire", [self.keys.leases, self.keys.held(worker)], [worker]))
 
-    def expired_workers(self) -> list[str]:
-        """Workers whose lease deadline has passed, by the Redis server's clock."""
-
-        def scan(c: redis.Redis) -> list[str]:
-            secs, micros = c.time()
-            now = secs * 1000 + micros // 1000
-            return cast(list[str], c.zrangebyscore(self.keys.leases, "-inf", f"({now}"))
-
-        return self.call(scan)
-
     def expired_leases(self) -> dict[str, float]:
-        """Workers whose lease deadline has passed, with that deadline (ms)."""
-
-        def scan(c: redis.Redis) -> list[tuple[str, float]]:
-            secs, micros = c.time()
-            now = secs * 1000 + micros // 1000
-            return cast(
-                list[tuple[str, float]],
-                c.zrangebyscore(self.keys.leases, "-inf", f"({now}", withscores=True),
-            )
-
-        return dict(self.call(scan))
+        """Workers whose lease deadline has passed (Redis server's clock), with that deadline
+        (ms)."""
+        flat = self._run("expired", [self.keys.leases], [])
+        pairs = zip(flat[::2], flat[1::2], strict=True)
+        return {worker: float(deadline) for worker, deadline in pairs}
 
     def leases(self) -> dict[str, float]:
         """Every known worker with its lease deadline in ms."""

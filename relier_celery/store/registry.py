@@ -4,6 +4,7 @@ receipt, drop it on completion, hand it back to its queue, and claim a dead work
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -117,22 +118,42 @@ class RegistryCommands(Connection):
         fetch field."""
         return cast(dict[str, str], self.call(lambda c: c.hgetall(self.keys.held(worker))))
 
-    def claim(self, dead: str, scanner: str, ttl: float) -> dict[str, str]:
-        """Claim a dead worker's records for one scanner; empty if alive or already claimed."""
+    def claim(self, deads: Sequence[str], scanner: str, ttl: float) -> dict[str, dict[str, str]]:
+        """Claim dead workers' records for one scanner, in one round trip: each worker claimed
+        with its records; a worker alive, already claimed, or holding nothing is left out."""
         k = self.keys
-        flat = self._run("claim", [k.leases, k.held(dead), k.claim(dead)], [dead, scanner, ms(ttl)])
-        return dict(zip(flat[::2], flat[1::2], strict=True))
+        keys = [k.leases]
+        for dead in deads:
+            keys += [k.held(dead), k.claim(dead)]
+        lists = self._run("claim", keys, [scanner, ms(ttl), *deads]) if deads else []
+        return {
+            dead: dict(zip(flat[::2], flat[1::2], strict=True))
+            for dead, flat in zip(deads, lists, strict=True)
+            if flat
+        }
 
-    def take(self, worker: str, field: str) -> bool:
-        """Remove one record after it was republished."""
-        return bool(self.call(lambda c: c.hdel(self.keys.held(worker), field)))
+    def take(self, fields: Mapping[str, Sequence[str]]) -> None:
+        """Remove records after they were republished (worker -> fields), in one round
+        trip."""
 
-    def claim_finish(self, dead: str, scanner: str) -> int:
-        """End a claim; return how many records are left."""
+        def drop(c: redis.Redis) -> None:
+            pipe = c.pipeline(transaction=False)
+            for worker, names in fields.items():
+                if names:
+                    pipe.hdel(self.keys.held(worker), *names)
+            pipe.execute()
+
+        if any(fields.values()):
+            self.call(drop)
+
+    def claim_finish(self, deads: Sequence[str], scanner: str) -> dict[str, int]:
+        """End claims; return how many records each worker has left."""
         k = self.keys
-        return int(
-            self._run("claim_finish", [k.leases, k.held(dead), k.claim(dead)], [dead, scanner])
-        )
+        keys = [k.leases]
+        for dead in deads:
+            keys += [k.held(dead), k.claim(dead)]
+        left = self._run("claim_finish", keys, [scanner, *deads]) if deads else []
+        return dict(zip(deads, (int(n) for n in left), strict=True))
 
     def forget_done(self, delivery: str) -> None:
         """Drop a delivery id's done record, so a released copy is not taken for a

@@ -5,7 +5,7 @@ drain status): the running sets, recovery times, counters and the fleet overview
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
 import redis
@@ -68,17 +68,18 @@ class VisibilityCommands(Connection):
 
         self.call(write)
 
-    def add_recovery(self, last_alive_ms: float, count: int) -> None:
-        """Record ``count`` tasks republished now from a worker last alive at
-        ``last_alive_ms`` (Redis clock): one sample each, the list capped."""
-        if count <= 0:
+    def add_recovery(self, samples: Sequence[tuple[float, int]]) -> None:
+        """Record tasks republished now, ``(last_alive_ms, count)`` per dead worker (Redis
+        clock): one sample per task, the list capped."""
+        samples = [(alive, n) for alive, n in samples if n > 0]
+        if not samples:
             return
         now = self.now_ms()
-        sample = f"{now}:{max(int(now - last_alive_ms), 0)}"
+        values = [f"{now}:{max(int(now - alive), 0)}" for alive, n in samples for _ in range(n)]
 
         def write(c: redis.Redis) -> None:
             pipe = c.pipeline(transaction=False)
-            pipe.lpush(self.keys.recovery, *([sample] * count))
+            pipe.lpush(self.keys.recovery, *values)
             pipe.ltrim(self.keys.recovery, 0, RECOVERY_SAMPLES - 1)
             pipe.execute()
 
