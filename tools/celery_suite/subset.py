@@ -9,6 +9,10 @@ _CANVAS = "t/integration/test_canvas.py"
 _TASKS = "t/integration/test_tasks.py"
 
 # The CI subset: the canvas and task tests that cover replace, retry, chords and revocation.
+# Left out for time (the suite's 15 minutes), each covered by a sibling kept here and run in the
+# full suite: test_retry (31 s of countdowns; the retry_* tests below retry too),
+# test_mutable_errback_called_by_chord_from_group (13 s; its chain and immutable siblings stay),
+# test_revoke_keeps_state_of_task_started_elsewhere (11 s; test_revoked stays).
 # Node ids, not -k: a test renamed in a new celery version fails the run loudly ("not found")
 # instead of silently leaving the subset.
 CI_SUBSET = (
@@ -27,7 +31,6 @@ CI_SUBSET = (
     f"{_CANVAS}::test_chord::test_chord_header_task_replaced_with_chain",
     f"{_CANVAS}::test_chord::test_replaced_nested_chord",
     # retry
-    f"{_TASKS}::test_tasks::test_retry",
     f"{_TASKS}::test_tasks::test_retry_switches_from_kwargs_to_args",
     f"{_TASKS}::test_tasks::test_retry_switches_from_args_to_kwargs",
     f"{_TASKS}::test_tasks::test_retry_with_unpickleable_exception",
@@ -44,11 +47,9 @@ CI_SUBSET = (
     f"{_CANVAS}::test_chord::test_error_propagates_from_chord2",
     f"{_CANVAS}::test_chord::test_mutable_errback_called_by_chord_from_chain",
     f"{_CANVAS}::test_chord::test_immutable_errback_called_by_chord_from_group",
-    f"{_CANVAS}::test_chord::test_mutable_errback_called_by_chord_from_group",
     f"{_CANVAS}::test_chain::test_chain_of_chords_with_two_tasks",
     # revocation
     f"{_TASKS}::test_tasks::test_revoked",
-    f"{_TASKS}::test_tasks::test_revoke_keeps_state_of_task_started_elsewhere[STARTED]",
     f"{_TASKS}::test_tasks::test_revoked_by_headers_simple_canvas",
     f"{_TASKS}::test_tasks::test_revoke_by_stamped_headers_no_match",
     # failed with relier only in the full run of 5 December 2026 (not its sibling
