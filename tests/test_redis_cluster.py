@@ -1,11 +1,12 @@
 """Relier's store on a real 3-primary Redis Cluster (``relier_redis_cluster = True``): every Lua
 script and every pipeline runs within relier's one slot, keyless commands (TIME, CLIENT LIST)
 reach that slot's owner, scripts are reloaded on a node that received the slot by a resharding,
-the presence connection follows the slot; each configuration that cannot work is one line
-naming the setting."""
+the presence connection follows the slot, a pool process reaches the cluster when the seed
+node died; each configuration that cannot work is one line naming the setting."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -218,3 +219,30 @@ def test_a_seed_that_is_no_cluster_node_is_refused() -> None:
 def test_a_cluster_node_without_the_setting_is_refused(cluster: RedisClusterServer) -> None:
     with pytest.raises(ConfigError, match="set relier_redis_cluster = True"):
         Store(cluster.url, Keys("rl")).self_check()
+
+
+def test_a_forked_process_reaches_the_cluster_when_the_seed_node_is_gone() -> None:
+    # Given a store seeded by a replica (the cluster stays ok without it) that met the cluster
+    server = RedisClusterServer(replicas=1).start()
+    try:
+        seed = server.nodes[server.count].url
+        store = Store(seed, Keys("rl"), cluster=True)
+        store.meet_cluster()  # what a worker does before its pool forks
+        # When that node dies and the process forks (a pool process; its first call)
+        server.kill(server.count)
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover (the child)
+            ok = False
+            try:
+                store.renew_lease("w1", 5)
+                ok = "w1" in store.leases()
+            finally:
+                os._exit(0 if ok else 1)
+        # Then the child reached the cluster through the nodes its parent met
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+        assert "w1" in store.leases()
+        # while a new process knows only relier_redis_url, which names the dead node
+        with pytest.raises(StoreUnavailable, match="no Redis Cluster node answers"):
+            Store(seed, Keys("rl"), cluster=True).leases()
+    finally:
+        server.stop()

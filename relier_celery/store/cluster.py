@@ -7,7 +7,9 @@ now, so every clock relier compares is the clock of the node its scripts run on.
 moves (a resharding), redis-py follows MOVED and ASK; the next command re-homes the keyless
 ones. A node that received the slot has not loaded relier's scripts: redis-py's ``Script``
 reloads them on NOSCRIPT. A seed that cannot be reached, or that is no cluster node, stops the
-worker at start with one line naming the setting.
+worker at start with one line naming the setting. A process forked from one that already met
+the cluster (a pool process) is seeded with every node its parent knew as well: the seed may be
+the primary that died in a failover.
 """
 
 from __future__ import annotations
@@ -18,14 +20,21 @@ from typing import Any, cast
 from urllib.parse import urlsplit
 
 import redis
-from redis.cluster import RedisCluster
+from redis.cluster import ClusterNode, RedisCluster
 from redis.crc import key_slot
 from redis.exceptions import RedisClusterException
 
 from relier_celery.core.errors import ConfigError, StoreUnavailable
 from relier_celery.core.keys import Keys
 
-__all__ = ["BROKER_IN_CLUSTER", "SlotCluster", "check_start", "connect_cluster", "home_connection"]
+__all__ = [
+    "BROKER_IN_CLUSTER",
+    "SlotCluster",
+    "check_start",
+    "connect_cluster",
+    "home_connection",
+    "known_nodes",
+]
 
 BROKER_IN_CLUSTER = (
     "relier_redis_cluster is True but the broker's Redis ({where}) is in that cluster: kombu "
@@ -88,12 +97,30 @@ class SlotCluster(RedisCluster):
         return out
 
 
-def connect_cluster(url: str, options: Mapping[str, Any], keys: Keys, **common: Any) -> redis.Redis:
-    """A client of the cluster behind the seed node ``url``. Typed as ``redis.Redis``: it
-    answers every command the store sends (keyed ones by their slot)."""
+def known_nodes(client: Any) -> list[tuple[str, int]]:
+    """The nodes, primaries and replicas, a cluster client has met (none for a plain one)."""
+    if not isinstance(client, SlotCluster):
+        return []
+    return [(n.host, n.port) for n in client.get_nodes()]  # type: ignore[no-untyped-call]
+
+
+def connect_cluster(
+    url: str,
+    options: Mapping[str, Any],
+    keys: Keys,
+    seeds: list[tuple[str, int]] | None = None,
+    **common: Any,
+) -> redis.Redis:
+    """A client of the cluster behind the seed node ``url``, or any of ``seeds`` (the nodes
+    a parent process knew). Typed as ``redis.Redis``: it answers every command the store
+    sends (keyed ones by their slot)."""
+    nodes = [ClusterNode(host, port) for host, port in seeds or []]  # type: ignore[no-untyped-call]
     try:
         client = SlotCluster.from_url(
-            url, home_slot=key_slot(keys.leases.encode()), **{**common, **options}
+            url,
+            home_slot=key_slot(keys.leases.encode()),
+            startup_nodes=nodes,
+            **{**common, **options},
         )
     except RedisClusterException as exc:
         where = _address(url)

@@ -13,7 +13,7 @@ import os
 import re
 import threading
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from importlib import resources
 from typing import Any, TypeVar, cast
 from urllib.parse import unquote, urlsplit
@@ -21,7 +21,7 @@ from urllib.parse import unquote, urlsplit
 import redis
 from redis.commands.core import Script
 
-from relier_celery.core.errors import StoreUnavailable
+from relier_celery.core.errors import RelierError, StoreUnavailable
 from relier_celery.core.keys import Keys
 from relier_celery.store import cluster as redis_cluster
 
@@ -120,11 +120,15 @@ def no_master(masked_url: str, options: Mapping[str, Any], exc: Exception) -> st
 
 
 def connect(
-    url: str, options: Mapping[str, Any] | None = None, cluster: Keys | None = None
+    url: str,
+    options: Mapping[str, Any] | None = None,
+    cluster: Keys | None = None,
+    seeds: list[tuple[str, int]] | None = None,
 ) -> redis.Redis:
     """A client of relier's Redis: a plain URL, the master behind Sentinel (it follows a
     failover: each new connection asks the sentinels where the master is now), or, with
-    ``cluster`` (relier's keys), the Redis Cluster behind a seed node (cluster.py)."""
+    ``cluster`` (relier's keys), the Redis Cluster behind a seed node or any of ``seeds``
+    (cluster.py)."""
     common: dict[str, Any] = {
         "decode_responses": True,
         "socket_timeout": SOCKET_TIMEOUT,
@@ -133,7 +137,7 @@ def connect(
     }
     extra = dict(options or {})
     if cluster is not None:
-        return redis_cluster.connect_cluster(url, extra, cluster, **common)
+        return redis_cluster.connect_cluster(url, extra, cluster, seeds, **common)
     if not url.startswith("sentinel://"):
         return redis.Redis.from_url(url, **{**common, **extra})
     nodes, master = parse_sentinel_url(url)
@@ -182,11 +186,22 @@ class Connection:
         if self._pid != os.getpid() or self._client is None:
             with self._lock:
                 if self._pid != os.getpid() or self._client is None:
-                    client = connect(self.url, self.options, self.cluster)
+                    # A pool process: its parent's client knows the whole cluster, and the
+                    # URL's node may be a primary that died in a failover since.
+                    seeds = redis_cluster.known_nodes(self._client)
+                    client = connect(self.url, self.options, self.cluster, seeds)
                     self._scripts = {n: client.register_script(_script_text(n)) for n in _SCRIPTS}
                     self._client = client
                     self._pid = os.getpid()
         return self._client
+
+    def meet_cluster(self) -> None:
+        """On a Redis Cluster, connect now, before a worker's pool forks: a pool process seeds
+        its own client with every node this one met. Best effort: the worker's start reports
+        a failure, with the same error."""
+        if self.cluster is not None:
+            with suppress(RelierError):
+                _ = self.client  # the property connects
 
     def _run(self, name: str, keys: list[str], args: list[Any]) -> Any:
         client = self.client
@@ -224,7 +239,8 @@ class Connection:
 
     def named_client(self, name: str) -> redis.Redis:
         """A client whose connections carry ``name`` (CLIENT SETNAME), for presence.py."""
-        return connect(self.url, {**self.options, "client_name": name}, self.cluster)
+        seeds = redis_cluster.known_nodes(self._client)
+        return connect(self.url, {**self.options, "client_name": name}, self.cluster, seeds)
 
     def connection_names(self) -> set[str]:
         """The names of the connections Redis has now (CLIENT LIST; one round trip)."""

@@ -52,6 +52,9 @@ class WorkerRuntime:
         self.store = relier.store
         self.worker_id = new_worker_id(hostname)
         relier.worker_id = self.worker_id  # before the pool forks: idempotency claims name it
+        # Also before the fork: a pool process connects to a cluster through the nodes met
+        # here, not only relier_redis_url's node (a primary that a failover may have killed).
+        self.store.meet_cluster()
         self.resurrector = Resurrector(
             app, self.config, self.store, name=f"scanner@{self.worker_id}"
         )
