@@ -89,6 +89,19 @@ def work(n: int, seconds: float = 0.0, pad: str = "") -> int:
     return n
 
 
+@app.task(name="chaos.held_open")
+def held_open(n: int, limit: float = 120.0) -> int:
+    """Like work, but it runs until the test sets ``test:release:<n>`` (``limit`` seconds at
+    most): a test that kills its worker mid-run, however slow the machine, kills it running."""
+    r().pipeline(transaction=False).incr(f"test:started:{n}").rpush("test:order", n).execute()
+    deadline = time.monotonic() + limit
+    while not r().get(f"test:release:{n}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    r().incr(f"test:runs:{n}")
+    r().sadd("test:done", n)
+    return n
+
+
 @app.task(name="chaos.traced", bind=True)
 def traced(self, n: int, seconds: float) -> int:
     """Like work, and every start and end is written down with its worker and time."""
