@@ -14,12 +14,11 @@ from celery import Celery
 
 from relier_celery import install
 from relier_celery.core.config import RelierConfig
-from relier_celery.core.headers import CRASHES_HEADER, FETCH_FIELD, FETCH_QUEUE, PUBLICATION_HEADER
+from relier_celery.core.headers import FETCH_FIELD, FETCH_QUEUE, PUBLICATION_HEADER
 from relier_celery.core.record import Generation, TaskRecord, delivery_id
 from relier_celery.recovery.dlq import released_record
 from relier_celery.recovery.inflight import Inflight, Key
 from relier_celery.store.client import Store
-from relier_celery.store.presence import Presence
 from relier_celery.testing import task_headers
 from relier_celery.wiring.signals import on_before_task_publish
 
@@ -239,122 +238,3 @@ def test_a_consumer_restart_hands_back_a_replacement_waiting_under_a_running_tas
     # Then the replacement is handed back, the running task keeps its record
     assert count == 1 and handed == ["t1#p2"]
     assert list(inflight.local) == [Inflight.key_of(replaced)]
-
-
-# -- a broker's redelivery whose holder is gone is taken over, not dropped (issue 17) ------
-
-
-def _redelivered(headers: dict[str, Any]) -> _Message:
-    message = _Message(headers)
-    message.delivery_info["redelivered"] = True
-    return message
-
-
-def test_a_redelivery_whose_holder_is_gone_runs_now(store: Store, captured) -> None:
-    # Given a delivery held by w0, a worker with no presence connection (it died)
-    headers = task_headers("t1", task="demo.add", **{PUBLICATION_HEADER: "p1"})
-    record = _record(headers)
-    assert store.record(record.delivery_id, "w0", record.generation, record.dumps()).recorded
-    inflight = _inflight(store)
-    # When the broker redelivers it to w1
-    verdict = inflight.receive(_redelivered(headers), {"demo.add"})
-    # Then w1 takes it over: it runs, w1 holds it, w0 no longer does
-    assert verdict == "run"
-    assert store.call(lambda c: c.hget(store.keys.owners, "t1#p1")) == "w1|0|0"
-    assert store.held("w0") == {}
-    assert list(store.held("w1")) == ["t1#p1|0|0"]
-    assert [e.attributes["holder"] for e in captured if e.name == "task.taken_over"] == ["w0"]
-    # And a second redelivery of it is a duplicate of w1's own, as before
-    assert inflight.receive(_redelivered(headers), {"demo.add"}) == "duplicate"
-
-
-def test_a_takeover_counts_as_a_crash_of_the_holder(store: Store) -> None:
-    # Given a delivery held by w0 (gone) after one crash already (a takeover before it)
-    headers = task_headers("t1", task="demo.add", **{PUBLICATION_HEADER: "p1"})
-    held = _record({**headers, CRASHES_HEADER: 1})
-    store.record(held.delivery_id, "w0", held.generation, held.dumps())
-    # When the broker redelivers its own copy (published with no crash) to w1
-    message = _redelivered(headers)
-    assert _inflight(store).receive(message, {"demo.add"}) == "run"
-    # Then w0's death is counted: w1's record and the task's context say two crashes
-    (raw,) = store.held("w1").values()
-    assert TaskRecord.loads(raw).crashes == 2
-    assert message.headers[CRASHES_HEADER] == 2
-
-
-def test_a_poison_pill_taken_over_past_max_resurrections_goes_to_the_dlq(store: Store) -> None:
-    # Given a delivery whose holders died with it twice already (max_resurrections=2), held
-    # by w0, which died with it a third time
-    headers = task_headers("t1", task="demo.add", **{PUBLICATION_HEADER: "p1"})
-    held = _record({**headers, CRASHES_HEADER: 2})
-    store.record(held.delivery_id, "w0", held.generation, held.dumps())
-    # When the broker redelivers it to w1
-    verdict = _inflight(store).receive(_redelivered(headers), {"demo.add"})
-    # Then it does not run again: it is in the DLQ, as the scanner would have put it
-    assert verdict == "quarantined"
-    (entry,) = [json.loads(v) for v in store.dlq_entries().values()]
-    assert entry["reason"] == "max_resurrections" and entry["crashes"] == 2
-    assert "worker w0 was lost holding this task after 2 earlier crash(es)" in entry["error"]
-    assert store.held("w0") == {} and store.held("w1") == {}
-
-
-def test_a_redelivery_whose_holder_is_present_is_a_duplicate(store: Store) -> None:
-    # Given a delivery held by w0, whose presence connection is open (it lives)
-    headers = task_headers("t1", task="demo.add", **{PUBLICATION_HEADER: "p1"})
-    record = _record(headers)
-    store.record(record.delivery_id, "w0", record.generation, record.dumps())
-    alive = Presence(store, "w0")
-    alive.open()
-    try:
-        # When the broker redelivers it (w0's channel closed, w0 still runs the task)
-        verdict = _inflight(store).receive(_redelivered(headers), {"demo.add"})
-    finally:
-        alive.close()
-    # Then it is dropped: a live holder never loses a task to a redelivery
-    assert verdict == "duplicate"
-    assert list(store.held("w0")) == ["t1#p1|0|0"]
-
-
-def test_a_copy_that_the_broker_did_not_redeliver_is_never_taken_over(store: Store) -> None:
-    headers = task_headers("t1", task="demo.add", **{PUBLICATION_HEADER: "p1"})
-    record = _record(headers)
-    store.record(record.delivery_id, "w0", record.generation, record.dumps())
-    assert _inflight(store).receive(_Message(headers), {"demo.add"}) == "duplicate"
-    assert list(store.held("w0")) == ["t1#p1|0|0"]
-
-
-def test_a_scanner_resurrecting_the_holder_wins_over_a_takeover(store: Store) -> None:
-    # Given a dead holder whose records a scanner has claimed (it is republishing them)
-    headers = task_headers("t1", task="demo.add", **{PUBLICATION_HEADER: "p1"})
-    record = _record(headers)
-    store.record(record.delivery_id, "w0", record.generation, record.dumps())
-    store.call(lambda c: c.set(store.keys.claim("w0"), "scanner"))
-    # When the broker's copy arrives meanwhile
-    verdict = _inflight(store).receive(_redelivered(headers), {"demo.add"})
-    # Then it is a duplicate: only the scanner's resurrected copy will run
-    assert verdict == "duplicate"
-    assert list(store.held("w0")) == ["t1#p1|0|0"]
-
-
-def test_take_over_refuses_an_entry_that_changed(store: Store) -> None:
-    headers = task_headers("t1", task="demo.add", **{PUBLICATION_HEADER: "p1"})
-    record = _record(headers)
-    store.record(record.delivery_id, "w0", record.generation, record.dumps())
-    gen = record.generation
-    assert not store.take_over("t1#p1", "w9|0|0", "w1", gen, record.dumps(), 30)
-    assert store.take_over("t1#p1", "w0|0|0", "w1", gen, record.dumps(), 30)
-    assert not store.take_over("t1#p1", "w0|0|0", "w2", gen, record.dumps(), 30)
-
-
-def test_a_holder_that_only_looked_gone_is_fenced_on_its_next_renewal(store: Store) -> None:
-    # Given w0, alive but cut off from Redis and the broker, whose delivery w1 took over
-    headers = task_headers("t1", task="demo.add", **{PUBLICATION_HEADER: "p1"})
-    record = _record(headers)
-    store.renew_lease("w0", ttl=30)
-    store.record(record.delivery_id, "w0", record.generation, record.dumps())
-    assert store.take_over("t1#p1", "w0|0|0", "w1", record.generation, record.dumps(), 30)
-    # When w0 reaches Redis again and renews its lease
-    prev, _ = store.renew_lease("w0", ttl=30)
-    # Then the renewal tells it the lease was lost (it stops what it still runs), once
-    assert prev == -2
-    assert store.renew_lease("w0", ttl=30)[0] > 0

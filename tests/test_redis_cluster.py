@@ -64,8 +64,8 @@ def test_every_script_runs_on_the_cluster(store: Store, cluster: RedisClusterSer
     assert store.known({"d1", "nope"}) == {"d1"}  # a pipeline of HEXISTS and EXISTS
     assert store.complete("d1", "w1", G0, 60)
     # take_over: d2 held by w3, taken by w1
-    assert store.record("d2", "w3", G0, "rec2").recorded
-    assert store.take_over("d2", "w3|0|0", "w1", G0, "rec2", 30)
+    assert store.record("d2", "w3", G0, '{"headers": {}}').recorded
+    assert store.take_over("d2", "w3", "w1", G0, "rec2", 0, 30).reason == "taken"
     assert store.renew_lease("w3", 5)[0] == -2  # its next renewal reads the taken marker
     # expired, claim, claim_finish: w4 holds one record and its lease ran out
     store.renew_lease("w4", 0.001)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import traceback
+from dataclasses import replace
 from typing import Any
 
 from relier_celery.core import events
@@ -84,13 +85,8 @@ class Receiving(Registry):
                 worker=self.worker,
             )
             return "run"
-        gen = record.generation
         try:
-            receipt = self.store.record(record.delivery_id, self.worker, gen, record.dumps())
-            seen = receipt.detail
-            taken = receipt.reason == "held" and self._take_over(message, record, seen)
-            if taken:
-                receipt = Receipt(True)
+            receipt = self._record(message, record)
         except StoreUnavailable as exc:
             self._mark_store_down(exc)
             return "parked"
@@ -98,8 +94,8 @@ class Receiving(Registry):
         if not receipt.recorded:
             events.emit(
                 events.TASK_DUPLICATE_DROPPED,
-                f"{record.task_name}[{record.task_id}] delivery {gen.retries}|"
-                f"{gen.resurrections} is not newer than the one {receipt.reason} "
+                f"{record.task_name}[{record.task_id}] delivery {record.generation.retries}|"
+                f"{record.generation.resurrections} is not newer than the one {receipt.reason} "
                 f"({receipt.detail}); acked without running",
                 task_id=record.task_id,
                 task_name=record.task_name,
@@ -111,49 +107,66 @@ class Receiving(Registry):
         key = Key.of_record(record)
         with self._lock:
             self.local[key] = record
+        taken = receipt.reason == "taken"
         limit = self.resurrector.max_resurrections(record.task_name) if taken else 0
         if taken and record.crashes > limit:
             # Its holder died with it once more than allowed: a poison pill, as the scanner
             # would find it (resurrect.py), caught here because the broker was faster.
             # The entry counts the earlier crashes, as the scanner's does.
             record.headers[CRASHES_HEADER] = earlier = record.crashes - 1
-            why = f"worker {seen.rsplit('|', 2)[0]} was lost holding this task"
             self.quarantine_held(
                 key,
                 "max_resurrections",
-                f"{why} after {earlier} earlier crash(es) with it: max_resurrections={limit}",
+                f"worker {receipt.detail} was lost holding this task after {earlier} earlier "
+                f"crash(es) with it: max_resurrections={limit}",
             )
             return "quarantined"
         return self._check_schema(key, record, message, args, kwargs, embed)
 
-    def _take_over(self, message: Any, record: TaskRecord, seen: str) -> bool:
-        """A broker's redelivery of a delivery whose holder is gone runs now, not after the
-        holder's lease (presence.py); a live holder keeps it."""
-        if not (message.delivery_info or {}).get("redelivered"):
-            return False
-        holder = seen.rsplit("|", 2)[0]
-        if holder == self.worker or not self.presence.gone(holder):
-            return False
-        # The holder died holding it: a crash, counted against max_resurrections as the
-        # scanner counts it, from the holder's copy (the broker's carries the count it was
-        # published with, not the takeovers since).
-        _, retries, resurrections = seen.rsplit("|", 2)
-        field = f"{record.delivery_id}|{retries}|{resurrections}"
-        raw = self.store.call(lambda c: c.hget(self.store.keys.held(holder), field))
-        if raw is None:
-            return False  # it completed, or a scanner took it: a duplicate after all
-        try:
-            crashes = TaskRecord.loads(raw, field).crashes + 1
-        except (ValueError, KeyError, TypeError):
-            return False  # unreadable: the scanner quarantines it raw, after the lease
-        record.headers[CRASHES_HEADER] = crashes
-        message.headers[CRASHES_HEADER] = crashes  # what the task's context shows
-        gen = record.generation
-        ttl = 10 * self.config.lease_ttl  # the holder's marker: past it, its lease ran out
-        if not self.store.take_over(
-            record.delivery_id, seen, self.worker, gen, record.dumps(), ttl
-        ):
-            return False
+    def _record(self, message: Any, record: TaskRecord) -> Receipt:
+        """Record a delivery (receipt.lua), or take a broker's redelivery over from a holder
+        that is gone (presence.py): it runs now, not after that holder's lease; a live
+        holder keeps it. A dead worker's redeliveries come in a burst: once it is seen gone,
+        each of the others costs one round trip (take_over.lua), not three."""
+        redelivered = bool((message.delivery_info or {}).get("redelivered"))
+        guess = self.presence.recently_gone(self.worker) if redelivered else None
+        receipt = self._take_over(message, record, guess) if guess else Receipt(False, "free")
+        if receipt.reason == "free":
+            receipt = self.store.record(
+                record.delivery_id, self.worker, record.generation, record.dumps()
+            )
+        if not redelivered or receipt.reason != "held":
+            return receipt
+        holder = receipt.detail.rsplit("|", 2)[0]
+        if holder in (guess, self.worker) or not self.presence.gone(holder):
+            return receipt
+        taken = self._take_over(message, record, holder)
+        return receipt if taken.reason == "free" else taken  # "free": taken meanwhile
+
+    def _take_over(self, message: Any, record: TaskRecord, holder: str) -> Receipt:
+        """Take a redelivery over from ``holder``, gone. Its death is a crash, counted
+        against max_resurrections as the scanner counts it, from the holder's record (the
+        broker's copy carries the count it was published with, not the takeovers since):
+        guessed from the copy, corrected by take_over.lua when the guess was wrong."""
+        crashes, ttl = record.crashes, 10 * self.config.lease_ttl  # ttl: the holder's marker
+        for _ in range(2):
+            mine = replace(record, headers={**record.headers, CRASHES_HEADER: crashes + 1})
+            receipt = self.store.take_over(
+                record.delivery_id,
+                holder,
+                self.worker,
+                record.generation,
+                mine.dumps(),
+                crashes,
+                ttl,
+            )
+            if receipt.reason != "crashes":
+                break
+            crashes = int(receipt.detail)
+        if not receipt.recorded:
+            return Receipt(False, "held", holder) if receipt.reason == "crashes" else receipt
+        record.headers[CRASHES_HEADER] = crashes + 1
+        message.headers[CRASHES_HEADER] = crashes + 1  # what the task's context shows
         events.emit(
             events.TASK_TAKEN_OVER,
             f"{record.task_name}[{record.task_id}] redelivered by the broker, and its holder "
@@ -165,7 +178,7 @@ class Receiving(Registry):
             holder=holder,
             **trace_context(record.headers),
         )
-        return True
+        return Receipt(True, "taken", holder)
 
     def _check_schema(
         self,

@@ -29,6 +29,10 @@ __all__ = ["Presence", "PresenceCache"]
 
 # How long a worker seen absent stays absent without asking Redis again: a burst of
 # redeliveries of one dead worker's messages costs one CLIENT LIST, not one per message.
+# Safe because a worker id names one process start (install.new_worker_id): a dead worker
+# never comes back. Kept short all the same: a live worker whose connection Redis dropped
+# (a restart) looks absent until its heartbeat reconnects it (the takeover's marker fences
+# it: take_over.lua).
 ABSENT_FOR = 0.5
 # A holder seen present when its message is redelivered is asked again for this long before
 # the copy counts as a duplicate (a live holder costs its redeliveries this much, once each).
@@ -113,6 +117,15 @@ class PresenceCache:
     def __init__(self, store: Store) -> None:
         self.store = store
         self._absent: dict[str, float] = {}
+
+    def recently_gone(self, but: str) -> str | None:
+        """The worker seen absent last, less than ABSENT_FOR ago, other than ``but``: the
+        likely holder of the next redelivery, since a dead worker's come in a burst."""
+        now = time.monotonic()
+        for worker in reversed(self._absent):
+            if worker != but and now - self._absent[worker] < ABSENT_FOR:
+                return worker
+        return None
 
     def present(self, worker: str) -> bool:
         now = time.monotonic()

@@ -10,6 +10,7 @@ from typing import Any, cast
 
 import redis
 
+from relier_celery.core.headers import CRASHES_HEADER
 from relier_celery.core.record import Generation
 from relier_celery.store.connection import Connection, ms
 
@@ -43,19 +44,46 @@ class RegistryCommands(Connection):
         return Receipt(False, str(out[1]), str(out[2]))
 
     def take_over(
-        self, delivery: str, seen: str, worker: str, gen: Generation, record: str, ttl: float
-    ) -> bool:
-        """Move a delivery from a holder that is gone (``seen``: its owners entry) to
-        ``worker``; False when it is a duplicate after all (take_over.lua). ``ttl``: how long
-        the holder's marker waits for a renewal that fences it (a few leases)."""
-        holder = seen.rsplit("|", 2)[0]
+        self,
+        delivery: str,
+        holder: str,
+        worker: str,
+        gen: Generation,
+        record: str,
+        crashes: int,
+        ttl: float,
+    ) -> Receipt:
+        """Receive a broker's redelivery of ``delivery``, taking it over from ``holder``, a
+        worker that is gone (take_over.lua). ``record``: the receiver's, counting ``crashes``
+        + 1, ``crashes`` being the count expected in the holder's record. ``ttl``: how long
+        the holder's marker waits for a renewal that fences it (a few leases). The reason is
+        "taken" when taken over; "crashes" (the holder's count in ``detail``) or "free"
+        (nobody holds it) when nothing changed; "done" or "held" for a duplicate."""
         k = self.keys
         out = self._run(
             "take_over",
-            [k.owners, k.held(holder), k.claim(holder), k.held(worker), k.taken(holder)],
-            [delivery, seen, worker, gen.retries, gen.resurrections, record, ms(ttl)],
+            [
+                k.owners,
+                k.done(delivery),
+                k.held(holder),
+                k.claim(holder),
+                k.held(worker),
+                k.taken(holder),
+            ],
+            [
+                delivery,
+                holder,
+                worker,
+                gen.retries,
+                gen.resurrections,
+                record,
+                crashes,
+                CRASHES_HEADER,
+                ms(ttl),
+            ],
         )
-        return bool(out)
+        detail = str(out[2]) if len(out) > 2 else ""
+        return Receipt(int(out[0]) == 1, str(out[1]), detail)
 
     def complete(
         self, delivery: str, worker: str, gen: Generation, done_ttl: float, finished: bool = True

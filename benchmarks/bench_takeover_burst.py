@@ -1,0 +1,106 @@
+"""The receipt side of a takeover alone: how long a survivor's consumer spends taking over a
+dead worker's burst of redeliveries, and how many Redis round trips that costs.
+
+    python benchmarks/bench_takeover_burst.py [--bursts 300] [--per-burst 4]
+
+Each burst: ``--per-burst`` deliveries recorded under a worker id that has no presence
+connection (it died), then their broker redeliveries passed one after another through the
+worker's receipt (``Inflight.receive``, as the consumer calls it), against a throwaway
+redis-server. bench_rabbitmq.py measures the whole recovery, with real workers and RabbitMQ;
+this isolates the part relier adds on the consumer, which a SIGKILL's noise hides there. Run
+it with another checkout first on ``PYTHONPATH`` to compare two versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import time
+import uuid
+from types import SimpleNamespace
+from typing import Any
+
+from stats import pct
+
+from relier_celery.core.config import RelierConfig
+from relier_celery.core.headers import PUBLICATION_HEADER
+from relier_celery.core.keys import Keys
+from relier_celery.core.record import TaskRecord
+from relier_celery.recovery.inflight import Inflight
+from relier_celery.store.client import Store
+from relier_celery.testing import RedisServer, task_headers
+
+BODY = b'[[], {}, {"callbacks": null, "errbacks": null, "chain": null, "chord": null}]'
+
+
+class Redelivery:
+    """What the consumer hands relier: a kombu message the broker redelivered."""
+
+    def __init__(self, headers: dict[str, Any]) -> None:
+        self.headers = headers
+        self.body = BODY
+        self.content_type = "application/json"
+        self.content_encoding = "utf-8"
+        self.properties: dict[str, Any] = {}
+        self.delivery_tag = "1"
+        self.delivery_info = {"exchange": "", "routing_key": "celery", "redelivered": True}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--bursts", type=int, default=300)
+    parser.add_argument("--per-burst", type=int, default=4)
+    args = parser.parse_args()
+    logging.getLogger("relier_celery").setLevel(logging.ERROR)  # a takeover logs a line
+    with RedisServer() as url:
+        store = Store(url, Keys("rl"))
+        config = RelierConfig.from_mapping({"relier_reliable_fetch": False}, broker_url=url)
+        app = SimpleNamespace(conf=SimpleNamespace(accept_content=["json"]), tasks={"t": None})
+        resurrector = SimpleNamespace(app=app, max_resurrections=lambda _name: 3)
+        client = store.client
+        sent = [0]
+        real = client.execute_command
+
+        def counted(*a: Any, **kw: Any) -> Any:
+            sent[0] += 1
+            return real(*a, **kw)
+
+        client.execute_command = counted  # type: ignore[method-assign]
+        took, trips = [], []
+        for _ in range(args.bursts):
+            dead = f"dead@host/1/{uuid.uuid4().hex[:8]}"
+            burst = []
+            for _ in range(args.per_burst):
+                headers = task_headers(uuid.uuid4().hex, task="t", **{PUBLICATION_HEADER: "p"})
+                record = TaskRecord(
+                    task_id=str(headers["id"]),
+                    task_name="t",
+                    body=BODY,
+                    content_type="application/json",
+                    content_encoding="utf-8",
+                    headers=headers,
+                    properties={},
+                    exchange="",
+                    routing_key="celery",
+                    worker=dead,
+                )
+                store.record(record.delivery_id, dead, record.generation, record.dumps())
+                burst.append(Redelivery(headers))
+            inflight = Inflight(config, store, "survivor", resurrector)  # type: ignore[arg-type]
+            sent[0] = 0
+            started = time.perf_counter()
+            verdicts = [inflight.receive(m, {"t"}) for m in burst]
+            took.append((time.perf_counter() - started) * 1000)
+            trips.append(sent[0])
+            assert verdicts == ["run"] * args.per_burst, verdicts
+    print(
+        f"a burst of {args.per_burst} redeliveries taken over: p50 {statistics.median(took):.2f}"
+        f" ms, p99 {pct(took, 99):.2f} ms, {statistics.median(trips):.0f} Redis round trips"
+        f" ({args.bursts} bursts)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
