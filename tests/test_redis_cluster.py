@@ -244,5 +244,32 @@ def test_a_forked_process_reaches_the_cluster_when_the_seed_node_is_gone() -> No
         # while a new process knows only relier_redis_url, which names the dead node
         with pytest.raises(StoreUnavailable, match="no Redis Cluster node answers"):
             Store(seed, Keys("rl"), cluster=True).leases()
+        # unless relier_redis_options names further seeds (a dead one, then a live one)
+        gone, live = server.nodes[server.count].port, server.nodes[0].port
+        seeds = {"startup_nodes": [f"127.0.0.1:{gone}", f"127.0.0.1:{live}"]}
+        assert "w1" in Store(seed, Keys("rl"), seeds, cluster=True).leases()
+        with pytest.raises(StoreUnavailable, match=f"nor at 127.0.0.1:{gone}"):
+            only_dead = {"startup_nodes": [f"127.0.0.1:{gone}"]}
+            Store(seed, Keys("rl"), only_dead, cluster=True).leases()
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize(
+    ("options", "cluster", "error"),
+    [
+        ({"startup_nodes": ["10.0.0.2:7000"]}, False, "set relier_redis_cluster = True"),
+        ({"startup_nodes": ["10.0.0.2"]}, True, "'10.0.0.2' is not host:port"),
+        ({"startup_nodes": "10.0.0.2:99999"}, True, "'10.0.0.2:99999' is not host:port"),
+    ],
+)
+def test_bad_further_seeds_are_one_line_naming_the_setting(
+    options: dict[str, object], cluster: bool, error: str
+) -> None:
+    settings = {
+        "relier_redis_url": "redis://10.0.0.1:7000/0",
+        "relier_redis_cluster": cluster,
+        "relier_redis_options": options,
+    }
+    with pytest.raises(ConfigError, match=error):
+        RelierConfig.from_mapping(settings, broker_url="amqp://guest@localhost//")

@@ -16,7 +16,7 @@ from typing import Any
 
 from relier_celery.core.errors import ConfigError
 from relier_celery.core.rates import parse_queue_rules
-from relier_celery.core.urls import SENTINEL, check_cluster, mask_url
+from relier_celery.core.urls import SENTINEL, check_cluster, cluster_seeds, mask_url
 
 __all__ = [
     "RelierConfig",
@@ -223,6 +223,7 @@ class RelierConfig:
         parse_queue_rules(self.admission)
         if self.redis_cluster:
             check_cluster(self.redis_url, broker_url)
+        cluster_seeds(self.redis_options, self.redis_cluster)
         if self.redis_url.startswith(SENTINEL) and not self.redis_options.get("master_name"):
             raise ConfigError(
                 f"relier_redis_url {mask_url(self.redis_url)!r} is a Sentinel URL: set "

@@ -26,6 +26,7 @@ from redis.exceptions import RedisClusterException
 
 from relier_celery.core.errors import ConfigError, StoreUnavailable
 from relier_celery.core.keys import Keys
+from relier_celery.core.urls import cluster_seeds
 
 __all__ = [
     "BROKER_IN_CLUSTER",
@@ -112,9 +113,12 @@ def connect_cluster(
     **common: Any,
 ) -> redis.Redis:
     """A client of the cluster behind the seed node ``url``, or any of ``seeds`` (the nodes
-    a parent process knew). Typed as ``redis.Redis``: it answers every command the store
-    sends (keyed ones by their slot)."""
-    nodes = [ClusterNode(host, port) for host, port in seeds or []]  # type: ignore[no-untyped-call]
+    a parent process knew) or of ``options["startup_nodes"]`` (the operator's further
+    seeds). Typed as ``redis.Redis``: it answers every command the store sends (keyed ones by
+    their slot)."""
+    further = cluster_seeds(options, cluster=True)  # relier_redis_options["startup_nodes"]
+    options = {k: v for k, v in options.items() if k != "startup_nodes"}
+    nodes = [ClusterNode(h, p) for h, p in [*(seeds or []), *further]]  # type: ignore[no-untyped-call]
     try:
         client = SlotCluster.from_url(
             url,
@@ -135,8 +139,9 @@ def connect_cluster(
                 "Cluster node (cluster_enabled:0): point it at a cluster node, or set "
                 "relier_redis_cluster = False"
             ) from exc
+        also = "".join(f", nor at {h}:{p}" for h, p in further)
         raise StoreUnavailable(
-            f"relier_redis_url: no Redis Cluster node answers at {where} "
+            f"relier_redis_url: no Redis Cluster node answers at {where}{also} "
             f"(relier_redis_cluster = True): {exc}".replace("\n", " ")
         ) from exc
     except redis.RedisError as exc:
