@@ -67,6 +67,7 @@ def test_an_unknown_task_is_kept_and_runs_once_a_worker_knows_it(fleet, publishe
     wait_for(lambda: "l1" in r.smembers("test:done"), 30, what="the released task")
 
 
+@pytest.mark.parametrize("broker", BROKERS, indirect=True)
 @pytest.mark.parametrize(
     "body, content_type, encoding",
     [
@@ -77,14 +78,15 @@ def test_an_unknown_task_is_kept_and_runs_once_a_worker_knows_it(fleet, publishe
     ids=["garbage", "wrong-shape", "pickle"],
 )
 def test_a_body_that_cannot_be_decoded_lands_in_the_dlq_with_its_raw_bytes(
-    fleet, publisher, r, redis_url, body, content_type, encoding
+    broker, fleet, publisher, r, redis_url, body, content_type, encoding
 ):
     fleet.start(concurrency=1)
-    with Connection(redis_url) as conn:
+    queue = broker.queue or "celery"  # on RabbitMQ the test's queue, behind its own exchange
+    with Connection(broker.url) as conn:
         Producer(conn).publish(
             body,
-            exchange=Exchange("celery", type="direct"),
-            routing_key="celery",
+            exchange=Exchange(queue, type="direct"),
+            routing_key=queue,
             content_type=content_type,
             content_encoding=encoding,
             headers={"id": "bad-1", "task": "chaos.work", "lang": "py"},
