@@ -1,11 +1,11 @@
 """Phoenix resurrection: a dead worker's tasks run again on a live one.
 
-A scanner lists workers whose lease ran out (one ZRANGEBYSCORE), claims each one's records
-atomically (so racing scanners never resurrect a task twice), and republishes every message
-exactly as received with ``rl_resurrections`` raised by one; past ``max_resurrections`` the
-task goes to the dead letter queue instead. A record is removed only after its republish
-succeeded: a scanner that dies midway leaves its claim to expire and the rest to be taken
-again (at least once, never zero times).
+A scanner lists workers whose lease ran out (expired.lua), claims their records atomically,
+up to CLAIM_BATCH workers a call (so racing scanners never resurrect a task twice), and
+republishes every message exactly as received with ``rl_resurrections`` raised by one; past
+``max_resurrections`` the task goes to the dead letter queue instead. A record is removed only
+after its republish succeeded: a scanner that dies midway leaves its claim to expire and the
+rest to be taken again (at least once, never zero times).
 """
 
 from __future__ import annotations
