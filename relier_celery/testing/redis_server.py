@@ -3,11 +3,13 @@ and the pytest plugin share (a free port, waiting for a condition)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
 import tempfile
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +108,9 @@ class RedisServer:
             stderr=subprocess.DEVNULL,
             start_new_session=self.own_session,
         )
+        # A server its owner never stopped (a test that failed between its start and its
+        # finally) ends with the object or with the process that started it, not later.
+        weakref.finalize(self, _reap, self.proc, os.getpid())
         wait_for(self._ready, 10, what=f"redis-server on port {self.port}")
         return self.url
 
@@ -144,3 +149,14 @@ class RedisServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _reap(proc: subprocess.Popen[bytes], owner: int) -> None:
+    """Terminate a server left running, from the process that started it only (a forked
+    child that exits must not take its parent's server with it)."""
+    if os.getpid() == owner and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
