@@ -198,7 +198,11 @@ class Resurrector:
         with _Batch(self.app) as batch:
             try:
                 for worker, held in claimed.items():
-                    handled += self._resurrect_held(worker, held, batch, recovered, deadlines)
+                    records, republished = self._resurrect_held(worker, held, batch)
+                    handled += records
+                    # The last heartbeat was a lease before the deadline (_record_recovery).
+                    last_alive = deadlines[worker] - self.config.lease_ttl * 1000
+                    recovered.append((last_alive, republished))
             finally:
                 # What was published is dropped even when a later publish failed; what was
                 # not stays held, for the next scan once the claim is ended.
@@ -209,14 +213,8 @@ class Resurrector:
         self._record_recovery(recovered)
         return handled
 
-    def _resurrect_held(
-        self,
-        dead: str,
-        held: dict[str, str],
-        batch: _Batch,
-        recovered: list[tuple[float, int]],
-        deadlines: dict[str, float],
-    ) -> int:
+    def _resurrect_held(self, dead: str, held: dict[str, str], batch: _Batch) -> tuple[int, int]:
+        """Put back one dead worker's claimed records; return (records handled, republished)."""
         events.emit(
             events.SCAN_CLAIMED,
             f"worker {dead} is dead; taking {len(held)} task(s)",
@@ -232,16 +230,10 @@ class Resurrector:
                 self.quarantine_unreadable(dead, field, raw, exc)
         republished = 0
         why = "its worker's lease expired"
-        try:
-            for record in _in_delivery_order(records):
-                if self.resurrect(record, dead, record.held_field(), why, batch=batch) == (
-                    "resurrected"
-                ):
-                    republished += 1
-        finally:
-            # The last heartbeat was a lease before the deadline (see _record_recovery).
-            recovered.append((deadlines[dead] - self.config.lease_ttl * 1000, republished))
-        return len(records)
+        for record in _in_delivery_order(records):
+            if self.resurrect(record, dead, record.held_field(), why, batch=batch) == "resurrected":
+                republished += 1
+        return len(records), republished
 
     def _record_recovery(self, samples: list[tuple[float, int]]) -> None:
         """One sample per republished task, from the dead worker's last heartbeat (its lease
