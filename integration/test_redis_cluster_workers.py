@@ -105,8 +105,11 @@ def test_relier_slot_migrated_mid_run_loses_nothing(
     assert any(worker.hostname.split("@")[0] in w for w in store.leases())
     wait_for(lambda: _held(cluster) == 0, 15, what="every record removed")
     after = cluster.client(src).info("errorstats")
-    # the worker's clients were redirected (ASK during the move is likely, not certain)
-    assert after.get("errorstat_MOVED", {}).get("count", 0) > 0
+    # the worker's clients were redirected by the old owner: ASK during the move, MOVED after
+    # it (a fresh-clone run on 6 December 2026 saw 11 ASK and no MOVED: the clients had
+    # already refreshed their slot map when the move ended)
+    redirects = sum(after.get(f"errorstat_{e}", {}).get("count", 0) for e in ("ASK", "MOVED"))
+    assert redirects > 0, after
     node = cluster.client(dest)
     assert node.exists(store.keys.leases) and node.info("commandstats").get("cmdstat_evalsha")
     assert "task.resurrected" not in worker.log()
