@@ -9,9 +9,11 @@ over at once, not dropped until the holder's lease runs out. Each round starts a
 running ``--per-kill`` tasks (held ``HOLD`` s) and an idle survivor, SIGKILLs the victim, and
 measures from the moment the SIGKILL is sent to each task starting again; and, as a second
 figure, from the moment the victim was reaped (the kernel had closed its sockets by then: the
-time a process takes to die is left out). The vanilla side is checked as in bench_core.py
-(no relier log line, bootstep or key). Relier's state is in a throwaway Redis; the broker is
-RabbitMQ, with a queue of the run's own. A benchmark, not a test: it prints figures.
+time a process takes to die is left out). The two sides alternate round by round, so that a
+load that drifts during the run weighs on both alike. The vanilla side is checked as in
+bench_core.py (no relier log line, bootstep or key). Relier's state is in a throwaway Redis;
+the broker is RabbitMQ, with a queue of the run's own. A benchmark, not a test: it prints
+figures.
 """
 
 from __future__ import annotations
@@ -118,9 +120,17 @@ def main() -> int:
     logs = tempfile.mkdtemp(prefix="bench-rmq-")
     with RedisServer() as url:
         h = Harness(url, Path(logs))
+        vanilla: list[float] = []
+        vanilla_reaped: list[float] = []
+        relier: list[float] = []
+        relier_reaped: list[float] = []
         try:
-            vanilla, vanilla_reaped = recovery(h, args.amqp, False, args.kills, args.per_kill)
-            relier, relier_reaped = recovery(h, args.amqp, True, args.kills, args.per_kill)
+            # Alternating, the first side swapping each round.
+            for k in range(args.kills):
+                for side in (False, True) if k % 2 == 0 else (True, False):
+                    delays, reaped = recovery(h, args.amqp, side, 1, args.per_kill)
+                    (relier if side else vanilla).extend(delays)
+                    (relier_reaped if side else vanilla_reaped).extend(reaped)
         except Exception:
             print(f"failed: the workers' logs are kept in {logs}")
             raise

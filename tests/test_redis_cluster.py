@@ -63,7 +63,7 @@ def test_every_script_runs_on_the_cluster(store: Store, cluster: RedisClusterSer
     assert not store.record("d1", "w2", G0, "rec1").recorded
     assert store.known({"d1", "nope"}) == {"d1"}  # a pipeline of HEXISTS and EXISTS
     assert store.complete("d1", "w1", G0, 60)
-    # take_over: d2 held by w3, taken by w1
+    # receipt, takeover mode (the holder's keys built in the script): d2 held by w3, taken by w1
     assert store.record("d2", "w3", G0, '{"headers": {}}').recorded
     assert store.take_over("d2", "w3", "w1", G0, "rec2", 0, 30).reason == "taken"
     assert store.renew_lease("w3", 5)[0] == -2  # its next renewal reads the taken marker
@@ -103,8 +103,8 @@ def test_every_script_runs_on_the_cluster(store: Store, cluster: RedisClusterSer
     assert store.retire("w3") >= 0
     # Every one of relier's scripts was loaded on the slot's owner by one of the calls above
     shas = [script.sha for script in store._scripts.values()]
-    assert len(shas) == 14
-    assert cluster.client(cluster.owner(_slot(store))).script_exists(*shas) == [True] * 14
+    assert len(shas) == 13
+    assert cluster.client(cluster.owner(_slot(store))).script_exists(*shas) == [True] * len(shas)
 
 
 def test_scripts_come_back_after_a_resharding_and_a_flush(
@@ -137,19 +137,51 @@ def test_presence_is_seen_and_follows_the_slot(store: Store, cluster: RedisClust
         src = cluster.owner(_slot(store))
         dest = (src + 1) % len(cluster.nodes)
         cluster.migrate_slot(_slot(store), dest)
-        # Still present right after the move (CLIENT LIST asks every primary)...
+        # Still present right after the move (every primary is asked)...
         assert PresenceCache(store).present("w1@host/1/ab")
-        # ...and the next heartbeat moves the named connection to the slot's new owner
+        # ...and the next heartbeat moves the named, subscribed connection to the slot's new owner
         store.renew_lease("w1", 5)
         presence.touch()
         names = {c["name"] for c in cluster.client(dest).client_list()}
         assert store.keys.presence("w1@host/1/ab") in names
+        channel = store.keys.presence_channels + "w1@host/1/ab"
+        assert cluster.client(dest).pubsub_numsub(channel) == [(channel, 1)]
         assert store.keys.presence("w1@host/1/ab") not in {
             c["name"] for c in cluster.client(src).client_list()
         }
     finally:
         presence.close()
     assert not PresenceCache(store).present("w1@host/1/ab")
+
+
+def test_a_live_holder_left_on_the_slots_old_owner_keeps_its_redelivery(
+    store: Store, cluster: RedisClusterServer
+) -> None:
+    from test_publications import _inflight, _Message, _record
+
+    from relier_celery.core.headers import PUBLICATION_HEADER
+    from relier_celery.testing import task_headers
+
+    # Given a delivery held by w0, alive, its presence connection on the slot's owner
+    headers = task_headers("t1", task="demo.add", **{PUBLICATION_HEADER: "p1"})
+    held = _record(headers)
+    assert store.record(held.delivery_id, "w0", held.generation, held.dumps()).recorded
+    alive = Presence(store, "w0")
+    alive.open()
+    try:
+        # When the slot moves (w0's connection follows at its next heartbeat only) and the
+        # broker redelivers w0's message (its channel closed) to w1
+        src = cluster.owner(_slot(store))
+        cluster.migrate_slot(_slot(store), (src + 1) % len(cluster.nodes))
+        message = _Message(headers)
+        message.delivery_info["redelivered"] = True
+        verdict = _inflight(store).receive(message, {"demo.add"})
+    finally:
+        alive.close()
+    # Then w0 keeps it: the receipt's script counted no subscriber on the new owner, and
+    # every primary was asked before any takeover
+    assert verdict == "duplicate"
+    assert list(store.held("w0")) == ["t1#p1|0|0"]
 
 
 # -- configurations that cannot work: one line naming the setting ---------------------------

@@ -1,6 +1,6 @@
 """A broker's redelivery whose holder is gone is taken over, not dropped (issue 17): the
-receipt side (receipt.py), take_over.lua, and the cache of gone workers (presence.py) that
-lets a dead worker's burst of redeliveries cost one round trip each."""
+receipt side (receipt.py), receipt.lua's takeover mode, and the cache of gone workers
+(presence.py) that a Redis Cluster needs."""
 
 from __future__ import annotations
 
@@ -42,8 +42,7 @@ def _commands(store: Store) -> Callable[[], list[str]]:
     """What the store sends Redis from now on, one entry per command (a round trip each). The
     scripts are loaded first: the first call of one Redis has not seen adds a SCRIPT LOAD."""
     client = store.client
-    for name in ("receipt", "take_over"):
-        client.script_load(script_text(name))
+    client.script_load(script_text("receipt"))
     real = client.execute_command
     sent: list[str] = []
 
@@ -161,7 +160,7 @@ def test_a_holder_that_only_looked_gone_is_fenced_on_its_next_renewal(store: Sto
     assert store.renew_lease("w0", ttl=30)[0] > 0
 
 
-# -- take_over.lua ----------------------------------------------------------------------
+# -- receipt.lua, takeover mode ------------------------------------------------------------
 
 
 def test_take_over_moves_only_what_the_named_holder_holds(store: Store) -> None:
@@ -211,18 +210,16 @@ def test_take_over_leaves_a_record_it_cannot_read_to_the_scanner(store: Store) -
 # -- a dead worker's burst of redeliveries ---------------------------------------------
 
 
-def test_a_dead_workers_burst_costs_one_round_trip_per_redelivery_after_the_first(
-    store: Store, captured
-) -> None:
+def test_each_redelivery_of_a_dead_worker_costs_one_round_trip(store: Store, captured) -> None:
     # Given three deliveries held by w0, which died (its third taken over once already)
     copies = [_held_by(store, "w0", f"t{i}", crashes=1 if i == 3 else 0) for i in (1, 2, 3)]
     inflight = _inflight(store)
     sent = _commands(store)
     # When the broker redelivers them to w1, one after another
     first = inflight.receive(_redelivered(copies[0]), {"demo.add"})
-    # Then the first asks whether w0 is present (the receipt, CLIENT LIST, the takeover)
-    assert first == "run" and sent() == ["EVALSHA", "CLIENT LIST", "EVALSHA"]
-    # And each of the others is taken over in one round trip, w0 known gone
+    # Then each is taken over in one round trip, the first too: the script sees that w0's
+    # presence channel has no subscriber
+    assert first == "run" and sent() == ["EVALSHA"]
     assert inflight.receive(_redelivered(copies[1]), {"demo.add"}) == "run"
     assert sent() == ["EVALSHA"]
     # (two when the guessed crash count was wrong: the script gives the right one)
@@ -279,3 +276,41 @@ def test_a_gone_worker_is_remembered_briefly_and_a_present_one_never(
     assert not cache.present("w9") and cache.recently_gone("w1") == "w9"
     time.sleep(0.25)
     assert cache.recently_gone("w1") is None
+
+
+def test_take_over_refuses_a_holder_whose_presence_connection_is_open(store: Store) -> None:
+    # Given w0, alive, guessed gone by a receiver (its cache is stale, say)
+    store.record("t1#p1", "w0", Generation(), '{"headers": {}}')
+    alive = Presence(store, "w0")
+    alive.open()
+    try:
+        receipt = store.take_over("t1#p1", "w0", "w1", Generation(), "{}", 0, 30)
+    finally:
+        alive.close()
+    # Then the script, which sees w0's subscription, moves nothing
+    assert receipt.reason == "held" and list(store.held("w0")) == ["t1#p1|0|0"]
+    assert store.held("w1") == {}
+
+
+def test_a_holder_still_closing_its_sockets_is_asked_again_and_taken_over(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given w0 dying: RabbitMQ redelivered its message before Redis dropped its presence
+    headers = _held_by(store, "w0", "t1")
+    dying = Presence(store, "w0")
+    dying.open()
+    real_sleep = time.sleep
+
+    def sleep(seconds: float) -> None:
+        dying.close()  # its process finishes closing its sockets
+        real_sleep(seconds)
+
+    monkeypatch.setattr("relier_celery.store.presence.time.sleep", sleep)
+    try:
+        # When the redelivery arrives at w1
+        verdict = _inflight(store).receive(_redelivered(headers), {"demo.add"})
+    finally:
+        dying.close()
+    # Then w1 asked again a moment later, found it gone, and took it over
+    assert verdict == "run"
+    assert store.held("w0") == {} and list(store.held("w1")) == ["t1#p1|0|0"]

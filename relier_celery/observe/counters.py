@@ -69,11 +69,21 @@ class Counters:
             return
         with self._lock:
             self._pending[name] += 1
-            if self._thread is None and not self._stop.is_set():
-                self._thread = threading.Thread(
-                    target=self._loop, name="relier-counters", daemon=True
-                )
-                self._thread.start()
+            if self._thread is None:
+                self._start()
+
+    def start(self) -> None:
+        """Start the flusher now (a worker's main process, at its start): otherwise the first
+        counted event pays for the thread's start, and that event is often a takeover that
+        the next tasks wait for (0.3-0.5 ms measured)."""
+        with self._lock:
+            if self._thread is None:
+                self._start()
+
+    def _start(self) -> None:
+        if not self._stop.is_set():
+            self._thread = threading.Thread(target=self._loop, name="relier-counters", daemon=True)
+            self._thread.start()
 
     def flush(self) -> None:
         """Write the pending increments now (raises StoreUnavailable; they are kept then)."""

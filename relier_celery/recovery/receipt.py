@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import traceback
-from dataclasses import replace
 from typing import Any
 
 from relier_celery.core import events
@@ -124,61 +123,10 @@ class Receiving(Registry):
         return self._check_schema(key, record, message, args, kwargs, embed)
 
     def _record(self, message: Any, record: TaskRecord) -> Receipt:
-        """Record a delivery (receipt.lua), or take a broker's redelivery over from a holder
-        that is gone (presence.py): it runs now, not after that holder's lease; a live
-        holder keeps it. A dead worker's redeliveries come in a burst: once it is seen gone,
-        each of the others costs one round trip (take_over.lua), not three."""
-        redelivered = bool((message.delivery_info or {}).get("redelivered"))
-        guess = self.presence.recently_gone(self.worker) if redelivered else None
-        receipt = self._take_over(message, record, guess) if guess else Receipt(False, "free")
-        if receipt.reason == "free":
-            receipt = self.store.record(
-                record.delivery_id, self.worker, record.generation, record.dumps()
-            )
-        if not redelivered or receipt.reason != "held":
-            return receipt
-        holder = receipt.detail.rsplit("|", 2)[0]
-        if holder in (guess, self.worker) or not self.presence.gone(holder):
-            return receipt
-        taken = self._take_over(message, record, holder)
-        return receipt if taken.reason == "free" else taken  # "free": taken meanwhile
-
-    def _take_over(self, message: Any, record: TaskRecord, holder: str) -> Receipt:
-        """Take a redelivery over from ``holder``, gone. Its death is a crash, counted
-        against max_resurrections as the scanner counts it, from the holder's record (the
-        broker's copy carries the count it was published with, not the takeovers since):
-        guessed from the copy, corrected by take_over.lua when the guess was wrong."""
-        crashes, ttl = record.crashes, 10 * self.config.lease_ttl  # ttl: the holder's marker
-        for _ in range(2):
-            mine = replace(record, headers={**record.headers, CRASHES_HEADER: crashes + 1})
-            receipt = self.store.take_over(
-                record.delivery_id,
-                holder,
-                self.worker,
-                record.generation,
-                mine.dumps(),
-                crashes,
-                ttl,
-            )
-            if receipt.reason != "crashes":
-                break
-            crashes = int(receipt.detail)
-        if not receipt.recorded:
-            return Receipt(False, "held", holder) if receipt.reason == "crashes" else receipt
-        record.headers[CRASHES_HEADER] = crashes + 1
-        message.headers[CRASHES_HEADER] = crashes + 1  # what the task's context shows
-        events.emit(
-            events.TASK_TAKEN_OVER,
-            f"{record.task_name}[{record.task_id}] redelivered by the broker, and its holder "
-            f"{holder} is gone (its presence connection closed): it runs now, not when that "
-            "worker's lease runs out",
-            task_id=record.task_id,
-            task_name=record.task_name,
-            worker=self.worker,
-            holder=holder,
-            **trace_context(record.headers),
-        )
-        return Receipt(True, "taken", holder)
+        """Record a delivery (receipt.lua); a broker's redelivery may be a takeover."""
+        if (message.delivery_info or {}).get("redelivered"):
+            return self.takeover.receive(message, record)
+        return self.store.record(record.delivery_id, self.worker, record.generation, record.dumps())
 
     def _check_schema(
         self,

@@ -20,8 +20,8 @@ from relier_celery.core.record import Generation, TaskRecord, delivery_id
 from relier_celery.recovery import envelope
 from relier_celery.recovery.dlq import quarantine
 from relier_celery.recovery.resurrect import Resurrector
+from relier_celery.recovery.takeover import Takeover
 from relier_celery.store.client import Store
-from relier_celery.store.presence import PresenceCache
 
 __all__ = ["Key", "Registry", "Verdict"]
 
@@ -73,7 +73,7 @@ class Registry:
         self.store = store
         self.worker = worker
         self.resurrector = resurrector
-        self.presence = PresenceCache(store)
+        self.takeover = Takeover(store, worker, config.lease_ttl)
         self.local: dict[Key, TaskRecord] = {}
         self._lock = threading.Lock()
         self._pending: deque[Pending] = deque()

@@ -88,15 +88,6 @@ class SlotCluster(RedisCluster):
         self._home()
         return cast(redis.ConnectionPool, self.home_node().redis_connection.connection_pool)
 
-    def client_list(self, _type: str | None = None, client_id: Any = None, **kw: Any) -> Any:
-        """CLIENT LIST of every primary: a worker's presence connection stays on the node it
-        opened on until its next heartbeat re-homes it, so a slot that just moved must not
-        make a live worker look gone."""
-        out: list[dict[str, str]] = []
-        for node in self.get_primaries():  # type: ignore[no-untyped-call]
-            out += super().client_list(_type, client_id or [], target_nodes=node)
-        return out
-
 
 def known_nodes(client: Any) -> list[tuple[str, int]]:
     """The nodes, primaries and replicas, a cluster client has met (none for a plain one)."""

@@ -49,7 +49,6 @@ _SCRIPTS = (
     "retire",
     "admit",
     "requeue",
-    "take_over",
 )
 # Error replies that mean "Redis could not take the write now", not "relier has a bug".
 _UNAVAILABLE_ERRORS = (
@@ -241,11 +240,6 @@ class Connection:
         """A client whose connections carry ``name`` (CLIENT SETNAME), for presence.py."""
         seeds = redis_cluster.known_nodes(self._client)
         return connect(self.url, {**self.options, "client_name": name}, self.cluster, seeds)
-
-    def connection_names(self) -> set[str]:
-        """The names of the connections Redis has now (CLIENT LIST; one round trip)."""
-        clients = self.call(lambda c: c.client_list(_type="normal"))
-        return {str(c.get("name", "")) for c in clients}
 
     def now_ms(self) -> int:
         """Redis's clock in ms (every process compares ages against the same clock)."""

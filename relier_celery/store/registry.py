@@ -24,6 +24,9 @@ class Receipt:
     recorded: bool
     reason: str = ""
     detail: str = ""
+    # For "held" in takeover mode: whether the holder's presence connection is open on the
+    # node the script ran on (its process lives).
+    holder_present: bool = True
 
 
 class RegistryCommands(Connection):
@@ -46,44 +49,51 @@ class RegistryCommands(Connection):
     def take_over(
         self,
         delivery: str,
-        holder: str,
+        gone: str,
         worker: str,
         gen: Generation,
         record: str,
         crashes: int,
         ttl: float,
     ) -> Receipt:
-        """Receive a broker's redelivery of ``delivery``, taking it over from ``holder``, a
-        worker that is gone (take_over.lua). ``record``: the receiver's, counting ``crashes``
-        + 1, ``crashes`` being the count expected in the holder's record. ``ttl``: how long
-        the holder's marker waits for a renewal that fences it (a few leases). The reason is
-        "taken" when taken over; "crashes" (the holder's count in ``detail``) or "free"
-        (nobody holds it) when nothing changed; "done" or "held" for a duplicate."""
+        """Receive a broker's redelivery of ``delivery`` (receipt.lua, takeover mode), taking
+        it over from its holder when that worker is gone: ``gone`` is "*" for any holder whose
+        presence channel has no subscriber (one Redis server), else the holder the caller saw
+        gone ("" none: only report). ``record``: the receiver's, counting ``crashes`` + 1,
+        ``crashes`` being the count expected in the holder's record. ``ttl``: how long the
+        holder's marker waits for a renewal that fences it (a few leases). The reason is
+        "taken" (the holder in ``detail``); "crashes" (the holder's count in ``detail``) or
+        "free" (nobody holds it) when nothing changed; "done" or "held" for a duplicate."""
         k = self.keys
         out = self._run(
-            "take_over",
-            [
-                k.owners,
-                k.done(delivery),
-                k.held(holder),
-                k.claim(holder),
-                k.held(worker),
-                k.taken(holder),
-            ],
+            "receipt",
+            [k.owners, k.done(delivery), k.held(worker)],
             [
                 delivery,
-                holder,
                 worker,
                 gen.retries,
                 gen.resurrections,
                 record,
+                k.base,
+                k.presence_channels,
+                gone,
                 crashes,
                 CRASHES_HEADER,
                 ms(ttl),
             ],
         )
         detail = str(out[2]) if len(out) > 2 else ""
-        return Receipt(int(out[0]) == 1, str(out[1]), detail)
+        present = len(out) < 4 or int(out[3]) > 0
+        return Receipt(int(out[0]) == 1, str(out[1]), detail, present)
+
+    def present(self, worker: str) -> bool:
+        """Whether ``worker``'s presence connection is open (presence.py; one round trip).
+        On a Redis Cluster every primary is asked: after relier's slot moved, a presence
+        connection follows it only at its worker's next heartbeat."""
+        channel = self.keys.presence_channels + worker
+        where = {} if self.cluster is None else {"target_nodes": "primaries"}
+        counts = self.call(lambda c: c.pubsub_numsub(channel, **where))
+        return any(int(n) > 0 for _, n in counts)
 
     def complete(
         self, delivery: str, worker: str, gen: Generation, done_ttl: float, finished: bool = True

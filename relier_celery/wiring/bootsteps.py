@@ -85,6 +85,7 @@ class WorkerRuntime:
         for warning in self.store.self_check():
             events.emit(events.CONFIG_WARNING, warning)
         self.lease.acquire()
+        self.observers.counters.start()
         kombu_guard.guard_transport(self)
         self.running.publish()  # "idle" / "reserved" from the start, not "held"
         if self.config.scanner_enabled:

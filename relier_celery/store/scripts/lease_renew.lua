@@ -1,7 +1,7 @@
 -- lease_renew: renew a worker's lease and say whether it had run out.
 --
 -- KEYS[1]  leases ZSET (worker id -> deadline ms)
--- KEYS[2]  taken STRING of the worker (set by take_over.lua)
+-- KEYS[2]  taken STRING of the worker (set by a takeover in receipt.lua)
 -- ARGV[1]  worker id
 -- ARGV[2]  lease ttl in ms
 -- Returns  the previous deadline (ms), -1 when the worker had no lease, or -2 when another
