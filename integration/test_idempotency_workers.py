@@ -63,8 +63,11 @@ def test_a_paused_owner_cannot_overwrite_the_result_of_the_worker_that_took_over
     # and then resumes and finishes its own run
     wait_for(lambda: r.llen("test:fenced:5") == 2, 30, what="the paused run to finish")
     first = json.loads(r.lindex("test:fenced:5", 0))
-    # Then the stored result is the one of the worker that took over
+    # Then the stored result is the one of the worker that took over (stored after its task
+    # returned: the paused run, whose sleep had run out while it was stopped, may push its
+    # own line first; one suite run read the key in between)
     key = Keys("rl").idempotency(default_key("chaos.fenced", [5, 6.0], {}))
+    wait_for(lambda: r.hget(key, "result"), 10, what="the stored result")
     assert json.loads(r.hget(key, "result")) == first
     # and the paused worker was fenced out: its late result refused, or its run stopped by the
     # lease gate when it woke (issue 14) before it reached the store

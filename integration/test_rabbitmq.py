@@ -5,6 +5,7 @@ classic and on a quorum queue."""
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 
@@ -62,3 +63,18 @@ def test_a_live_holders_tasks_are_never_taken_over(broker, fleet, publisher, r) 
     assert [int(r.get(f"test:runs:{n}") or 0) for n in range(12)] == [1] * 12
     assert "task.taken_over" not in fleet.logs()
     assert done(r) == set(range(12))
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("broker", ["rabbitmq"], indirect=True)
+def test_a_prefork_workers_main_process_runs_one_thread_of_reliers(
+    broker, fleet, publisher, r
+) -> None:
+    # Given a prefork worker that ran tasks (a counted event's flusher would have started)
+    worker = fleet.start(concurrency=2, **LONG_LEASE)
+    send_work(publisher, range(2), seconds=0.1)
+    wait_all_done(r, {0, 1}, 20, fleet)
+    # Then its main process has two threads, its own and the heartbeat: the scanner and the
+    # counters run on Celery's event loop. A SIGKILLed process with more threads dies slower,
+    # and RabbitMQ redelivers only once its sockets are closed (docs/rabbitmq.md)
+    assert len(os.listdir(f"/proc/{worker.pid}/task")) == 2

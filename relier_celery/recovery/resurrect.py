@@ -95,6 +95,7 @@ class Resurrector:
         self.name = name or f"scanner-{uuid.uuid4().hex[:8]}"
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._timer_entry: Any = None
         self.unacked = UnackedSweep(app, config, store)
         self._next_expiry = 0.0
 
@@ -244,13 +245,20 @@ class Resurrector:
         except Exception as exc:
             logger.warning("relier: could not record recovery times: %r", exc)
 
-    # -- background thread --------------------------------------------------------------
-    def start(self) -> None:
+    # -- every scan_interval --------------------------------------------------------------
+    def start(self, timer: Any = None) -> None:
+        """Scan every ``scan_interval``: on ``timer`` (a prefork worker's event loop, kombu's
+        hub: no thread of relier's there, see docs/rabbitmq.md), else in a thread."""
+        if timer is not None:
+            self._timer_entry = timer.call_repeatedly(self.config.scan_interval, self._scan)
+            return
         self._thread = threading.Thread(target=self._loop, name="relier-scanner", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
+        if self._timer_entry is not None:
+            self._timer_entry.cancel()
         if self._thread is not None:
             self._thread.join(timeout=5)
         self.unacked.close()
@@ -261,10 +269,13 @@ class Resurrector:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            try:
-                self.scan_once()
-            except RelierError as exc:
-                events.emit(events.STORE_UNAVAILABLE, f"resurrection scan failed: {exc}")
-            except Exception:
-                logger.exception("relier: resurrection scan failed; retrying")
+            self._scan()
             self._stop.wait(self.config.scan_interval)
+
+    def _scan(self) -> None:
+        try:
+            self.scan_once()
+        except RelierError as exc:
+            events.emit(events.STORE_UNAVAILABLE, f"resurrection scan failed: {exc}")
+        except Exception:
+            logger.exception("relier: resurrection scan failed; retrying")

@@ -81,15 +81,22 @@ class WorkerRuntime:
         self.inflight.flush()
         self.running.publish()
 
-    def start(self) -> None:
+    def start(self, hub: Any = None) -> None:
         for warning in self.store.self_check():
             events.emit(events.CONFIG_WARNING, warning)
         self.lease.acquire()
-        self.observers.counters.start()
+        # A prefork worker's main process runs one thread of relier's, the heartbeat: the
+        # scanner and the counters run on its event loop (``hub``). A SIGKILLed process with
+        # more threads was measured to die slower, and RabbitMQ redelivers its messages only
+        # once its sockets are closed (docs/rabbitmq.md). The heartbeat stays a thread: a
+        # loop blocked (a broker reconnecting) must not cost the worker its lease.
+        loop = hub if self.prefork else None
+        if loop is not None:
+            self.observers.counters.start(loop)
         kombu_guard.guard_transport(self)
         self.running.publish()  # "idle" / "reserved" from the start, not "held"
         if self.config.scanner_enabled:
-            self.resurrector.start()
+            self.resurrector.start(loop)
         self.started = True
         install(self.app).worker = self  # the signal handlers reach the drain through it
         events.emit(
@@ -152,7 +159,7 @@ class RelierWorker(bootsteps.StartStopStep):  # type: ignore[misc]
 
     def start(self, w: Any) -> None:
         # Raises StoreUnavailable when Redis is down: Celery logs it and exits non-zero.
-        w.relier.start()
+        w.relier.start(getattr(w, "hub", None))
 
     # Stopping happens on the worker_shutdown signal, after the pool finished its tasks:
     # retiring the lease any earlier would let a scanner resurrect tasks still running here.
