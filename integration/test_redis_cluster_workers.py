@@ -187,3 +187,37 @@ def test_relier_primary_sigkilled_its_replica_takes_over_and_nothing_is_lost(
         f"store.unavailable, {log.count('lease.lost')} lease.lost, "
         f"{log.count('task.resurrected')} task.resurrected"
     )
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("cluster", [{"replicas": 1}], indirect=True)
+@pytest.mark.parametrize("broker", ["rabbitmq"], indirect=True)
+def test_a_worker_starts_through_further_seeds_while_its_seed_node_is_down(
+    broker, cluster, publisher, r, redis_url: str, tmp_path: Path
+) -> None:
+    # Given relier_redis_url naming a node that is down (a replica: the cluster stays ok)
+    seed = cluster.nodes[cluster.count]
+    cluster.kill(cluster.count)
+    fleet = Fleet(seed.url, tmp_path)
+    fleet.env.update(broker.env)
+    fleet.env["RELIER_TEST_RESULTS"] = redis_url
+    try:
+        # Then a worker knowing only that node refuses to start, with one line saying why
+        fleet.env["RELIER_TEST_CONF"] = json.dumps({"relier_redis_cluster": True})
+        with pytest.raises(RuntimeError, match="no Redis Cluster node answers"):
+            fleet.start(concurrency=2)
+        # And one given a live node in relier_redis_options["startup_nodes"] starts and works
+        live = cluster.nodes[cluster.live()[0]].port
+        fleet.env["RELIER_TEST_CONF"] = json.dumps(
+            {
+                "relier_redis_cluster": True,
+                "relier_redis_options": {"startup_nodes": [f"127.0.0.1:{live}"]},
+            }
+        )
+        fleet.start(concurrency=2)
+        send_work(publisher, range(6), seconds=0.1)
+        wait_all_done(r, set(range(6)), 30, fleet)
+        assert _runs(r, range(6)) == [1] * 6
+        wait_for(lambda: _held(cluster) == 0, 10, what="records to be removed")
+    finally:
+        fleet.stop_all()
