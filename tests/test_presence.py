@@ -34,7 +34,7 @@ def test_an_open_presence_is_seen_and_a_closed_one_is_not(store: Store) -> None:
     assert store.keys.presence("w1@host/1/ab") in _names(store)  # for operators
     assert PresenceCache(store).present("w1@host/1/ab")
     presence.close()
-    # (Redis drops a closed connection from CLIENT LIST moments after the close, not at once)
+    # (Redis drops a closed connection, and its subscription, moments after the close)
     wait_for(lambda: not PresenceCache(store).present("w1@host/1/ab"), 2, what="absent")
 
 

@@ -1,5 +1,5 @@
 """Relier's store on a real 3-primary Redis Cluster (``relier_redis_cluster = True``): every Lua
-script and every pipeline runs within relier's one slot, keyless commands (TIME, CLIENT LIST)
+script and every pipeline runs within relier's one slot, keyless commands (TIME, PING)
 reach that slot's owner, scripts are reloaded on a node that received the slot by a resharding,
 the presence connection follows the slot, a pool process reaches the cluster when the seed
 node died; each configuration that cannot work is one line naming the setting."""
