@@ -314,3 +314,68 @@ def test_a_holder_still_closing_its_sockets_is_asked_again_and_taken_over(
     # Then w1 asked again a moment later, found it gone, and took it over
     assert verdict == "run"
     assert store.held("w0") == {} and list(store.held("w1")) == ["t1#p1|0|0"]
+
+
+# -- a receipt whose reply was lost ---------------------------------------------------------
+
+
+def _reply_lost_once(store: Store, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """The next call of ``store.<name>`` runs in Redis, then its reply is lost."""
+    from relier_celery.core.errors import StoreUnavailable
+
+    real = getattr(store, name)
+
+    def once(*args: Any, **kwargs: Any) -> Any:
+        monkeypatch.setattr(store, name, real)
+        real(*args, **kwargs)
+        raise StoreUnavailable("relier cannot reach Redis: Connection reset by peer")
+
+    monkeypatch.setattr(store, name, once)
+
+
+@pytest.mark.parametrize("redelivered", [False, True], ids=["receipt", "takeover"])
+def test_a_receipt_whose_reply_was_lost_runs_on_its_retry(
+    store: Store, monkeypatch: pytest.MonkeyPatch, redelivered: bool
+) -> None:
+    # Given a message whose receipt was written in Redis but whose reply never came back
+    # (parked: it stays unacked and is tried again)
+    if redelivered:
+        headers = _held_by(store, "w0", "t1")  # w0 is gone: w1 takes it over
+        message = _redelivered(headers)
+    else:
+        headers = task_headers("t1", task="demo.add", **{PUBLICATION_HEADER: "p1"})
+        message = _Message(headers)
+    inflight = _inflight(store)
+    _reply_lost_once(store, monkeypatch, "take_over" if redelivered else "record")
+    assert inflight.receive(message, {"demo.add"}) == "parked"
+    assert list(store.held("w1")) == ["t1#p1|0|0"]
+    # When it is tried again, it finds w1's own record of it
+    verdict = inflight.receive(message, {"demo.add"})
+    # Then it runs: not a duplicate acked until w1's hand-off or death
+    assert verdict == "run"
+    assert inflight.holds(inflight.key_of(message))
+
+
+def test_a_handed_off_record_is_not_run_again_by_a_parked_retry(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a parked message whose receipt had landed, and whose record this worker then
+    # republished (a hand-off drops it from the held hash; the owners entry stays)
+    headers = task_headers("t1", task="demo.add", **{PUBLICATION_HEADER: "p1"})
+    inflight = _inflight(store)
+    _reply_lost_once(store, monkeypatch, "record")
+    assert inflight.receive(_Message(headers), {"demo.add"}) == "parked"
+    store.call(lambda c: c.hdel(store.keys.held("w1"), "t1#p1|0|0"))
+    # When the parked copy is tried again: a duplicate, the republished copy runs instead
+    assert inflight.receive(_Message(headers), {"demo.add"}) == "duplicate"
+
+
+def test_a_copy_of_what_this_worker_runs_stays_a_duplicate(store: Store) -> None:
+    # Given a delivery w1 received and runs (no receipt of it failed)
+    headers = task_headers("t1", task="demo.add", **{PUBLICATION_HEADER: "p1"})
+    inflight = _inflight(store)
+    assert inflight.receive(_Message(headers), {"demo.add"}) == "run"
+    # When the broker gives w1 a copy of it (its own channel was reopened)
+    verdict = inflight.receive(_redelivered(headers), {"demo.add"})
+    # Then it is a duplicate: never twice on one worker
+    assert verdict == "duplicate"

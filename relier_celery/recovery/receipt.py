@@ -9,6 +9,7 @@ quarantined.
 from __future__ import annotations
 
 import logging
+import time
 import traceback
 from typing import Any
 
@@ -27,6 +28,9 @@ from relier_celery.recovery.registry import Key, Registry, Verdict
 from relier_celery.store.client import Receipt
 
 __all__ = ["Receiving"]
+
+# How long a parked message's retry may find this worker's own record of it and run it.
+UNSURE_FOR = 600.0
 
 logger = logging.getLogger("relier_celery")
 
@@ -84,12 +88,27 @@ class Receiving(Registry):
                 worker=self.worker,
             )
             return "run"
+        key = Key.of_record(record)
         try:
             receipt = self._record(message, record)
         except StoreUnavailable as exc:
+            self._unsure(key)  # the script may have run, its reply lost
             self._mark_store_down(exc)
             return "parked"
         self._mark_store_up()
+        if not receipt.recorded and receipt.own and self._was_unsure(key):
+            # This worker's own receipt of it landed before: run it (not "a duplicate" that
+            # would wait, acked, for this worker's hand-off or death). Only a receipt parked
+            # here: a record handed off or given up is no longer in the held hash, and one
+            # this worker is running is not parked.
+            events.emit(
+                events.STORE_RECOVERED,
+                f"{record.task_name}[{record.task_id}] was recorded by this worker before "
+                "Redis stopped answering: it runs now",
+                task_id=record.task_id,
+                worker=self.worker,
+            )
+            receipt = Receipt(True, "recorded before")
         if not receipt.recorded:
             events.emit(
                 events.TASK_DUPLICATE_DROPPED,
@@ -103,7 +122,6 @@ class Receiving(Registry):
                 **trace_context(record.headers),
             )
             return "duplicate"
-        key = Key.of_record(record)
         with self._lock:
             self.local[key] = record
         taken = receipt.reason == "taken"
@@ -127,6 +145,15 @@ class Receiving(Registry):
         if (message.delivery_info or {}).get("redelivered"):
             return self.takeover.receive(message, record)
         return self.store.record(record.delivery_id, self.worker, record.generation, record.dumps())
+
+    def _unsure(self, key: Key) -> None:
+        """Remember, for UNSURE_FOR, that ``key``'s receipt failed: it may have been written."""
+        now = time.monotonic()
+        self._unsure_until = {k: t for k, t in self._unsure_until.items() if t > now}
+        self._unsure_until[key] = now + UNSURE_FOR
+
+    def _was_unsure(self, key: Key) -> bool:
+        return self._unsure_until.pop(key, 0.0) > time.monotonic()
 
     def _check_schema(
         self,

@@ -84,6 +84,9 @@ class Registry:
         # Held fields of fetched deliveries whose pool process dropped the record itself when
         # the task succeeded (completion.py); dropped again, in one batch, by the heartbeat.
         self._done_in_pool: list[str] = []
+        # Deliveries whose receipt failed (Redis unreachable) -> until when a retry that finds
+        # this worker's own record of it runs it (receipt.py).
+        self._unsure_until: dict[Key, float] = {}
         self.accept = envelope.accepted(resurrector.app)
 
     @staticmethod

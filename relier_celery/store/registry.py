@@ -27,6 +27,8 @@ class Receipt:
     # For "held" in takeover mode: whether the holder's presence connection is open on the
     # node the script ran on (its process lives).
     holder_present: bool = True
+    # For "held" by the receiver itself: its held hash has this very delivery's record.
+    own: bool = False
 
 
 class RegistryCommands(Connection):
@@ -44,7 +46,7 @@ class RegistryCommands(Connection):
         )
         if int(out[0]) == 1:
             return Receipt(True)
-        return Receipt(False, str(out[1]), str(out[2]))
+        return Receipt(False, str(out[1]), str(out[2]), own=len(out) > 4 and int(out[4]) == 1)
 
     def take_over(
         self,
@@ -84,7 +86,8 @@ class RegistryCommands(Connection):
         )
         detail = str(out[2]) if len(out) > 2 else ""
         present = len(out) < 4 or int(out[3]) > 0
-        return Receipt(int(out[0]) == 1, str(out[1]), detail, present)
+        own = len(out) > 4 and int(out[4]) == 1
+        return Receipt(int(out[0]) == 1, str(out[1]), detail, present, own)
 
     def present(self, worker: str) -> bool:
         """Whether ``worker``'s presence connection is open (presence.py; one round trip).

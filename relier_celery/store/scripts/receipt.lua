@@ -25,7 +25,9 @@
 --          one a worker already holds (n, in takeover mode: subscribers on the holder's
 --          presence channel, 0 when its process is gone; held all the same when the holder
 --          is the receiver, a scanner claimed its tasks, or its record is missing or not
---          relier's JSON); {0, "crashes", n} the holder's record counts n crashes, not
+--          relier's JSON); {0, "held", owner, 1, own} held by the receiver itself, own = 1
+--          when its held HASH has this very delivery's record (a receipt of it by the
+--          receiver landed, its reply lost); {0, "crashes", n} the holder's record counts n crashes, not
 --          ARGV[9]: nothing changed, call again with n; {0, "free"} in takeover mode,
 --          nobody holds it: nothing changed, record it without takeover arguments.
 --
@@ -67,11 +69,17 @@ if not owner or not not_newer(owner) then
   redis.call('HSET', KEYS[3], ARGV[1] .. '|' .. mine, ARGV[5])
   return {1}
 end
+local holder, gen = string.match(owner, '^(.*)|(%d+|%d+)$')
+if holder == ARGV[2] then
+  -- The receiver holds it already: a duplicate, unless it is its own record of this very
+  -- delivery (own = 1), which a receipt whose reply was lost left behind (receipt.py).
+  local own = gen == mine and redis.call('HEXISTS', KEYS[3], ARGV[1] .. '|' .. gen) or 0
+  return {0, 'held', owner, 1, own}
+end
 if not takeover then
   return {0, 'held', owner}
 end
-local holder, gen = string.match(owner, '^(.*)|(%d+|%d+)$')
-if not holder or holder == ARGV[2] then
+if not holder then
   return {0, 'held', owner, 1}
 end
 local present = redis.call('PUBSUB', 'NUMSUB', ARGV[7] .. holder)[2]
