@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import signal
 import time
 
 import pytest
@@ -178,3 +179,30 @@ def test_an_unknown_task_lands_in_the_dlq_with_its_payload(fleet, publisher, r) 
     # and the worker goes on serving
     send_work(publisher, range(3))
     wait_all_done(r, set(range(3)), 20, fleet)
+
+
+@pytest.mark.timeout(90)
+def test_a_prefork_workers_scanner_keeps_scanning_after_its_consumer_restarted(
+    fleet, publisher, r
+) -> None:
+    from relier_celery.core.keys import Keys
+
+    # Given a prefork worker (its scanner on Celery's event loop) whose broker connection
+    # Redis dropped: its consumer restarted
+    survivor = fleet.start(concurrency=2, RELIER_TEST_PREFETCH="1")
+    r.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+    wait_for(
+        lambda: "Connection to broker lost" in survivor.log(), 20, what="its consumer to restart"
+    )
+    # When a second worker holds tasks and is SIGKILLed mid-task
+    victim = fleet.start(concurrency=2, RELIER_TEST_PREFETCH="1")
+    send_work(publisher, range(4), seconds=3.0)
+
+    def victim_holds() -> int:  # its worker id starts with its hostname, w2@<host>
+        return sum(int(r.hlen(k)) for k in r.scan_iter(Keys("rl").held("w2@*")))
+
+    wait_for(victim_holds, 20, what="the second worker to hold tasks")
+    victim.kill(signal.SIGKILL)
+    # Then the survivor's scanner, on the restarted loop, brings them back: all complete
+    wait_all_done(r, set(range(4)), 45, fleet)
+    assert "task.resurrected" in survivor.log()
