@@ -73,20 +73,10 @@ def main() -> int:
             burst = []
             for _ in range(args.per_burst):
                 headers = task_headers(uuid.uuid4().hex, task="t", **{PUBLICATION_HEADER: "p"})
-                record = TaskRecord(
-                    task_id=str(headers["id"]),
-                    task_name="t",
-                    body=BODY,
-                    content_type="application/json",
-                    content_encoding="utf-8",
-                    headers=headers,
-                    properties={},
-                    exchange="",
-                    routing_key="celery",
-                    worker=dead,
-                )
+                message = Redelivery(headers)
+                record = TaskRecord.from_message(message, dead)  # what the dead worker held
                 store.record(record.delivery_id, dead, record.generation, record.dumps())
-                burst.append(Redelivery(headers))
+                burst.append(message)
             inflight = Inflight(config, store, "survivor", resurrector)  # type: ignore[arg-type]
             sent[0] = 0
             started = time.perf_counter()

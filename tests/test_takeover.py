@@ -370,6 +370,30 @@ def test_a_handed_off_record_is_not_run_again_by_a_parked_retry(
     assert inflight.receive(_Message(headers), {"demo.add"}) == "duplicate"
 
 
+def test_a_copy_of_what_runs_here_stays_a_duplicate_after_a_failed_receipt_of_it(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a receipt that failed before Redis wrote anything (parked), then recorded on its
+    # retry: the task runs here
+    from relier_celery.core.errors import StoreUnavailable
+
+    headers = task_headers("t1", task="demo.add", **{PUBLICATION_HEADER: "p1"})
+    inflight = _inflight(store)
+    real = store.record
+
+    def refused(*args: Any, **kwargs: Any) -> Any:
+        monkeypatch.setattr(store, "record", real)
+        raise StoreUnavailable("relier cannot reach Redis: Connection refused")
+
+    monkeypatch.setattr(store, "record", refused)
+    assert inflight.receive(_Message(headers), {"demo.add"}) == "parked"
+    assert inflight.receive(_Message(headers), {"demo.add"}) == "run"
+    # When the broker gives this worker a copy of it (its own channel was reopened)
+    verdict = inflight.receive(_redelivered(headers), {"demo.add"})
+    # Then it is a duplicate: the failed receipt does not make it this worker's to run again
+    assert verdict == "duplicate"
+
+
 def test_a_copy_of_what_this_worker_runs_stays_a_duplicate(store: Store) -> None:
     # Given a delivery w1 received and runs (no receipt of it failed)
     headers = task_headers("t1", task="demo.add", **{PUBLICATION_HEADER: "p1"})

@@ -96,11 +96,12 @@ class Receiving(Registry):
             self._mark_store_down(exc)
             return "parked"
         self._mark_store_up()
-        if not receipt.recorded and receipt.own and self._was_unsure(key):
+        unsure = self._unsure_until.pop(key, 0.0) > time.monotonic()  # a definite answer now
+        if not receipt.recorded and receipt.own and unsure and key not in self.local:
             # This worker's own receipt of it landed before: run it (not "a duplicate" that
-            # would wait, acked, for this worker's hand-off or death). Only a receipt parked
-            # here: a record handed off or given up is no longer in the held hash, and one
-            # this worker is running is not parked.
+            # would wait, acked, for this worker's hand-off or death). Only the retry of a
+            # receipt that failed here: a record handed off or given up is no longer in the
+            # held hash, and one this worker received since is in its local map.
             events.emit(
                 events.STORE_RECOVERED,
                 f"{record.task_name}[{record.task_id}] was recorded by this worker before "
@@ -151,9 +152,6 @@ class Receiving(Registry):
         now = time.monotonic()
         self._unsure_until = {k: t for k, t in self._unsure_until.items() if t > now}
         self._unsure_until[key] = now + UNSURE_FOR
-
-    def _was_unsure(self, key: Key) -> bool:
-        return self._unsure_until.pop(key, 0.0) > time.monotonic()
 
     def _check_schema(
         self,

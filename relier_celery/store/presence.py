@@ -67,6 +67,7 @@ class Presence:
         self.channel = store.keys.presence_channels + worker
         self._client: redis.Redis | None = None
         self._conn: Any = None
+        self._subscribed: Any = None  # the connection subscribed (again on each reconnect)
 
     def open(self) -> None:
         """Connect under the name, subscribed, now (raises StoreUnavailable)."""
@@ -90,11 +91,11 @@ class Presence:
 
         def ping(_main: redis.Redis) -> None:
             try:
-                if getattr(conn, "_relier_presence", None) is not self:
+                if self._subscribed is not conn:
                     # A new connection (open, or home_connection moved it): connected already.
                     conn.register_connect_callback(self._subscribe)
-                    conn._relier_presence = self
                     self._subscribe(conn)
+                    self._subscribed = conn
                 conn.send_command("PING")  # subscribed: "PONG" (RESP3) or ["pong", ""]
                 conn.read_response()
             except Exception:
