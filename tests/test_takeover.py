@@ -346,7 +346,7 @@ def test_a_receipt_whose_reply_was_lost_runs_on_its_retry(
         headers = task_headers("t1", task="demo.add", **{PUBLICATION_HEADER: "p1"})
         message = _Message(headers)
     inflight = _inflight(store)
-    _reply_lost_once(store, monkeypatch, "take_over" if redelivered else "record")
+    _reply_lost_once(store, monkeypatch, "receipt")
     assert inflight.receive(message, {"demo.add"}) == "parked"
     assert list(store.held("w1")) == ["t1#p1|0|0"]
     # When it is tried again, it finds w1's own record of it
@@ -363,7 +363,7 @@ def test_a_handed_off_record_is_not_run_again_by_a_parked_retry(
     # republished (a hand-off drops it from the held hash; the owners entry stays)
     headers = task_headers("t1", task="demo.add", **{PUBLICATION_HEADER: "p1"})
     inflight = _inflight(store)
-    _reply_lost_once(store, monkeypatch, "record")
+    _reply_lost_once(store, monkeypatch, "receipt")
     assert inflight.receive(_Message(headers), {"demo.add"}) == "parked"
     store.call(lambda c: c.hdel(store.keys.held("w1"), "t1#p1|0|0"))
     # When the parked copy is tried again: a duplicate, the republished copy runs instead
@@ -379,13 +379,13 @@ def test_a_copy_of_what_runs_here_stays_a_duplicate_after_a_failed_receipt_of_it
 
     headers = task_headers("t1", task="demo.add", **{PUBLICATION_HEADER: "p1"})
     inflight = _inflight(store)
-    real = store.record
+    real = store.receipt
 
     def refused(*args: Any, **kwargs: Any) -> Any:
-        monkeypatch.setattr(store, "record", real)
+        monkeypatch.setattr(store, "receipt", real)
         raise StoreUnavailable("relier cannot reach Redis: Connection refused")
 
-    monkeypatch.setattr(store, "record", refused)
+    monkeypatch.setattr(store, "receipt", refused)
     assert inflight.receive(_Message(headers), {"demo.add"}) == "parked"
     assert inflight.receive(_Message(headers), {"demo.add"}) == "run"
     # When the broker gives this worker a copy of it (its own channel was reopened)

@@ -13,6 +13,7 @@ from typing import Any, Literal, NamedTuple
 
 from relier_celery.core import events
 from relier_celery.core.config import RelierConfig
+from relier_celery.core.errors import StoreUnavailable
 from relier_celery.core.headers import (
     FETCH_FIELD,
 )
@@ -116,6 +117,57 @@ class Registry:
             **extra,
         )
         return True
+
+    def _receive_other(self, message: Any) -> Verdict:
+        """A message without protocol-2 task headers: a protocol 1 task runs (Celery converts
+        it), unprotected; anything else goes to the DLQ."""
+        record = envelope.raw_record_of(message, self.worker)
+        body = message.body
+        if isinstance(message.headers, dict | None) and envelope.protocol_one(
+            body, message.content_type, message.content_encoding, self.accept
+        ):
+            events.emit(
+                events.TASK_UNPROTECTED,
+                "a Celery protocol 1 message runs without a record and will NOT be "
+                "resurrected if this worker dies: publish with task_protocol = 2",
+                worker=self.worker,
+            )
+            return "run"
+        return self._quarantine_unrecorded(
+            record,
+            envelope.BadMessage(
+                "invalid_message",
+                "not a Celery task message (no 'task' header, no protocol 1 body)",
+            ),
+        )
+
+    def quarantine_message(self, message: Any, reason: str, error: str) -> bool:
+        """Quarantine a message Celery could not take: from its record if relier holds it,
+        raw otherwise. False if Redis could not be reached."""
+        key = self.key_of(message)
+        if self.holds(key):
+            assert key is not None
+            return self.quarantine_held(key, reason, error)
+        record = envelope.raw_record_of(message, self.worker)
+        return self._quarantine_unrecorded(record, envelope.BadMessage(reason, error)) != "parked"
+
+    def _quarantine_unrecorded(self, record: TaskRecord, bad: envelope.BadMessage) -> Verdict:
+        """Put a message relier never recorded into the DLQ; park it if Redis is down."""
+        held = record.field_name is not None
+        try:
+            quarantine(
+                self.store,
+                record,
+                bad.reason,
+                str(bad),
+                done_ttl=self.config.completed_ttl,
+                held_by=self.worker if held else None,
+                field=record.field_name,
+            )
+        except StoreUnavailable as exc:
+            self._mark_store_down(exc)
+            return "parked"
+        return "quarantined"
 
     # -- Redis health -------------------------------------------------------------------
     def _mark_store_down(self, exc: Exception) -> None:

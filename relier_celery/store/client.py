@@ -13,11 +13,12 @@ from relier_celery.store.dlq import DlqCommands
 from relier_celery.store.idempotency import IdempotencyCommands
 from relier_celery.store.leases import LeaseCommands
 from relier_celery.store.progress import ProgressCommands
-from relier_celery.store.registry import Receipt, RegistryCommands
+from relier_celery.store.registry import Receipt, ReceiptCall, RegistryCommands
 from relier_celery.store.visibility import VisibilityCommands
 
 __all__ = [
     "Receipt",
+    "ReceiptCall",
     "Store",
     "connect",
     "list_lengths",

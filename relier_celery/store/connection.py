@@ -68,6 +68,7 @@ T = TypeVar("T")
 # redis-py's Sentinel client has no type hints.
 _Sentinel: Any = importlib.import_module("redis.sentinel").Sentinel
 _MasterNotFound: Any = importlib.import_module("redis.sentinel").MasterNotFoundError
+_ClusterError = redis.exceptions.ClusterError
 
 
 def script_text(name: str) -> str:
@@ -211,18 +212,28 @@ class Connection:
     def _errors(self) -> Iterator[None]:
         try:
             yield
-        except _MasterNotFound as exc:  # a ConnectionError whose text repeats every client
-            raise StoreUnavailable(no_master(self._masked, self.options, exc)) from exc
-        except (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ClusterError) as exc:
-            # ClusterError: Redis Cluster redirected or refused (TRYAGAIN) past redis-py's retries.
-            raise StoreUnavailable(f"relier cannot reach Redis at {self._masked}: {exc}") from exc
-        except redis.ResponseError as exc:
+        except redis.RedisError as exc:
+            mapped = self.mapped_error(exc)
+            if mapped is exc:
+                raise
+            raise mapped from exc
+
+    def mapped_error(self, exc: Exception) -> Exception:
+        """Relier's error for a redis-py one: StoreUnavailable when Redis could not be reached
+        or could not take the write; any other error as it is."""
+        if isinstance(exc, _MasterNotFound):  # a ConnectionError whose text repeats every client
+            return StoreUnavailable(no_master(self._masked, self.options, exc))
+        # ClusterError: Redis Cluster redirected or refused (TRYAGAIN) past redis-py's retries.
+        if isinstance(exc, redis.ConnectionError | redis.TimeoutError | _ClusterError):
+            return StoreUnavailable(f"relier cannot reach Redis at {self._masked}: {exc}")
+        if isinstance(exc, redis.ResponseError) and (
             # A full (OOM), read-only (failover), loading or busy Redis did not store the
             # write: that is "not recorded", never "done". redis-py raises some of these as
             # their own classes (Redis 7), others only in the message (Redis 6 scripts).
-            if isinstance(exc, _UNAVAILABLE_ERRORS) or _UNAVAILABLE_REPLY.search(str(exc)):
-                raise StoreUnavailable(f"Redis at {self._masked} refused the write: {exc}") from exc
-            raise
+            isinstance(exc, _UNAVAILABLE_ERRORS) or _UNAVAILABLE_REPLY.search(str(exc))
+        ):
+            return StoreUnavailable(f"Redis at {self._masked} refused the write: {exc}")
+        return exc
 
     @property
     def _masked(self) -> str:

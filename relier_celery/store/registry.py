@@ -9,12 +9,16 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import redis
+from redis.exceptions import NoScriptError
 
 from relier_celery.core.headers import CRASHES_HEADER
 from relier_celery.core.record import Generation
 from relier_celery.store.connection import Connection, ms
 
-__all__ = ["Receipt", "RegistryCommands"]
+__all__ = ["Receipt", "ReceiptCall", "RegistryCommands"]
+
+# The keys and arguments of one receipt.lua call.
+ReceiptCall = tuple[list[str], list[Any]]
 
 
 @dataclass(frozen=True)
@@ -38,15 +42,7 @@ class RegistryCommands(Connection):
         """Record a received delivery under ``worker``, unless it is a duplicate. ``delivery``
         is its delivery id (:func:`~relier_celery.core.record.delivery_id`): the task id and its
         publication id, so a new publication under the same task id is never a duplicate."""
-        k = self.keys
-        out = self._run(
-            "receipt",
-            [k.owners, k.done(delivery), k.held(worker)],
-            [delivery, worker, gen.retries, gen.resurrections, record],
-        )
-        if int(out[0]) == 1:
-            return Receipt(True)
-        return Receipt(False, str(out[1]), str(out[2]), own=len(out) > 4 and int(out[4]) == 1)
+        return _receipt(self._run("receipt", *self.receipt_call(delivery, worker, gen, record)))
 
     def take_over(
         self,
@@ -66,28 +62,58 @@ class RegistryCommands(Connection):
         holder's marker waits for a renewal that fences it (a few leases). The reason is
         "taken" (the holder in ``detail``); "crashes" (the holder's count in ``detail``) or
         "free" (nobody holds it) when nothing changed; "done" or "held" for a duplicate."""
+        call = self.receipt_call(delivery, worker, gen, record, (gone, crashes, ttl))
+        return _receipt(self._run("receipt", *call))
+
+    def receipt_call(
+        self,
+        delivery: str,
+        worker: str,
+        gen: Generation,
+        record: str,
+        takeover: tuple[str, int, float] | None = None,
+    ) -> ReceiptCall:
+        """The keys and arguments of one receipt.lua call: :meth:`record`, or with
+        ``takeover`` = (gone, crashes, ttl) :meth:`take_over`."""
         k = self.keys
-        out = self._run(
-            "receipt",
-            [k.owners, k.done(delivery), k.held(worker)],
-            [
-                delivery,
-                worker,
-                gen.retries,
-                gen.resurrections,
-                record,
-                k.base,
-                k.presence_channels,
-                gone,
-                crashes,
-                CRASHES_HEADER,
-                ms(ttl),
-            ],
-        )
-        detail = str(out[2]) if len(out) > 2 else ""
-        present = len(out) < 4 or int(out[3]) > 0
-        own = len(out) > 4 and int(out[4]) == 1
-        return Receipt(int(out[0]) == 1, str(out[1]), detail, present, own)
+        args: list[Any] = [delivery, worker, gen.retries, gen.resurrections, record]
+        if takeover is not None:
+            gone, crashes, ttl = takeover
+            args += [k.base, k.presence_channels, gone, crashes, CRASHES_HEADER, ms(ttl)]
+        return [k.owners, k.done(delivery), k.held(worker)], args
+
+    def receipt(self, call: ReceiptCall) -> Receipt:
+        """One receipt.lua call built by :meth:`receipt_call`."""
+        return _receipt(self._run("receipt", *call))
+
+    def receipts(self, calls: Sequence[ReceiptCall]) -> list[Receipt | Exception]:
+        """Many receipt.lua calls in one round trip (pipelined: each call atomic on its own),
+        for messages the broker delivered together. A call Redis refused gives its error in
+        its place (StoreUnavailable for a full, read-only or loading Redis); a lost connection
+        raises StoreUnavailable for all of them (any of them may have been written)."""
+
+        def send(c: redis.Redis, which: Sequence[int]) -> list[Any]:
+            script = self._scripts["receipt"]
+            pipe = c.pipeline(transaction=False)
+            for i in which:
+                keys, args = calls[i]
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+            return list(pipe.execute(raise_on_error=False))
+
+        def run(c: redis.Redis) -> list[Any]:
+            out = send(c, range(len(calls)))
+            # A Redis restarted (or flushed of scripts) runs none of them: load, send again.
+            missing = [i for i, o in enumerate(out) if isinstance(o, NoScriptError)]
+            if missing:
+                c.script_load(self._scripts["receipt"].script)
+                for i, again in zip(missing, send(c, missing), strict=True):
+                    out[i] = again
+            return out
+
+        return [
+            self.mapped_error(o) if isinstance(o, Exception) else _receipt(o)
+            for o in self.call(run)
+        ]
 
     def present(self, worker: str) -> bool:
         """Whether ``worker``'s presence connection is open (presence.py; one round trip).
@@ -200,3 +226,14 @@ class RegistryCommands(Connection):
         """Drop a delivery id's done record, so a released copy is not taken for a
         duplicate."""
         self.call(lambda c: c.delete(self.keys.done(delivery)))
+
+
+def _receipt(out: list[Any]) -> Receipt:
+    """receipt.lua's reply (its header comment lists the shapes)."""
+    return Receipt(
+        int(out[0]) == 1,
+        str(out[1]) if len(out) > 1 else "",
+        str(out[2]) if len(out) > 2 else "",
+        len(out) < 4 or int(out[3]) > 0,
+        len(out) > 4 and int(out[4]) == 1,
+    )

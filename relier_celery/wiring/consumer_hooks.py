@@ -12,6 +12,7 @@ from typing import Any
 from relier_celery.core.headers import EPOCH_KEY, HELD_KEY, PROTECTED
 from relier_celery.recovery.inflight import Inflight
 from relier_celery.recovery.lease import LeaseClock
+from relier_celery.wiring.burst import Burst
 from relier_celery.wiring.fetch import FIELD
 from relier_celery.wiring.request_hooks import wrap_request
 
@@ -31,14 +32,29 @@ def wrap_consumer(c: Any, inflight: Inflight, clock: LeaseClock) -> None:
         handler = create_task_handler(*args, **kwargs)
         restart = c.restart_count
 
+        burst = Burst(c)
+
         def on_task_received(message: Any) -> None:
+            if not burst.keep(message, receive_burst):
+                receive_burst()
+
+        def receive_burst() -> None:
+            messages = burst.take()
+            if c.restart_count != restart:
+                return  # that channel is gone, unrecorded; the broker gives them back
             try:
-                verdict = inflight.receive(message, c.strategies)
+                verdicts = inflight.receive_many(messages, c.strategies)
             except Exception as exc:
-                # Contained: relier must never crash the consumer. A message relier's own
-                # checks choke on is malformed: quarantined raw, or run if even that fails.
-                logger.exception("relier: could not check a message")
-                verdict = "quarantined" if _quarantine(message, exc) else "run"
+                verdicts = [exc for _ in messages]
+            for message, verdict in zip(messages, verdicts, strict=True):
+                if isinstance(verdict, Exception):
+                    # Contained: relier must never crash the consumer. A message relier's own
+                    # checks choke on is malformed: quarantined raw, or run if even that fails.
+                    logger.error("relier: could not check a message", exc_info=verdict)
+                    verdict = "quarantined" if _quarantine(message, verdict) else "run"
+                take(message, verdict)
+
+        def take(message: Any, verdict: str) -> None:
             if verdict == "run":
                 if FIELD in (message.delivery_info or {}) and inflight.holds(
                     inflight.key_of(message)
