@@ -4,11 +4,13 @@ dead worker's burst of redeliveries, and how many Redis round trips that costs.
     python benchmarks/bench_takeover_burst.py [--bursts 300] [--per-burst 4]
 
 Each burst: ``--per-burst`` deliveries recorded under a worker id that has no presence
-connection (it died), then their broker redeliveries passed one after another through the
-worker's receipt (``Inflight.receive``, as the consumer calls it), against a throwaway
-redis-server. bench_rabbitmq.py measures the whole recovery, with real workers and RabbitMQ;
-this isolates the part relier adds on the consumer, which a SIGKILL's noise hides there. Run
-it with another checkout first on ``PYTHONPATH`` to compare two versions.
+connection (it died), then their broker redeliveries received by the worker's receipt,
+against a throwaway redis-server: one after another (``Inflight.receive``, as the consumer
+called it before 2026-12-06) and together (``Inflight.receive_many``, as the consumer calls
+it now for messages that arrive together: wiring/burst.py), alternating burst by burst.
+bench_rabbitmq.py measures the whole recovery, with real workers and RabbitMQ; this isolates
+the part relier adds on the consumer, which a SIGKILL's noise hides there. Run it with another
+checkout first on ``PYTHONPATH`` to compare two versions.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import uuid
 from types import SimpleNamespace
 from typing import Any
 
+import redis
 from stats import pct
 
 from relier_celery.core.config import RelierConfig
@@ -58,17 +61,18 @@ def main() -> int:
         config = RelierConfig.from_mapping({"relier_reliable_fetch": False}, broker_url=url)
         app = SimpleNamespace(conf=SimpleNamespace(accept_content=["json"]), tasks={"t": None})
         resurrector = SimpleNamespace(app=app, max_resurrections=lambda _name: 3)
-        client = store.client
         sent = [0]
-        real = client.execute_command
+        real = redis.connection.AbstractConnection.send_packed_command
 
-        def counted(*a: Any, **kw: Any) -> Any:
-            sent[0] += 1
-            return real(*a, **kw)
+        def counted(self: Any, *a: Any, **kw: Any) -> Any:
+            sent[0] += 1  # one write to Redis: one round trip
+            return real(self, *a, **kw)
 
-        client.execute_command = counted  # type: ignore[method-assign]
-        took, trips = [], []
-        for _ in range(args.bursts):
+        redis.connection.AbstractConnection.send_packed_command = counted  # type: ignore[method-assign]
+        took: dict[str, list[float]] = {"one by one": [], "together": []}
+        trips: dict[str, list[int]] = {"one by one": [], "together": []}
+        for n in range(2 * args.bursts):
+            way = "together" if n % 2 else "one by one"
             dead = f"dead@host/1/{uuid.uuid4().hex[:8]}"
             burst = []
             for _ in range(args.per_burst):
@@ -80,15 +84,19 @@ def main() -> int:
             inflight = Inflight(config, store, "survivor", resurrector)  # type: ignore[arg-type]
             sent[0] = 0
             started = time.perf_counter()
-            verdicts = [inflight.receive(m, {"t"}) for m in burst]
-            took.append((time.perf_counter() - started) * 1000)
-            trips.append(sent[0])
+            if way == "together":
+                verdicts: list[Any] = inflight.receive_many(burst, {"t"})
+            else:
+                verdicts = [inflight.receive(m, {"t"}) for m in burst]
+            took[way].append((time.perf_counter() - started) * 1000)
+            trips[way].append(sent[0])
             assert verdicts == ["run"] * args.per_burst, verdicts
-    print(
-        f"a burst of {args.per_burst} redeliveries taken over: p50 {statistics.median(took):.2f}"
-        f" ms, p99 {pct(took, 99):.2f} ms, {statistics.median(trips):.0f} Redis round trips"
-        f" ({args.bursts} bursts)"
-    )
+    for way in took:
+        print(
+            f"a burst of {args.per_burst} redeliveries taken over {way:>10}: p50 "
+            f"{statistics.median(took[way]):.2f} ms, p99 {pct(took[way], 99):.2f} ms, "
+            f"{statistics.median(trips[way]):.0f} Redis round trips ({args.bursts} bursts)"
+        )
     return 0
 
 
