@@ -14,7 +14,7 @@ import pytest
 import redis
 from kombu.asynchronous.timer import Timer
 from test_publications import _inflight, _Message
-from test_takeover import _held_by, _redelivered
+from test_takeover import _dying, _held_by, _redelivered
 
 from relier_celery.core.headers import PUBLICATION_HEADER
 from relier_celery.store.client import Store
@@ -78,15 +78,7 @@ def test_a_holder_still_closing_its_sockets_costs_one_more_round_trip_for_the_wh
 ) -> None:
     # Given w0 dying: RabbitMQ redelivered its messages before Redis dropped its presence
     copies = [_redelivered(_held_by(store, "w0", f"t{i}")) for i in range(3)]
-    dying = Presence(store, "w0")
-    dying.open()
-    real_sleep = time.sleep
-
-    def sleep(seconds: float) -> None:
-        dying.close()  # its process finishes closing its sockets
-        real_sleep(seconds)
-
-    monkeypatch.setattr("relier_celery.store.presence.time.sleep", sleep)
+    dying = _dying(store, monkeypatch, "w0")
     round_trips()
     try:
         verdicts = _inflight(store).receive_many(copies, TASKS)

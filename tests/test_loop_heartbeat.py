@@ -103,44 +103,49 @@ def test_another_sigalrm_handler_leaves_the_heartbeat_to_a_thread_for_good(
 
 
 def test_with_redis_unreachable_the_loop_waits_out_one_timeout_not_one_each_turn(
-    store: Store,
+    store: Store, driven
 ) -> None:
-    # Given a lease driven from the loop, whose Redis then stops answering (connections to a
-    # port nobody listens on are refused: each renewal fails at once)
-    lease = _lease(store)
-    hub = Hub()
-    lease.acquire()
-    heartbeat = LoopHeartbeat(lease, hub)
-    before = signal.getsignal(signal.SIGALRM)
-    heartbeat.start()
-    try:
-        _turn(hub, 2 * INTERVAL)
-        assert not lease.thread_running
-        calls: list[str] = []
-        real = lease.store.renew_lease
+    # Given a lease driven from the loop, whose Redis then stops answering (each renewal
+    # fails at once)
+    from relier_celery.core.errors import StoreUnavailable
 
-        def unreachable(*args: object) -> object:
-            calls.append(threading.current_thread().name)
-            from relier_celery.core.errors import StoreUnavailable
+    lease, _, hub = driven
+    _turn(hub, 2 * INTERVAL)
+    assert not lease.thread_running
+    calls: list[str] = []
+    real = lease.store.renew_lease
 
-            raise StoreUnavailable("relier cannot reach Redis: Connection refused")
+    def unreachable(*args: object) -> object:
+        calls.append(threading.current_thread().name)
+        raise StoreUnavailable("relier cannot reach Redis: Connection refused")
 
-        lease.store.renew_lease = unreachable  # type: ignore[method-assign]
-        _turn(hub, 6 * INTERVAL)
-        # Then the loop tried once; the thread retries
-        main = threading.main_thread().name
-        assert calls.count(main) == 1 and len(calls) > 1
-        assert lease.thread_running and lease.down
-        # And when Redis answers again, the loop takes over once more
-        lease.store.renew_lease = real  # type: ignore[method-assign]
-        wait_for(lambda: not lease.down, 5)
-        _turn(hub, 3 * INTERVAL)
-        assert not lease.thread_running
-    finally:
-        heartbeat.stop()
-        lease.release()
-        hub.close()
-        signal.signal(signal.SIGALRM, before)
+    lease.store.renew_lease = unreachable  # type: ignore[method-assign]
+    _turn(hub, 6 * INTERVAL)
+    # Then the loop tried once; the thread retries
+    main = threading.main_thread().name
+    assert calls.count(main) == 1 and len(calls) > 1
+    assert lease.thread_running and lease.down
+    # And when Redis answers again, the loop takes over once more
+    lease.store.renew_lease = real  # type: ignore[method-assign]
+    wait_for(lambda: not lease.down, 5)
+    _turn(hub, 3 * INTERVAL)
+    assert not lease.thread_running
+
+
+def test_a_drain_hands_the_heartbeat_to_the_thread_for_good(store: Store, driven) -> None:
+    lease, heartbeat, hub = driven
+    _turn(hub, 2 * INTERVAL)
+    # When a drain begins (from any thread): the loop is ending, and the shutdown waits for
+    # the pool where the watchdog cannot run
+    worker = threading.Thread(target=heartbeat.hand_to_thread)
+    worker.start()
+    worker.join()
+    # Then the watchdog's timer is off, and the thread renews even while the loop turns
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+    before = store.leases()["w1"]
+    _turn(hub, 4 * INTERVAL)
+    assert lease.thread_running
+    assert store.leases()["w1"] > before
 
 
 def test_stopping_hands_the_heartbeat_back_to_the_thread(store: Store, driven) -> None:

@@ -297,15 +297,7 @@ def test_a_holder_still_closing_its_sockets_is_asked_again_and_taken_over(
 ) -> None:
     # Given w0 dying: RabbitMQ redelivered its message before Redis dropped its presence
     headers = _held_by(store, "w0", "t1")
-    dying = Presence(store, "w0")
-    dying.open()
-    real_sleep = time.sleep
-
-    def sleep(seconds: float) -> None:
-        dying.close()  # its process finishes closing its sockets
-        real_sleep(seconds)
-
-    monkeypatch.setattr("relier_celery.store.presence.time.sleep", sleep)
+    dying = _dying(store, monkeypatch, "w0")
     try:
         # When the redelivery arrives at w1
         verdict = _inflight(store).receive(_redelivered(headers), {"demo.add"})
@@ -314,6 +306,21 @@ def test_a_holder_still_closing_its_sockets_is_asked_again_and_taken_over(
     # Then w1 asked again a moment later, found it gone, and took it over
     assert verdict == "run"
     assert store.held("w0") == {} and list(store.held("w1")) == ["t1#p1|0|0"]
+
+
+def _dying(store: Store, monkeypatch: pytest.MonkeyPatch, worker: str) -> Presence:
+    """``worker``'s presence connection, open until the receiver first waits to ask again
+    (its process finishes closing its sockets meanwhile)."""
+    dying = Presence(store, worker)
+    dying.open()
+    real_sleep = time.sleep
+
+    def sleep(seconds: float) -> None:
+        dying.close()
+        real_sleep(seconds)
+
+    monkeypatch.setattr("relier_celery.store.presence.time.sleep", sleep)
+    return dying
 
 
 # -- a receipt whose reply was lost ---------------------------------------------------------

@@ -145,6 +145,7 @@ class Lease:
         self.on_lost = on_lost
         self.clock = LeaseClock(config.lease_ttl)
         self._stop = threading.Event()
+        self._wake = threading.Event()  # ends the thread's wait early (stop, or the loop turns)
         self._beating = threading.Lock()  # one renewal at a time (the loop's or the thread's)
         self._last_sent = 0.0
         self._threads = 0  # heartbeat threads running (0 or 1)
@@ -188,6 +189,7 @@ class Lease:
         """Stop renewing; forget the lease, or expire it now if records are left (they are
         then resurrected by the next scan). Return how many records were left."""
         self._stop.set()
+        self._wake.set()
         deadline = time.monotonic() + 5
         while self._threads and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -237,9 +239,17 @@ class Lease:
         self.clock.renewed(sent)
         self._renewed = True
 
+    def end_thread(self) -> None:
+        """The loop turns again: the thread ends now, not at its next renewal."""
+        self._wake.set()
+
     def _loop(self) -> None:
         try:
-            while not self._stop.wait(self.config.heartbeat_interval):
+            while True:
+                self._wake.wait(self.config.heartbeat_interval)
+                self._wake.clear()
+                if self._stop.is_set():
+                    return
                 turning = self.loop_turning
                 if turning is not None and turning() and not self._down:
                     return  # the event loop renews again

@@ -14,7 +14,11 @@ the pool, a publish the broker holds back) must not cost the worker its lease wh
 still runs tasks: a SIGALRM watchdog, every quarter interval, starts the heartbeat thread when
 the loop has not turned for half an interval, and the thread ends once the loop turns again.
 The signal handler takes no lock the code it interrupted may hold: it compares two numbers and
-starts the thread with ``_thread.start_new_thread`` (threading's bookkeeping takes locks). The
+starts the thread with ``_thread.start_new_thread`` (threading's bookkeeping takes locks). It
+runs only once the main thread runs Python code, which a system call the kernel restarts
+(waiting for a pool process, say) does not let it do: where the loop is known to stop (a
+consumer restart, a drain, the shutdown), the thread is started there, and the watchdog is the
+net for the rest. The
 thread also takes over while Redis is unreachable, so that the loop does not wait out one
 timeout after another. A SIGALRM handler installed by someone else later ends this: the
 thread then runs for good, with a warning.
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import _thread
 import signal
+import threading
 import time
 from typing import Any
 
@@ -58,15 +63,31 @@ class LoopHeartbeat:
         self._on = True
 
     def stop(self) -> None:
-        """Hand the heartbeat back to the thread (the worker stops: the loop is done)."""
-        if not self._on:
-            return
-        self._on = False
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        if signal.getsignal(signal.SIGALRM) is self._handler:
-            signal.signal(signal.SIGALRM, self._previous or signal.SIG_DFL)
+        """Hand the heartbeat back to the thread (the worker stops: the loop is done), and
+        SIGALRM to the handler before (from the main thread, the only one that may)."""
+        self.hand_to_thread(alarm_off=self._on)
         if self._entry is not None:
             self._entry.cancel()
+            self._entry = None
+        main = threading.current_thread() is threading.main_thread()
+        if main and signal.getsignal(signal.SIGALRM) is self._handler:
+            signal.signal(signal.SIGALRM, self._previous or signal.SIG_DFL)
+
+    def loop_stopped(self) -> None:
+        """The consumer restarts (its loop waits for the broker): the thread renews until the
+        loop turns again. The watchdog would start it too, but only once the main thread runs
+        Python code: a system call the kernel restarts does not let it."""
+        if self._on:
+            self.lease.start_thread()
+
+    def hand_to_thread(self, alarm_off: bool = True) -> None:
+        """From any thread: the thread renews from now on (a drain: the loop is ending, and
+        the shutdown waits for the pool in system calls the watchdog cannot interrupt).
+        ``alarm_off``: stop the watchdog's timer too (not when another handler owns it)."""
+        was_on, self._on = self._on, False
+        if was_on and alarm_off:
+            signal.setitimer(signal.ITIMER_REAL, 0)  # any thread may; an alarm left to a
+            # default handler restored later would kill the process
         self.lease.loop_turning = None
         self.lease.start_thread()
 
@@ -74,23 +95,22 @@ class LoopHeartbeat:
         return self._on and time.monotonic() - self._turned < self.stall
 
     def _on_loop(self) -> None:
+        if not self._on:
+            return
         self._turned = time.monotonic()
         if signal.getsignal(signal.SIGALRM) is not self._handler:
-            if self._on:
-                events.emit(
-                    events.CONFIG_WARNING,
-                    "another SIGALRM handler replaced relier's loop watchdog: the lease "
-                    "heartbeat runs in a thread of the main process from now on",
-                    worker=self.lease.worker,
-                )
-                self._on = False
-                self.lease.loop_turning = None
-                if self._entry is not None:
-                    self._entry.cancel()
-                self.lease.start_thread()
+            events.emit(
+                events.CONFIG_WARNING,
+                "another SIGALRM handler replaced relier's loop watchdog: the lease "
+                "heartbeat runs in a thread of the main process from now on",
+                worker=self.lease.worker,
+            )
+            self.hand_to_thread(alarm_off=False)  # the timer may be theirs now
             return
         if self.lease.thread_running:
-            return  # it ends at its next wake, and renews until then
+            if not self.lease.down:
+                self.lease.end_thread()  # it ends now; the next turn renews if due
+            return
         if self.lease.down:
             self.lease.start_thread()  # it retries; the loop does not wait on timeouts
             return

@@ -189,6 +189,15 @@ class RelierConsumer(bootsteps.StartStopStep):  # type: ignore[misc]
             enable_for_consumer(c, self.runtime)
             c._relier_wrapped = True
 
+    def stop(self, c: Any) -> None:
+        # The consumer restarts or stops: its event loop stands still meanwhile.
+        if self.runtime is not None and self.runtime.heartbeat is not None:
+            self.runtime.heartbeat.loop_stopped()
+
+    def shutdown(self, c: Any) -> None:
+        if self.runtime is not None and self.runtime.heartbeat is not None:
+            self.runtime.heartbeat.hand_to_thread()
+
     def start(self, c: Any) -> None:
         if self.runtime is None:
             return
