@@ -6,6 +6,7 @@ import base64
 import json
 import signal
 import time
+from collections.abc import Iterator
 
 import pytest
 import redis
@@ -21,6 +22,20 @@ from fleet import (
 )
 
 from relier_celery.testing import RedisServer, free_port, wait_for
+
+
+@pytest.fixture
+def split_redis() -> Iterator[tuple[RedisServer, RedisServer]]:
+    """Relier's Redis and, apart, the broker's: the broker can stop while relier's stays."""
+    store = RedisServer()
+    store.start()
+    broker = RedisServer()
+    broker.start()
+    try:
+        yield store, broker
+    finally:
+        broker.stop()
+        store.stop()
 
 
 def _refused(fleet, **env: str) -> str:
@@ -105,54 +120,45 @@ def test_relier_redis_down_leaves_messages_with_the_broker_until_it_returns(
 
 
 @pytest.mark.timeout(150)
-def test_a_broker_restart_does_not_strand_prefetched_tasks(fleet, redis_url, tmp_path) -> None:
+def test_a_broker_restart_does_not_strand_prefetched_tasks(fleet, split_redis) -> None:
     # Given relier's Redis apart from the broker's, and a broker that loses everything on
     # restart (no persistence): a worker has prefetched tasks it has not started
     from celery import Celery
 
-    store = RedisServer()
-    store.start()
-    broker = RedisServer()
+    store, broker = split_redis
+    results = redis.Redis.from_url(store.url, decode_responses=True)
+    conf = json.dumps({"relier_redis_url": store.url})
+    env = {
+        "concurrency": 1,
+        "RELIER_TEST_REDIS": broker.url,
+        "RELIER_TEST_CONF": conf,
+        "RELIER_TEST_RESULTS": store.url,
+        "RELIER_TEST_PREFETCH": "8",
+    }
+    w = fleet.start(**env)
+    app = Celery("pub", broker=broker.url)
+    for n in range(6):
+        app.send_task("chaos.work", args=(n, 1.0))
+    app.close()
+    # (messages still queued in the broker are lost with it: only relier's records, of
+    # received messages, can come back)
+    wait_for(lambda: w.log().count("] received") == 6, 20, what="the worker to receive every task")
+    # When the broker restarts (Celery restarts its consumer and forgets reserved tasks;
+    # kombu 5.7 sometimes crashes the worker instead, in restore_unacked, and a supervisor
+    # starts a new one, whose scanner takes over)
+    broker.stop()
+    time.sleep(1)
     broker.start()
-    try:
-        results = redis.Redis.from_url(store.url, decode_responses=True)
-        conf = json.dumps({"relier_redis_url": store.url})
-        env = {
-            "concurrency": 1,
-            "RELIER_TEST_REDIS": broker.url,
-            "RELIER_TEST_CONF": conf,
-            "RELIER_TEST_RESULTS": store.url,
-            "RELIER_TEST_PREFETCH": "8",
-        }
-        w = fleet.start(**env)
-        app = Celery("pub", broker=broker.url)
-        for n in range(6):
-            app.send_task("chaos.work", args=(n, 1.0))
-        app.close()
-        # (messages still queued in the broker are lost with it: only relier's records, of
-        # received messages, can come back)
-        wait_for(
-            lambda: w.log().count("] received") == 6, 20, what="the worker to receive every task"
-        )
-        # When the broker restarts (Celery restarts its consumer and forgets reserved tasks;
-        # kombu 5.7 sometimes crashes the worker instead, in restore_unacked, and a supervisor
-        # starts a new one, whose scanner takes over)
-        broker.stop()
-        time.sleep(1)
-        broker.start()
 
-        def all_done() -> bool:
-            if not fleet.alive():
-                fleet.start(**env)
-            return {int(x) for x in results.smembers("test:done")} >= set(range(6))
+    def all_done() -> bool:
+        if not fleet.alive():
+            fleet.start(**env)
+        return {int(x) for x in results.smembers("test:done")} >= set(range(6))
 
-        # Then relier republishes them from its records and every task completes
-        wait_for(all_done, 90, interval=0.2, what=f"every task to complete\n{fleet.logs()}")
-        logs = "".join(w.log() for w in fleet.workers)
-        assert "task.resurrected" in logs or "task.handed_off" in logs
-    finally:
-        broker.stop()
-        store.stop()
+    # Then relier republishes them from its records and every task completes
+    wait_for(all_done, 90, interval=0.2, what=f"every task to complete\n{fleet.logs()}")
+    logs = "".join(w.log() for w in fleet.workers)
+    assert "task.resurrected" in logs or "task.handed_off" in logs
 
 
 @pytest.mark.parametrize("reliable", FETCH_MODES)
@@ -209,45 +215,40 @@ def test_a_prefork_workers_scanner_keeps_scanning_after_its_consumer_restarted(
 
 
 @pytest.mark.timeout(120)
-def test_a_prefork_worker_keeps_its_lease_while_its_event_loop_stands_still(fleet) -> None:
+def test_a_prefork_worker_keeps_its_lease_while_its_event_loop_stands_still(
+    fleet, split_redis
+) -> None:
     # Given a prefork worker (its heartbeat on Celery's event loop, lease 3 s) running a task
     # of 8 s, relier's Redis apart from the broker's
     from celery import Celery
 
-    store = RedisServer()
-    store.start()
-    broker = RedisServer()
+    store, broker = split_redis
+    results = redis.Redis.from_url(store.url, decode_responses=True)
+    env = {
+        "concurrency": 1,
+        "RELIER_TEST_REDIS": broker.url,
+        "RELIER_TEST_CONF": json.dumps({"relier_redis_url": store.url}),
+        "RELIER_TEST_RESULTS": store.url,
+    }
+    w = fleet.start(**env)
+    assert w.pid is not None
+    wait_for(lambda: len(_threads(w.pid)) == 1, 10, what=f"one thread\n{w.log()}")
+    app = Celery("pub", broker=broker.url)
+    app.send_task("chaos.work", args=(0, 8.0))
+    app.close()
+    wait_for(lambda: results.get("test:started:0"), 20, what=f"the task to start\n{w.log()}")
+    # When the broker is gone for 5 s: Celery's consumer waits to reconnect, its event
+    # loop stands still, longer than the lease
+    broker.stop()
+    wait_for(lambda: len(_threads(w.pid)) == 2, 5, what=f"the heartbeat thread\n{w.log()}")
+    time.sleep(5)
     broker.start()
-    try:
-        results = redis.Redis.from_url(store.url, decode_responses=True)
-        env = {
-            "concurrency": 1,
-            "RELIER_TEST_REDIS": broker.url,
-            "RELIER_TEST_CONF": json.dumps({"relier_redis_url": store.url}),
-            "RELIER_TEST_RESULTS": store.url,
-        }
-        w = fleet.start(**env)
-        assert w.pid is not None
-        wait_for(lambda: len(_threads(w.pid)) == 1, 10, what=f"one thread\n{w.log()}")
-        app = Celery("pub", broker=broker.url)
-        app.send_task("chaos.work", args=(0, 8.0))
-        app.close()
-        wait_for(lambda: results.get("test:started:0"), 20, what=f"the task to start\n{w.log()}")
-        # When the broker is gone for 5 s: Celery's consumer waits to reconnect, its event
-        # loop stands still, longer than the lease
-        broker.stop()
-        wait_for(lambda: len(_threads(w.pid)) == 2, 5, what=f"the heartbeat thread\n{w.log()}")
-        time.sleep(5)
-        broker.start()
-        # Then the heartbeat thread kept the lease: the task ran once, to its end, and the
-        # thread ended once the loop turned again
-        wait_for(lambda: results.get("test:runs:0"), 30, what=f"the task to end\n{w.log()}")
-        assert "lease.lost" not in w.log()
-        assert (results.get("test:started:0"), results.get("test:runs:0")) == ("1", "1")
-        wait_for(lambda: len(_threads(w.pid)) == 1, 10, what=f"one thread again\n{w.log()}")
-    finally:
-        broker.stop()
-        store.stop()
+    # Then the heartbeat thread kept the lease: the task ran once, to its end, and the
+    # thread ended once the loop turned again
+    wait_for(lambda: results.get("test:runs:0"), 30, what=f"the task to end\n{w.log()}")
+    assert "lease.lost" not in w.log()
+    assert (results.get("test:started:0"), results.get("test:runs:0")) == ("1", "1")
+    wait_for(lambda: len(_threads(w.pid)) == 1, 10, what=f"one thread again\n{w.log()}")
 
 
 def _threads(pid: int) -> list[str]:
