@@ -89,15 +89,9 @@ class Takeover:
         # How long the holder's marker waits for a renewal that fences it, if it lives.
         self.marker_ttl = 10 * lease_ttl
 
-    def receive(self, message: Any, record: TaskRecord) -> Receipt:
-        """Record a redelivery, taking it over from its holder if that one is gone."""
-        got = answer(self.store, [self.ask(message, record)])[0]
-        if isinstance(got, Exception):
-            raise got
-        return got
-
     def ask(self, message: Any, record: TaskRecord) -> Ask:
-        """The receipt of a redelivery, as an :data:`Ask` (see :meth:`receive`)."""
+        """The receipt of a redelivery, taking it over from its holder if that one is gone,
+        as an :data:`Ask` (receipt.py runs it with :func:`answer`)."""
         # One Redis server: the script sees every presence connection, and takes over any
         # holder that has none ("*"). A cluster: only its own node's (a slot that moved
         # leaves them behind until the next heartbeat), so every primary is asked first; a
