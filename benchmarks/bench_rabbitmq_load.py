@@ -1,0 +1,134 @@
+"""Delivery on RabbitMQ under load: vanilla Celery with acks_late against Celery + relier, same run.
+
+    python benchmarks/bench_rabbitmq_load.py [--tasks 3000] [--seconds 0.005] [--kills 10]
+
+bench_rabbitmq.py measures one kill of a worker holding a few tasks, with an idle survivor.
+This one measures what a busy fleet sees: a backlog of ``--tasks`` short tasks (0 to
+``--seconds`` each) much deeper than the fleet (two workers of two processes, prefetch 4 each),
+one whole worker SIGKILLed every second and replaced at once, until ``--kills`` kills or the
+backlog is done. Then it waits until every task ended, or nothing moved for ``STILL`` s.
+
+Printed per side: the time from the first publish to the last task's end, lost tasks (never
+ended), tasks that ended twice (a task that ran to its end but whose ack the SIGKILL beat is
+run again by RabbitMQ's redelivery: vanilla does that; relier's completion record must stop
+it) and the kills done. The two sides alternate run by run. The vanilla side is checked as in
+bench_core.py (no relier log line, bootstep or key). A benchmark, not a test: it prints figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import shutil
+import signal
+import statistics
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from bench_rabbitmq import worker
+from celery import Celery
+from kombu import Connection
+
+from relier_celery.bench.delivery import alive
+from relier_celery.bench.harness import Harness, kill_all
+from relier_celery.testing import RedisServer
+
+# Seconds without a task ending after which a run is over (its missing tasks are lost).
+STILL = 20.0
+
+
+def run(
+    h: Harness, amqp: str, relier: bool, tasks: int, seconds: float, kills: int
+) -> dict[str, Any]:
+    r = h.reset()
+    queue = f"load-{uuid.uuid4().hex[:8]}"
+    app = Celery("pub", broker=amqp, set_as_current=False)
+    app.conf.task_default_queue = queue
+    rng = random.Random(5)
+    side = "relier" if relier else "vanilla"
+    fleet = [worker(h, amqp, queue, relier, f"{side}-load", 2) for _ in range(2)]
+    done = 0
+    try:
+        h.wait_reported(fleet, 60)
+        start = time.time()
+        with app.producer_or_acquire() as producer:
+            for n in range(tasks):
+                app.send_task("bench.job", args=(n, rng.uniform(0, seconds)), producer=producer)
+        for _ in range(kills):
+            time.sleep(1.0)
+            if r.scard("bench:ended") >= tasks:
+                break
+            rng.choice(alive(fleet)).kill(signal.SIGKILL)
+            done += 1
+            fleet.append(worker(h, amqp, queue, relier, f"{side}-load", 2))
+        last, since, finished = -1, time.monotonic(), time.time()
+        while (ended := int(r.scard("bench:ended"))) < tasks and time.monotonic() - since < STILL:
+            if ended != last:
+                last, since, finished = ended, time.monotonic(), time.time()
+            time.sleep(0.02)
+        if ended >= tasks:
+            finished = time.time()
+        twice = sum(1 for n in range(tasks) if int(r.get(f"bench:runs:{n}") or 0) > 1)
+        dlq = int(r.hlen("rl:{rl}:dlq")) if relier else 0
+    finally:
+        kill_all(fleet)
+        app.close()
+        with Connection(amqp) as conn:
+            conn.default_channel.queue_delete(queue)
+            for exchange in (queue, f"{queue}.control.pidbox"):
+                conn.default_channel.exchange_delete(exchange)
+    if not relier:
+        h.check_vanilla("rabbitmq load", fleet)
+    return {
+        "seconds": finished - start,
+        "lost": tasks - ended - dlq,
+        "in_dlq": dlq,
+        "ended_twice": twice,
+        "kills": done,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tasks", type=int, default=3000)
+    parser.add_argument("--seconds", type=float, default=0.005)
+    parser.add_argument("--kills", type=int, default=10)
+    parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--amqp", default="amqp://guest:guest@127.0.0.1:5672//")
+    args = parser.parse_args()
+    logs = tempfile.mkdtemp(prefix="bench-rmq-load-")
+    results: dict[bool, list[dict[str, Any]]] = {False: [], True: []}
+    with RedisServer() as url:
+        h = Harness(url, Path(logs))
+        try:
+            for k in range(args.runs):
+                for side in (False, True) if k % 2 == 0 else (True, False):
+                    out = run(h, args.amqp, side, args.tasks, args.seconds, args.kills)
+                    print(f"{'relier' if side else 'vanilla'} run {k}: {out}", flush=True)
+                    results[side].append(out)
+        except Exception:
+            print(f"failed: the workers' logs are kept in {logs}")
+            raise
+    shutil.rmtree(logs)
+    for side, name in ((False, "vanilla acks_late"), (True, "relier")):
+        rs = results[side]
+        took = statistics.median(x["seconds"] for x in rs)
+        print(
+            f"{name:>17}: {args.tasks} tasks in {took:.1f} s "
+            f"(median of {len(rs)}), lost {sum(x['lost'] for x in rs)}, "
+            f"ended twice {sum(x['ended_twice'] for x in rs)}, "
+            f"in the DLQ {sum(x['in_dlq'] for x in rs)}, kills {sum(x['kills'] for x in rs)}"
+        )
+    ratio = statistics.median(x["seconds"] for x in results[True]) / statistics.median(
+        x["seconds"] for x in results[False]
+    )
+    print(f"relier / vanilla time to drain the backlog: {ratio:.2f}x")
+    print(h.proof()["summary"])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
