@@ -15,8 +15,9 @@ from celery import Celery
 from kombu import Connection, Consumer, Queue
 
 from relier_celery import install
-from relier_celery.core.headers import PROTECTED
+from relier_celery.core.headers import FETCH_EPOCH, PROTECTED
 from relier_celery.core.record import FETCHED_MARK, TaskRecord
+from relier_celery.recovery.lease import LeaseClock
 from relier_celery.recovery.resurrect import Resurrector
 from relier_celery.store.client import Store
 from relier_celery.wiring.fetch_transport import reliable_transport
@@ -28,7 +29,11 @@ def _runtime(app: Celery, worker: str = WORKER) -> Any:
     relier = install(app)
     resurrector = Resurrector(app, relier.config, relier.store)
     return SimpleNamespace(
-        config=relier.config, store=relier.store, worker_id=worker, resurrector=resurrector
+        config=relier.config,
+        store=relier.store,
+        worker_id=worker,
+        resurrector=resurrector,
+        lease=SimpleNamespace(clock=LeaseClock(30.0)),
     )
 
 
@@ -94,6 +99,8 @@ def test_a_fetched_message_is_held_until_acked_and_nothing_goes_to_unacked(
         assert raw.startswith(FETCHED_MARK)
         record = TaskRecord.loads(raw, "f1")
         assert record.task_id == task_id and record.queue_key == "celery"
+        # Stamped with the lease epoch of its fetch (receipt.py gives back a stale one)
+        assert message.delivery_info[FETCH_EPOCH] == runtime.lease.clock.epoch
         # A message relier did not take over loses its record at the ack, as with kombu
         message.ack()
         assert _held(client) == {}

@@ -38,6 +38,9 @@ RERUN_HEADER = "rl_rerun_interrupted"
 # queue list it came from.
 FETCH_FIELD = "rl_field"
 FETCH_QUEUE = "rl_queue"
+# The lease epoch when the fetch was sent: a reply read after the lease was lost (the worker
+# froze between Redis taking the message and the loop reading the reply) is not this lease's.
+FETCH_EPOCH = "rl_fetch_epoch"
 # On a fetched message relier took over: relier, not Celery's ack, removes its record when
 # the task ends (FETCH_FIELD and FETCH_QUEUE say where it is held and came from).
 PROTECTED = "rl_protected"

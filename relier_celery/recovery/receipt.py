@@ -18,6 +18,7 @@ from relier_celery.core import events
 from relier_celery.core.errors import StoreUnavailable
 from relier_celery.core.headers import (
     CRASHES_HEADER,
+    FETCH_EPOCH,
     FETCH_FIELD,
     FETCH_QUEUE,
     REQUEUES_HEADER,
@@ -104,8 +105,21 @@ class Receiving(Registry):
             record.queue_key = str(info[FETCH_QUEUE])
             record.delivery_tag = str(message.delivery_tag)
             key = Key.of_record(record)
-            with self._lock:
-                self.local[key] = record
+            with self._lock:  # one step with give_up: it raises the epoch under this lock
+                stale = self._fetched_under_a_lost_lease(info)
+                if not stale:
+                    self.local[key] = record
+            if stale:
+                events.emit(
+                    events.TASK_FENCED,
+                    f"{record.task_name}[{record.task_id}] was fetched under a lease this worker "
+                    "has lost since (the fetch's reply was read after the loss): not run here, "
+                    "given back to its queue unless a scanner took it already",
+                    task_id=record.task_id,
+                    task_name=record.task_name,
+                    worker=self.worker,
+                )
+                return "given_back"
             return self._check_schema(key, record, message, args, kwargs, embed)
         if len(record.body) > self.config.max_message_bytes:
             events.emit(
@@ -119,6 +133,13 @@ class Receiving(Registry):
             )
             return "run"
         return _Receiving(message, record, args, kwargs, embed)
+
+    def _fetched_under_a_lost_lease(self, info: dict[str, Any]) -> bool:
+        """A fetch sent under an epoch the lease has left since: Redis took the message while
+        the lease was live, but the worker froze before reading the reply, and since then a
+        scanner may have resurrected it (fetch.py stamps the epoch at the send)."""
+        sent = info.get(FETCH_EPOCH)
+        return self.clock is not None and sent is not None and int(sent) != self.clock.epoch
 
     def _receipts(self, steps: list[_Receiving]) -> list[Receipt | Exception]:
         """Each message's receipt (a broker's redelivery may be a takeover), their calls to

@@ -28,7 +28,7 @@ __all__ = ["Key", "Registry", "Verdict"]
 
 logger = logging.getLogger("relier_celery")
 
-Verdict = Literal["run", "duplicate", "parked", "quarantined", "deferred"]
+Verdict = Literal["run", "duplicate", "parked", "quarantined", "deferred", "given_back"]
 
 
 class Key(NamedTuple):
@@ -89,6 +89,9 @@ class Registry:
         # this worker's own record of it runs it (receipt.py).
         self._unsure_until: dict[Key, float] = {}
         self.accept = envelope.accepted(resurrector.app)
+        # The worker's lease clock (set by the worker once its lease exists): a fetched message
+        # whose fetch was sent under an older epoch is given back, not run (receipt.py).
+        self.clock: Any = None
 
     @staticmethod
     def key_of(message: Any) -> Key | None:

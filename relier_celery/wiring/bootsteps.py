@@ -72,6 +72,7 @@ class WorkerRuntime:
             on_lost=lambda: give_up(self),
         )
         attach_clock(app, self.lease.clock)  # before the pool forks: its processes share it
+        self.inflight.clock = self.lease.clock
         self.pool_cls = pool_cls
         self.prefork = _is_prefork(pool_cls)
         self.drain = Drain(self)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from relier_celery.core import events
 from relier_celery.core.headers import EPOCH_KEY, HELD_KEY, PROTECTED
 from relier_celery.recovery.inflight import Inflight
 from relier_celery.recovery.lease import LeaseClock
@@ -75,6 +76,10 @@ def wrap_consumer(c: Any, inflight: Inflight, clock: LeaseClock) -> None:
                         raise
             elif verdict == "duplicate" or verdict == "quarantined":
                 message.ack_log_error(logger, c.connection_errors)
+            elif verdict == "given_back":
+                # Fetched under a lease lost since: back to its queue (a no-op if a scanner
+                # moved it already: requeue.lua), never run here.
+                message.reject_log_error(logger, c.connection_errors, requeue=True)
             elif verdict == "deferred":
                 _defer(message)
             elif verdict == "parked":
@@ -114,6 +119,18 @@ def wrap_consumer(c: Any, inflight: Inflight, clock: LeaseClock) -> None:
             wrap_request(req, key, inflight, clock)
             if key.generation.resurrections and _ahead_of_reserved(c, on_task_request, req):
                 return None
+        elif FIELD in (req.message.delivery_info or {}):
+            # Fetched and received, then given up before Celery made its request (the lease
+            # was lost in between: give_up put it back or a scanner took it): not run here.
+            events.emit(
+                events.TASK_FENCED,
+                f"{req.name}[{req.id}] was given up when this worker lost its lease, before "
+                "Celery handed it to the pool: not run here",
+                task_id=req.id,
+                task_name=req.name,
+            )
+            req.message.ack_log_error(logger, c.connection_errors)
+            return None
         else:
             # Not relier's to gate or complete, whatever headers it was published with.
             req.request_dict.pop(EPOCH_KEY, None)

@@ -37,8 +37,8 @@ from typing import Any
 from redis.exceptions import NoScriptError, ResponseError
 
 from relier_celery.core import events
+from relier_celery.core.headers import FETCH_EPOCH, FETCH_QUEUE, PROTECTED
 from relier_celery.core.headers import FETCH_FIELD as FIELD
-from relier_celery.core.headers import FETCH_QUEUE, PROTECTED
 from relier_celery.core.record import FETCHED_MARK
 from relier_celery.store.client import script_text
 from relier_celery.wiring import kombu_guard
@@ -133,6 +133,7 @@ class RelierChannel(kombu_redis.Channel):  # type: ignore[misc]
         self._rl_text = script_text("fetch")
         self._rl_sha = ""
         self._rl_mode = "fetch"  # or "wait" (every list was empty) or "nap" (no lease)
+        self._rl_epoch = 0  # the lease epoch when the last fetch was sent
         self._rl_sent: tuple[str, str] = ("", "")  # (what was sent, field or key)
         self._rl_lease_lost = False
         self.rl_active = _same_redis(self, runtime)
@@ -169,6 +170,7 @@ class RelierChannel(kombu_redis.Channel):  # type: ignore[misc]
                 self._rl_prefix,
             ]
             self._rl_sent = ("EVALSHA", field)
+            self._rl_epoch = self.rl_runtime.lease.clock.epoch
         elif self._rl_mode == "wait":
             wait = min(timeout or 1, MULTI_QUEUE_WAIT) if len(queues) > 1 else (timeout or 1)
             args = ["BLMOVE", keys[0], keys[0], "RIGHT", "RIGHT", wait]
@@ -224,6 +226,7 @@ class RelierChannel(kombu_redis.Channel):  # type: ignore[misc]
             tag = payload["properties"]["delivery_tag"]
             info = payload["properties"]["delivery_info"]
             info[FIELD], info[FETCH_QUEUE] = field, key
+            info[FETCH_EPOCH] = self._rl_epoch
             self.rl_fetched[tag] = _Fetched(field, key, text)
         # An envelope kombu cannot read is quarantined by kombu_guard, which then drops this
         # held field in the same step as it writes the DLQ entry.
