@@ -44,16 +44,19 @@ def test_a_worker_frozen_past_its_lease_runs_nothing_it_no_longer_owns(fleet, pu
         n: publisher.send_task("chaos.traced", args=(n, rng.uniform(0.1, 1.5))).id
         for n in range(TASKS)
     }
-    freezes: list[tuple[str, float, float]] = []  # (hostname, stopped at, woken at)
+    # (hostname, SIGSTOP sent by, SIGCONT sent at): the clock read after the SIGSTOP went out,
+    # so that a task that started just before it took hold counts as running at the freeze
+    # (read before, a descheduled test process missed such a start and the test failed).
+    freezes: list[tuple[str, float, float]] = []
     for i in range(FREEZES):
         time.sleep(BETWEEN)
         victim = workers[i % 2]
-        stopped = time.time()
         _freeze(victim, signal.SIGSTOP)
+        frozen = time.time()
         time.sleep(FROZEN_FOR)
         woken = time.time()
         _freeze(victim, signal.SIGCONT)
-        freezes.append((victim.hostname.split("@")[0], stopped, woken))
+        freezes.append((victim.hostname.split("@")[0], frozen, woken))
     wait_chaos_done(r, ids, 150, fleet)
     time.sleep(2.0)  # a stale run that was not stopped would end by now
     trace = _trace(r)
@@ -63,19 +66,20 @@ def test_a_worker_frozen_past_its_lease_runs_nothing_it_no_longer_owns(fleet, pu
         return str(e["host"]).split("@")[0]
 
     # Deliveries running on a worker when it froze: the only ones that may have run twice.
-    caught: dict[int, tuple[dict[str, Any], float, float]] = {}  # n -> (its start, freeze)
+    # n -> (its start, the freeze's SIGSTOP sent by, SIGCONT sent at)
+    caught: dict[int, tuple[dict[str, Any], float, float]] = {}
     for e in trace:
-        for name, stopped, woken in freezes:
-            if e["event"] == "start" and host(e) == name and e["t"] <= stopped:
+        for name, frozen, woken in freezes:
+            if e["event"] == "start" and host(e) == name and e["t"] <= frozen:
                 ended = any(
                     x["event"] == "end"
                     and x["pid"] == e["pid"]
                     and x["n"] == e["n"]
-                    and x["t"] <= stopped
+                    and x["t"] <= frozen
                     for x in trace
                 )
                 if not ended:
-                    caught[e["n"]] = (e, stopped, woken)
+                    caught[e["n"]] = (e, frozen, woken)
     starts: dict[int, int] = {}
     ends: dict[int, list[dict[str, Any]]] = {}
     for e in trace:
@@ -93,19 +97,17 @@ def test_a_worker_frozen_past_its_lease_runs_nothing_it_no_longer_owns(fleet, pu
     # A frozen worker's running tasks were stopped when it woke: none ended there later.
     late = [
         (n, e["t"] - woken)
-        for n, (start, _stopped, woken) in caught.items()
+        for n, (start, _frozen, woken) in caught.items()
         for e in ends.get(n, [])
         if e["pid"] == start["pid"] and e["t"] > woken + 1.0
     ]
     assert not late, f"stale tasks finished on a worker after it woke: {late}\n{logs}"
     # Recovery: freeze to running again elsewhere, for the tasks caught running.
     recovery = []
-    for n, (_start, stopped, _woken) in caught.items():
-        again = [
-            e["t"] for e in trace if e["event"] == "start" and e["n"] == n and e["t"] > stopped
-        ]
+    for n, (_start, frozen, _woken) in caught.items():
+        again = [e["t"] for e in trace if e["event"] == "start" and e["n"] == n and e["t"] > frozen]
         if again:
-            recovery.append(min(again) - stopped)
+            recovery.append(min(again) - frozen)
     assert recovery, "no task was running at a freeze: nothing was proven"
     p99 = statistics.quantiles(recovery, n=100)[98] if len(recovery) > 1 else recovery[0]
     print(
@@ -114,7 +116,7 @@ def test_a_worker_frozen_past_its_lease_runs_nothing_it_no_longer_owns(fleet, pu
     )
     assert p99 <= 10.0, f"recovery p99 {p99:.2f} s: {sorted(recovery)}"
     # Every freeze was seen by the worker that froze.
-    for name, _, _ in freezes:
+    for name, *_ in freezes:
         w = next(w for w in workers if w.hostname.startswith(name + "@"))
         assert "lease.lost" in w.log(), f"{name} never logged lease.lost\n{logs}"
     for name in {f[0] for f in freezes}:
