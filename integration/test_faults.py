@@ -218,8 +218,8 @@ def test_a_prefork_workers_scanner_keeps_scanning_after_its_consumer_restarted(
 def test_a_prefork_worker_keeps_its_lease_while_its_event_loop_stands_still(
     fleet, split_redis
 ) -> None:
-    # Given a prefork worker (lease 3 s) running a task of 8 s, relier's Redis apart from the
-    # broker's
+    # Given a prefork worker (its heartbeat on Celery's event loop, lease 3 s) running a task
+    # of 8 s, relier's Redis apart from the broker's
     from celery import Celery
 
     store, broker = split_redis
@@ -231,6 +231,8 @@ def test_a_prefork_worker_keeps_its_lease_while_its_event_loop_stands_still(
         "RELIER_TEST_RESULTS": store.url,
     }
     w = fleet.start(**env)
+    assert w.pid is not None
+    wait_for(lambda: len(_threads(w.pid)) == 1, 10, what=f"one thread\n{w.log()}")
     app = Celery("pub", broker=broker.url)
     app.send_task("chaos.work", args=(0, 8.0))
     app.close()
@@ -238,9 +240,18 @@ def test_a_prefork_worker_keeps_its_lease_while_its_event_loop_stands_still(
     # When the broker is gone for 5 s: Celery's consumer waits to reconnect, its event
     # loop stands still, longer than the lease
     broker.stop()
+    wait_for(lambda: len(_threads(w.pid)) == 2, 5, what=f"the heartbeat thread\n{w.log()}")
     time.sleep(5)
     broker.start()
-    # Then the heartbeat thread kept the lease: the task ran once, to its end
+    # Then the heartbeat thread kept the lease: the task ran once, to its end, and the
+    # thread ended once the loop turned again
     wait_for(lambda: results.get("test:runs:0"), 30, what=f"the task to end\n{w.log()}")
     assert "lease.lost" not in w.log()
     assert (results.get("test:started:0"), results.get("test:runs:0")) == ("1", "1")
+    wait_for(lambda: len(_threads(w.pid)) == 1, 10, what=f"one thread again\n{w.log()}")
+
+
+def _threads(pid: int) -> list[str]:
+    import os
+
+    return os.listdir(f"/proc/{pid}/task")

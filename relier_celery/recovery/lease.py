@@ -2,7 +2,9 @@
 
 The heartbeat runs in a dedicated thread of the worker's main process, so task code cannot
 starve it: prefork tasks run in other processes, and a threads or solo pool task would have to
-hold the GIL for seconds without releasing it. When a renewal finds the lease had already run
+hold the GIL for seconds without releasing it. A prefork worker's main process renews from its
+event loop instead, and starts that thread only while the loop stands still
+(loop_heartbeat.py). When a renewal finds the lease had already run
 out, the worker was taken for dead and its tasks may be running elsewhere: that is reported
 loudly as ``lease.lost``, and the worker gives up everything it held before it acts again.
 
@@ -125,7 +127,8 @@ def gate(task: Any) -> None:
 
 
 class Lease:
-    """Keeps one worker's lease alive from a background thread."""
+    """Keeps one worker's lease alive: from a background thread, or from a prefork worker's
+    event loop with a thread only while the loop stands still (loop_heartbeat.py)."""
 
     def __init__(
         self,
@@ -142,33 +145,72 @@ class Lease:
         self.on_lost = on_lost
         self.clock = LeaseClock(config.lease_ttl)
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._wake = threading.Event()  # ends the thread's wait early (stop, or the loop turns)
+        self._beating = threading.Lock()  # one renewal at a time (the loop's or the thread's)
+        self._last_sent = 0.0
+        self._threads = 0  # heartbeat threads running (0 or 1)
+        # While set (loop_heartbeat.py), the thread ends once this says the loop turns again.
+        self.loop_turning: Callable[[], bool] | None = None
         self._down = False
         self._renewed = False
         self.presence = Presence(store, worker)
+
+    @property
+    def down(self) -> bool:
+        """Whether the last renewal failed (Redis unreachable)."""
+        return self._down
+
+    @property
+    def thread_running(self) -> bool:
+        return self._threads > 0
 
     def acquire(self) -> None:
         """Take the lease now (raises StoreUnavailable) and start renewing it."""
         sent = time.monotonic()
         self.store.renew_lease(self.worker, self.config.lease_ttl)
         self.clock.renewed(sent)
+        self._last_sent = sent
         self.presence.open()
-        self._thread = threading.Thread(target=self._loop, name="relier-heartbeat", daemon=True)
-        self._thread.start()
+        self.start_thread()
+
+    def start_thread(self, start: Callable[..., Any] | None = None) -> None:
+        """Renew from a thread until stopped, or until the loop turns again. ``start``: how to
+        start it (loop_heartbeat.py's signal handler passes ``_thread.start_new_thread``,
+        which takes none of threading's locks)."""
+        if self._threads or self._stop.is_set():
+            return
+        self._threads = 1
+        if start is not None:
+            start(self._loop, ())
+            return
+        threading.Thread(target=self._loop, name="relier-heartbeat", daemon=True).start()
 
     def release(self) -> int:
         """Stop renewing; forget the lease, or expire it now if records are left (they are
         then resurrected by the next scan). Return how many records were left."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        self._wake.set()
+        deadline = time.monotonic() + 5
+        while self._threads and time.monotonic() < deadline:
+            time.sleep(0.01)
         self.presence.close()
         return self.store.retire(self.worker)
+
+    def beat_if_due(self, wait: bool = True) -> None:
+        """Renew if ``heartbeat_interval`` has passed since the last renewal was sent (the
+        loop and a thread may both ask); ``wait=False``: not if a renewal is under way."""
+        if not self._beating.acquire(blocking=wait):
+            return
+        try:
+            if time.monotonic() - self._last_sent >= 0.9 * self.config.heartbeat_interval:
+                self._beat()
+        finally:
+            self._beating.release()
 
     def renew(self) -> None:
         """Renew; when the lease had been lost, give up what was held (``on_lost``) before the
         clock lets anything start again."""
-        sent = time.monotonic()
+        sent = self._last_sent = time.monotonic()
         prev, now = self.store.renew_lease(self.worker, self.config.lease_ttl)
         # A lease that ran out, or that a scanner already forgot (it held nothing left to
         # resurrect), both mean this worker was taken for dead.
@@ -197,25 +239,40 @@ class Lease:
         self.clock.renewed(sent)
         self._renewed = True
 
+    def end_thread(self) -> None:
+        """The loop turns again: the thread ends now, not at its next renewal."""
+        self._wake.set()
+
     def _loop(self) -> None:
-        while not self._stop.wait(self.config.heartbeat_interval):
-            try:
-                self.renew()
-                self.presence.touch()
-                if self.on_renewed is not None:
-                    self.on_renewed()
-                if self._down:
-                    self._down = False
-                    events.emit(
-                        events.STORE_RECOVERED, "heartbeat reaches Redis again", worker=self.worker
-                    )
-            except StoreUnavailable as exc:
-                if not self._down:
-                    self._down = True
-                    events.emit(
-                        events.STORE_UNAVAILABLE, f"heartbeat failed: {exc}", worker=self.worker
-                    )
-            except Exception as exc:
+        try:
+            while True:
+                self._wake.wait(self.config.heartbeat_interval)
+                self._wake.clear()
+                if self._stop.is_set():
+                    return
+                turning = self.loop_turning
+                if turning is not None and turning() and not self._down:
+                    return  # the event loop renews again
+                self.beat_if_due()
+        finally:
+            self._threads = 0
+
+    def _beat(self) -> None:
+        try:
+            self.renew()
+            self.presence.touch()
+            if self.on_renewed is not None:
+                self.on_renewed()
+            if self._down:
+                self._down = False
                 events.emit(
-                    events.STORE_UNAVAILABLE, f"heartbeat failed: {exc!r}", worker=self.worker
+                    events.STORE_RECOVERED, "heartbeat reaches Redis again", worker=self.worker
                 )
+        except StoreUnavailable as exc:
+            if not self._down:
+                self._down = True
+                events.emit(
+                    events.STORE_UNAVAILABLE, f"heartbeat failed: {exc}", worker=self.worker
+                )
+        except Exception as exc:
+            events.emit(events.STORE_UNAVAILABLE, f"heartbeat failed: {exc!r}", worker=self.worker)

@@ -12,6 +12,7 @@ what Celery forgot.
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 from celery import bootsteps
@@ -23,6 +24,7 @@ from relier_celery.observe import subscribers as observe
 from relier_celery.observe.activity import RunningMarker
 from relier_celery.recovery.inflight import Inflight
 from relier_celery.recovery.lease import Lease, attach_clock
+from relier_celery.recovery.loop_heartbeat import LoopHeartbeat
 from relier_celery.recovery.resurrect import Resurrector
 from relier_celery.recovery.schema import check_migrations
 from relier_celery.wiring import control as _control  # noqa: F401  (registers the relier_drain command)
@@ -76,6 +78,7 @@ class WorkerRuntime:
         self.pool_cls = pool_cls
         self.prefork = _is_prefork(pool_cls)
         self.drain = Drain(self)
+        self.heartbeat: LoopHeartbeat | None = None
         self.started = False
 
     def _on_heartbeat(self) -> None:
@@ -86,13 +89,16 @@ class WorkerRuntime:
         for warning in self.store.self_check():
             events.emit(events.CONFIG_WARNING, warning)
         self.lease.acquire()
-        # A prefork worker's main process runs one thread of relier's, the heartbeat: the
-        # scanner and the counters run on its event loop (``hub``). A SIGKILLed process with
-        # more threads was measured to die slower, and RabbitMQ redelivers its messages only
-        # once its sockets are closed (docs/rabbitmq.md). The heartbeat stays a thread: a
-        # loop blocked (a broker reconnecting) must not cost the worker its lease.
+        # A prefork worker's main process runs no thread of relier's while its event loop
+        # (``hub``) turns: the heartbeat, the scanner and the counters run on it. A SIGKILLed
+        # process with more threads was measured to die slower, and RabbitMQ redelivers its
+        # messages only once its sockets are closed (docs/rabbitmq.md). While the loop stands
+        # still, the heartbeat runs in a thread (loop_heartbeat.py).
         loop = hub if self.prefork else None
         if loop is not None:
+            if threading.current_thread() is threading.main_thread():  # SIGALRM's
+                self.heartbeat = LoopHeartbeat(self.lease, loop)
+                self.heartbeat.start()
             self.observers.counters.start(loop)
         kombu_guard.guard_transport(self)
         self.running.publish()  # "idle" / "reserved" from the start, not "held"
@@ -122,6 +128,8 @@ class WorkerRuntime:
             handed = self.inflight.hand_off()
         except Exception as exc:
             logger.error("relier: hand-off at shutdown failed (%r); the scanners take over", exc)
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
         try:
             left = self.lease.release()
         except Exception as exc:
@@ -181,6 +189,15 @@ class RelierConsumer(bootsteps.StartStopStep):  # type: ignore[misc]
             wrap_consumer(c, self.runtime.inflight, self.runtime.lease.clock)
             enable_for_consumer(c, self.runtime)
             c._relier_wrapped = True
+
+    def stop(self, c: Any) -> None:
+        # The consumer restarts or stops: its event loop stands still meanwhile.
+        if self.runtime is not None and self.runtime.heartbeat is not None:
+            self.runtime.heartbeat.loop_stopped()
+
+    def shutdown(self, c: Any) -> None:
+        if self.runtime is not None and self.runtime.heartbeat is not None:
+            self.runtime.heartbeat.hand_to_thread()
 
     def start(self, c: Any) -> None:
         if self.runtime is None:

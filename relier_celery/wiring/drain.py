@@ -100,6 +100,8 @@ class Drain:
                 return False
             self.started = True
             self.runtime.inflight.draining = True
+        if self.runtime.heartbeat is not None:  # the loop ends: the thread renews
+            self.runtime.heartbeat.hand_to_thread()
         window = self.runtime.config.drain_timeout if timeout is None else timeout
         self._thread = threading.Thread(
             target=self._run, args=(reason, window), name="relier-drain", daemon=True
