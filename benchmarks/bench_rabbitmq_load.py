@@ -20,11 +20,11 @@ from __future__ import annotations
 import argparse
 import random
 import shutil
-import signal
 import statistics
 import tempfile
 import time
 import uuid
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from bench_rabbitmq import worker
 from celery import Celery
 from kombu import Connection
 
-from relier_celery.bench.delivery import alive
+from relier_celery.bench.delivery import kill_each_second
 from relier_celery.bench.harness import Harness, kill_all
 from relier_celery.testing import RedisServer
 
@@ -49,7 +49,8 @@ def run(
     app.conf.task_default_queue = queue
     rng = random.Random(5)
     side = "relier" if relier else "vanilla"
-    fleet = [worker(h, amqp, queue, relier, f"{side}-load", 2) for _ in range(2)]
+    replace = partial(worker, h, amqp, queue, relier, f"{side}-load", 2)
+    fleet = [replace() for _ in range(2)]
     done = 0
     try:
         h.wait_reported(fleet, 60)
@@ -57,13 +58,7 @@ def run(
         with app.producer_or_acquire() as producer:
             for n in range(tasks):
                 app.send_task("bench.job", args=(n, rng.uniform(0, seconds)), producer=producer)
-        for _ in range(kills):
-            time.sleep(1.0)
-            if r.scard("bench:ended") >= tasks:
-                break
-            rng.choice(alive(fleet)).kill(signal.SIGKILL)
-            done += 1
-            fleet.append(worker(h, amqp, queue, relier, f"{side}-load", 2))
+        done = kill_each_second(r, fleet, tasks, kills, rng, replace)
         last, since, finished = -1, time.monotonic(), time.time()
         while (ended := int(r.scard("bench:ended"))) < tasks and time.monotonic() - since < STILL:
             if ended != last:

@@ -18,7 +18,7 @@ from relier_celery.bench.harness import Harness, kill_all, pcts, running, termin
 from relier_celery.bench.timing import wait_until
 from relier_celery.testing import WorkerProcess
 
-__all__ = ["DLQ", "chaos_loss", "quiescent", "recovery", "settle", "starts"]
+__all__ = ["DLQ", "chaos_loss", "kill_each_second", "quiescent", "recovery", "settle", "starts"]
 
 # relier's keys at default settings (bench_app sets no relier_prefix): the DLQ, and the hash
 # of what each worker holds.
@@ -42,6 +42,27 @@ def starts(r: redis.Redis, n: int) -> list[tuple[float, str]]:
         at, host = x.split("|", 1)
         out.append((float(at), host))
     return out
+
+
+def kill_each_second(
+    r: redis.Redis,
+    fleet: list[WorkerProcess],
+    tasks: int,
+    kills: int,
+    rng: random.Random,
+    replace: Callable[[], WorkerProcess],
+) -> int:
+    """SIGKILL a random live worker of ``fleet`` every second and add ``replace()`` to it,
+    until ``kills`` kills or all ``tasks`` ended (``bench:ended``); return the kills done."""
+    done = 0
+    for _ in range(kills):
+        time.sleep(1.0)
+        if r.scard("bench:ended") >= tasks:
+            break
+        rng.choice(alive(fleet)).kill(signal.SIGKILL)
+        done += 1
+        fleet.append(replace())
+    return done
 
 
 def quiescent(r: redis.Redis) -> bool:
@@ -91,13 +112,9 @@ def chaos_loss(
             for n in range(tasks):
                 app.send_task("bench.job", args=(n, rng.uniform(0, 0.005)), producer=producer)
         h.wait_reported(fleet)
-        for _ in range(kills):
-            time.sleep(1.0)
-            if r.scard("bench:ended") >= tasks:
-                break
-            rng.choice(alive(fleet)).kill(signal.SIGKILL)
-            done += 1
-            fleet.append(h.worker(relier, "ch", concurrency=2))
+        done = kill_each_second(
+            r, fleet, tasks, kills, rng, partial(h.worker, relier, "ch", concurrency=2)
+        )
         settle(r, partial(_settled, r), tasks, still, time.monotonic() + 600)
         ended = {int(x) for x in r.smembers("bench:ended")}
         twice = sum(1 for n in ended if int(r.get(f"bench:runs:{n}") or 0) > 1)
