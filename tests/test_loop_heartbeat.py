@@ -183,3 +183,29 @@ def test_the_first_turn_after_a_stall_renews_at_once(store: Store, driven) -> No
     # Then that very turn renewed, on the loop: a thawed worker learns at once that its lease
     # was lost and fences itself, before its loop reads what the freeze left unread
     assert renewals == [threading.main_thread().name]
+
+
+def test_the_loop_stopping_just_as_it_ended_the_thread_leaves_a_thread_renewing(
+    store: Store, driven
+) -> None:
+    # Given a thread renewing while the loop stood still
+    lease, heartbeat, hub = driven
+    _turn(hub, 2 * INTERVAL)
+    time.sleep(4 * INTERVAL)
+    assert lease.thread_running
+    # When the loop turns once (it ends the thread) and at once stops (a consumer restart),
+    # before the thread has woken to end
+    heartbeat._on_loop()  # the loop's timer, due: it ends the thread
+    # The main thread then waits where the watchdog's handler cannot run (a system call the
+    # kernel restarts): SIGALRM ignored stands for that
+    signal.signal(signal.SIGALRM, signal.SIG_IGN)
+    try:
+        heartbeat.loop_stopped()
+        # Then a thread is still there, and it renews while the loop stands still
+        time.sleep(2 * INTERVAL)
+        assert lease.thread_running
+        before = store.leases()["w1"]
+        time.sleep(3 * INTERVAL)
+        assert store.leases()["w1"] > before
+    finally:
+        signal.signal(signal.SIGALRM, heartbeat._handler)

@@ -149,6 +149,9 @@ class Lease:
         self._beating = threading.Lock()  # one renewal at a time (the loop's or the thread's)
         self._last_sent = 0.0
         self._threads = 0  # heartbeat threads running (0 or 1)
+        # Starting the thread and its deciding to end are one step each: a start asked for
+        # just as the thread decides to end either sees it gone or makes it stay.
+        self._state = threading.Lock()
         # While set (loop_heartbeat.py), the thread ends once this says the loop turns again.
         self.loop_turning: Callable[[], bool] | None = None
         self._down = False
@@ -177,9 +180,14 @@ class Lease:
         """Renew from a thread until stopped, or until the loop turns again. ``start``: how to
         start it (loop_heartbeat.py's signal handler passes ``_thread.start_new_thread``,
         which takes none of threading's locks)."""
-        if self._threads or self._stop.is_set():
-            return
-        self._threads = 1
+        if not self._state.acquire(blocking=start is None):
+            return  # the signal handler waits on no lock (the code it interrupted may hold it)
+        try:
+            if self._threads or self._stop.is_set():
+                return
+            self._threads = 1
+        finally:
+            self._state.release()
         if start is not None:
             start(self._loop, ())
             return
@@ -248,14 +256,18 @@ class Lease:
             while True:
                 self._wake.wait(self.config.heartbeat_interval)
                 self._wake.clear()
-                if self._stop.is_set():
-                    return
-                turning = self.loop_turning
-                if turning is not None and turning() and not self._down:
-                    return  # the event loop renews again
+                with self._state:
+                    turning = self.loop_turning
+                    if self._stop.is_set() or (
+                        turning is not None and turning() and not self._down
+                    ):
+                        self._threads = 0  # stopped, or the event loop renews again
+                        return
                 self.beat_if_due()
-        finally:
-            self._threads = 0
+        except BaseException:
+            with self._state:
+                self._threads = 0
+            raise
 
     def _beat(self) -> None:
         try:

@@ -77,6 +77,9 @@ class LoopHeartbeat:
         loop turns again. The watchdog would start it too, but only once the main thread runs
         Python code: a system call the kernel restarts does not let it."""
         if self._on:
+            # Not turning from now on: a thread that the loop's last turn told to end stays
+            # (the start below would find it still there and do nothing).
+            self._turned = float("-inf")
             self.lease.start_thread()
 
     def hand_to_thread(self, alarm_off: bool = True) -> None:
