@@ -149,8 +149,8 @@ class RelierChannel(kombu_redis.Channel):  # type: ignore[misc]
     def _brpop_start(self, timeout: float | None = None) -> None:
         if not self.rl_active:
             return super()._brpop_start(timeout)  # type: ignore[no-any-return]
-        if timeout is None:
-            timeout = self.brpop_timeout
+        if timeout is None:  # kombu 5.6+ passes none and reads it here; 5.5 passes nothing
+            timeout = getattr(self, "brpop_timeout", 1)
         queues = self._queue_cycle.consume(len(self.active_queues))
         if not queues:
             return None
@@ -214,7 +214,9 @@ class RelierChannel(kombu_redis.Channel):  # type: ignore[misc]
             raise Empty()
         finally:
             self._in_poll = None
-            self._flush_brpop_reauth()
+            flush_reauth = getattr(self, "_flush_brpop_reauth", None)  # kombu 5.6+
+            if flush_reauth is not None:
+                flush_reauth()
 
     def _deliver_fetched(self, field: str, key: str, text: str) -> None:
         queue = key[len(self.global_keyprefix) :] if self.global_keyprefix else key
