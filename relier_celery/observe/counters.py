@@ -84,6 +84,14 @@ class Counters:
             if self._thread is None and self._timer_entry is None:
                 self._timer_entry = timer.call_repeatedly(self.interval, self.flush_quietly)
 
+    def rearm(self, timer: Any) -> None:
+        """Register the flush on ``timer`` again, if it runs there (Celery 5.6 clears every
+        hub timer when the consumer restarts; 5.7 keeps them)."""
+        with self._lock:
+            if self._timer_entry is not None:
+                self._timer_entry.cancel()
+                self._timer_entry = timer.call_repeatedly(self.interval, self.flush_quietly)
+
     def _start(self) -> None:
         if not self._stop.is_set():
             self._thread = threading.Thread(target=self._loop, name="relier-counters", daemon=True)

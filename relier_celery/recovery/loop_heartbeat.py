@@ -61,6 +61,13 @@ class LoopHeartbeat:
         signal.setitimer(signal.ITIMER_REAL, self.step, self.step)
         self._on = True
 
+    def rearm(self) -> None:
+        """Register the loop's timer again (Celery 5.6 clears every hub timer when the
+        consumer restarts; 5.7 keeps them)."""
+        if self._entry is not None:
+            self._entry.cancel()
+            self._entry = self.hub.call_repeatedly(self.step, self._on_loop)
+
     def stop(self) -> None:
         """Hand the heartbeat back to the thread (the worker stops: the loop is done), and
         SIGALRM to the handler before (from the main thread, the only one that may)."""

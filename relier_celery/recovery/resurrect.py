@@ -255,6 +255,13 @@ class Resurrector:
         self._thread = threading.Thread(target=self._loop, name="relier-scanner", daemon=True)
         self._thread.start()
 
+    def rearm(self, timer: Any) -> None:
+        """Register the scan on ``timer`` again, if it runs there (Celery 5.6 clears every
+        hub timer when the consumer restarts; 5.7 keeps them)."""
+        if self._timer_entry is not None:
+            self._timer_entry.cancel()
+            self._timer_entry = timer.call_repeatedly(self.config.scan_interval, self._scan)
+
     def stop(self) -> None:
         self._stop.set()
         if self._timer_entry is not None:

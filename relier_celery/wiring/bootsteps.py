@@ -79,7 +79,18 @@ class WorkerRuntime:
         self.prefork = _is_prefork(pool_cls)
         self.drain = Drain(self)
         self.heartbeat: LoopHeartbeat | None = None
+        self.loop: Any = None  # a prefork worker's event loop (kombu's hub), once started
         self.started = False
+
+    def rearm_loop_timers(self) -> None:
+        """After a consumer restart: the heartbeat's, the scanner's and the counters' timers
+        on the event loop, registered again (Celery 5.6 clears the hub's timer then)."""
+        if self.loop is None:
+            return
+        if self.heartbeat is not None:
+            self.heartbeat.rearm()
+        self.observers.counters.rearm(self.loop)
+        self.resurrector.rearm(self.loop)
 
     def _on_heartbeat(self) -> None:
         self.inflight.flush()
@@ -94,7 +105,7 @@ class WorkerRuntime:
         # process with more threads was measured to die slower, and RabbitMQ redelivers its
         # messages only once its sockets are closed (docs/rabbitmq.md). While the loop stands
         # still, the heartbeat runs in a thread (loop_heartbeat.py).
-        loop = hub if self.prefork else None
+        loop = self.loop = hub if self.prefork else None
         if loop is not None:
             if threading.current_thread() is threading.main_thread():  # SIGALRM's
                 self.heartbeat = LoopHeartbeat(self.lease, loop)
@@ -205,6 +216,7 @@ class RelierConsumer(bootsteps.StartStopStep):  # type: ignore[misc]
         if self.first_start:
             self.first_start = False
             return
+        self.runtime.rearm_loop_timers()
         inflight = self.runtime.inflight
         keys = (inflight.key_of(getattr(r, "message", None)) for r in worker_state.active_requests)
         count = inflight.recover_after_restart({k for k in keys if k is not None})
