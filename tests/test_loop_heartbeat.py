@@ -209,3 +209,21 @@ def test_the_loop_stopping_just_as_it_ended_the_thread_leaves_a_thread_renewing(
         assert store.leases()["w1"] > before
     finally:
         signal.signal(signal.SIGALRM, heartbeat._handler)
+
+
+def test_after_celery_56_cleared_the_hubs_timer_rearm_brings_the_renewals_back(
+    store: Store, driven
+) -> None:
+    # Given the loop renewing, then its hub's timer cleared (Celery 5.6 does it when the
+    # consumer restarts)
+    lease, heartbeat, hub = driven
+    _turn(hub, 2 * INTERVAL)
+    hub.timer.clear()
+    # When relier registers its timer again (at the consumer's start)
+    heartbeat.rearm()
+    # Then the turning loop renews again, with no thread
+    _turn(hub, 2 * INTERVAL)
+    before = store.leases()["w1"]
+    _turn(hub, 3 * INTERVAL)
+    assert store.leases()["w1"] > before
+    assert not lease.thread_running
