@@ -291,3 +291,41 @@ def relier_cli(fleet: Fleet, *args: str) -> subprocess.CompletedProcess[str]:
         text=True,
         timeout=60,
     )
+
+
+def close_amqp_connections(pid: int, port: int = 5672) -> int:
+    """Close, from RabbitMQ's side, every AMQP connection of process ``pid`` (rabbitmqctl,
+    as an operator or a network fault would): RabbitMQ gives its unacked messages back while
+    the process lives on. How many were closed."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    local = set()
+    for table in ("tcp", "tcp6"):
+        with open(f"/proc/{pid}/net/{table}") as f:
+            for line in f.readlines()[1:]:
+                cols = line.split()
+                if cols[9] in inodes and int(cols[2].rsplit(":", 1)[1], 16) == port:
+                    local.add(int(cols[1].rsplit(":", 1)[1], 16))
+    listed = subprocess.run(
+        ["rabbitmqctl", "list_connections", "pid", "peer_port", "-q"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout.splitlines()[1:]
+    closed = 0
+    for line in listed:
+        conn, peer = line.split("\t")
+        if int(peer) in local:
+            subprocess.run(
+                ["rabbitmqctl", "close_connection", conn, "relier test"],
+                capture_output=True,
+                timeout=60,
+                check=True,
+            )
+            closed += 1
+    return closed

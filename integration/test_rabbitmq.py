@@ -10,7 +10,7 @@ import signal
 import time
 
 import pytest
-from fleet import done, held_records, send_work, wait_all_done
+from fleet import close_amqp_connections, done, held_records, send_work, wait_all_done
 
 from relier_celery.testing import wait_for
 
@@ -46,8 +46,39 @@ def test_a_dead_holders_redelivered_tasks_run_at_once_not_after_its_lease(
     assert [int(r.get(f"test:runs:{n}") or 0) for n in range(8)] == [1] * 8
     assert "task.taken_over" in survivor.log()
     assert "task.duplicate_dropped" not in survivor.log()
+    # (handed to the pool before their receipts were back: the way they keep up with vanilla)
+    assert "handed to the pool ahead of this check" in survivor.log()
     wait_for(lambda: held_records(r) == 0, 10, what="records to be removed")
     assert broker.depth() == 0
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("broker", ["rabbitmq"], indirect=True)
+def test_a_live_holders_redelivered_tasks_handed_ahead_never_run_twice(
+    broker, fleet, publisher, r
+) -> None:
+    # Given a worker running 2 tasks of 6 s (acks_late), and a second one idle
+    holder = fleet.start(concurrency=2, **LONG_LEASE)
+    send_work(publisher, range(2), seconds=6.0)
+    wait_for(lambda: _started(r, 0) and _started(r, 1), 20, what="both tasks to start")
+    survivor = fleet.start(concurrency=2, **LONG_LEASE)
+    # When RabbitMQ closes the holder's connection (the holder lives and runs them on): it
+    # gives their messages to the idle worker, which hands them to its pool at once
+    assert close_amqp_connections(holder.pid) >= 1
+    wait_for(
+        lambda: survivor.log().count("task.duplicate_dropped") >= 1,
+        30,
+        what=f"the redeliveries to be checked\n{fleet.logs()}",
+    )
+    # Then their receipts found the holder present: the pool process stopped before the
+    # body, and each task ran once, on the holder
+    wait_all_done(r, {0, 1}, 40, fleet)
+    time.sleep(2)
+    assert [_started(r, n) for n in range(2)] == [1, 1], fleet.logs()
+    assert [int(r.get(f"test:runs:{n}") or 0) for n in range(2)] == [1, 1]
+    log = survivor.log()
+    assert "must not run here" in log, log
+    assert "task.taken_over" not in log
 
 
 @pytest.mark.timeout(90)

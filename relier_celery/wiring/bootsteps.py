@@ -27,6 +27,8 @@ from relier_celery.recovery.lease import Lease, attach_clock
 from relier_celery.recovery.loop_heartbeat import LoopHeartbeat
 from relier_celery.recovery.resurrect import Resurrector
 from relier_celery.recovery.schema import check_migrations
+from relier_celery.recovery.speculate import Speculation
+from relier_celery.recovery.verdicts import VerdictRing, attach_ring
 from relier_celery.wiring import control as _control  # noqa: F401  (registers the relier_drain command)
 from relier_celery.wiring import kombu_guard
 from relier_celery.wiring.consumer_hooks import wrap_consumer
@@ -77,6 +79,10 @@ class WorkerRuntime:
         self.inflight.clock = self.lease.clock
         self.pool_cls = pool_cls
         self.prefork = _is_prefork(pool_cls)
+        if self.prefork:  # a redelivery may go to the pool ahead of its receipt's verdict
+            ring = VerdictRing()
+            attach_ring(app, ring)  # before the pool forks, as the clock
+            self.inflight.speculation = Speculation(self.inflight, ring)
         self.drain = Drain(self)
         self.heartbeat: LoopHeartbeat | None = None
         self.loop: Any = None  # a prefork worker's event loop (kombu's hub), once started
@@ -215,9 +221,14 @@ class RelierConsumer(bootsteps.StartStopStep):  # type: ignore[misc]
             return
         if self.first_start:
             self.first_start = False
+            if self.runtime.inflight.speculation is not None:
+                self.runtime.inflight.speculation.pipe.open()
             return
         self.runtime.rearm_loop_timers()
         inflight = self.runtime.inflight
+        if inflight.speculation is not None:  # its own redeliveries come back: no speculation
+            inflight.speculation.flush()
+            inflight.speculation.pause()
         keys = (inflight.key_of(getattr(r, "message", None)) for r in worker_state.active_requests)
         count = inflight.recover_after_restart({k for k in keys if k is not None})
         if count:

@@ -1,0 +1,273 @@
+"""Speculation: a broker's redelivery goes to the pool while its receipt is on its way.
+
+RabbitMQ gives a dead worker's messages back at once, and each must wait for its receipt (one
+Redis round trip: is the holder gone?) before it may run, so that a live holder's task never
+runs twice. At a kill, with the dying processes holding the CPUs, that round trip took about
+4 ms, and vanilla Celery, which needs none, started the same tasks sooner (docs/rabbitmq.md).
+Here the round trip runs beside the pool's own hand-over instead of before it: the consumer
+hands the message to Celery at once, a short-lived thread sends its receipt, and the pool
+process, before the task's body, waits for the verdict (verdicts.py). "Run": it runs, as if
+received the usual way. Anything else: the pool process stops itself before the body (a
+duplicate, a poison pill quarantined), and the request is acked as a lost one that relier
+does not resurrect (it holds no record of it).
+
+Only where stopping a pool process is the way to take a request back: prefork, acks_late
+(the broker keeps the message until the verdict), a message that runs now (no ETA, no rate
+limit) with this worker's schema, on py-amqp, one Redis server. After a "do not run" (a live
+holder whose channel closed: its whole burst would stop pool processes) and after a consumer
+restart (its own redeliveries come back), redeliveries take the usual path for a while.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from typing import Any
+
+from redis.exceptions import NoScriptError
+
+from relier_celery.core.errors import StoreUnavailable
+from relier_celery.core.headers import AHEAD, FETCH_FIELD
+from relier_celery.recovery import envelope, schema
+from relier_celery.recovery.registry import Key
+from relier_celery.recovery.takeover import resume
+from relier_celery.recovery.verdicts import VerdictRing
+from relier_celery.store.receipt_pipe import ReceiptPipe
+
+__all__ = ["Speculation"]
+
+logger = logging.getLogger("relier_celery")
+
+# How long redeliveries take the usual path after a "do not run", or a consumer restart.
+PAUSE = 10.0
+# How long a receipt Redis did not answer waits before it is sent again (as a parked one).
+RETRY = 1.0
+
+
+class Speculation:
+    """One prefork worker's redeliveries handed to the pool ahead of their receipts."""
+
+    def __init__(self, inflight: Any, ring: VerdictRing) -> None:
+        self.inflight = inflight
+        self.ring = ring
+        self.paused_until = 0.0
+        # Under the registry's lock: keys between begin() and handed() (the consumer is in
+        # Celery's handler), those of them whose request Celery made, those decided "do not
+        # run" meanwhile (never handed to the pool), and those Celery took without a request.
+        self._handing: set[Key] = set()
+        self._wrapped: set[Key] = set()
+        self._dropped: set[Key] = set()
+        self._orphans: set[Key] = set()
+        self.pipe = ReceiptPipe(inflight.store)
+        self.hub: Any = None
+        self.known: Any = None  # Celery's task strategies: the names it can run
+        self._watched: int | None = None
+        # Receipts sent, in order, their replies not read yet: (message's step, key, number,
+        # the receipt's generator, takeover.py).
+        self._waiting: deque[tuple[Any, Key, int, Any]] = deque()
+
+    def pause(self, seconds: float = PAUSE) -> None:
+        self.paused_until = max(self.paused_until, time.monotonic() + seconds)
+
+    def may(self, c: Any, message: Any) -> bool:
+        """Whether ``message`` may go to the pool before its receipt's verdict."""
+        info = message.delivery_info or {}
+        headers = message.headers
+        inflight = self.inflight
+        if not info.get("redelivered") or FETCH_FIELD in info or not isinstance(headers, dict):
+            return False
+        if inflight.draining or inflight._store_down or inflight.store.cluster is not None:
+            return False
+        # At most one per pool process: beyond that a redelivery would wait for a free
+        # process anyway, and a live holder's burst stops no more processes than there are.
+        limit = getattr(c.controller, "concurrency", None) or 1
+        if len(inflight.speculating) >= limit or time.monotonic() < self.paused_until:
+            return False
+        if headers.get("eta") or getattr(c.connection.transport, "driver_type", "") != "amqp":
+            return False
+        task = c.app.tasks.get(headers.get("task"))
+        if task is None or not task.acks_late or headers.get("task") not in c.strategies:
+            return False
+        if task.rate_limit and not c.app.conf.worker_disable_rate_limits:
+            return False
+        try:
+            return envelope.message_version(headers) == schema.schema_version(task)
+        except envelope.BadMessage:
+            return False
+
+    def open(self, message: Any) -> tuple[Key, int] | None:
+        """Before Celery's handler: ``message``'s key pending, its verdict's number (the
+        pool process waits on it: ``rl_spec``, stamped by ``to_pool``); None: not here."""
+        key = self.inflight.key_of(message)
+        if key is None:
+            return None
+        message.delivery_info[AHEAD] = True  # for the takeover's event
+        seq = self.ring.open()
+        with self.inflight._lock:
+            self.inflight.speculating[key] = seq
+            self._handing.add(key)
+        return key, seq
+
+    def send(self, opened: list[tuple[Any, Key, int]], known: Any, hub: Any) -> None:
+        """After Celery's handler (and those of the burst's other messages, burst.py: the
+        pool gets them first): each message's checks and receipt (receipt.py), the receipts
+        sent without waiting, their replies read on ``hub``, Celery's event loop."""
+        self.hub, self.known = hub, known
+        calls = []
+        for message, key, seq in opened:
+            step = self._prepare(message, key, seq)
+            if step is None:
+                continue
+            try:
+                ask = self.inflight.takeover.ask(step.message, step.record)
+                calls.append(next(ask))
+            except Exception as exc:
+                step.receipt = exc
+                self._conclude(step, key, seq)
+                continue
+            self._waiting.append((step, key, seq, ask))
+        if not calls:
+            return
+        try:
+            self.pipe.send(calls)
+        except Exception as exc:  # never the consumer's crash: asked again, as parked
+            if not isinstance(exc, StoreUnavailable):
+                logger.exception("relier: could not send receipts")
+                exc = StoreUnavailable(f"relier could not send receipts: {exc!r}")
+            self._lose_all(exc)
+            return
+        if self._watched is None:
+            self._watched = self.pipe.fileno()
+            hub.add_reader(self._watched, self._on_readable)
+
+    def _prepare(self, message: Any, key: Key, seq: int) -> Any:
+        """The message's checks before its receipt; None when they decided it already."""
+        try:
+            step = self.inflight._prepare(message, self.known)
+        except Exception as exc:
+            logger.error("relier: could not check a message", exc_info=exc)
+            gone = self.inflight.quarantine_message(message, "invalid_message", repr(exc))
+            step = "quarantined" if gone else "run"
+        if not isinstance(step, str):
+            return step
+        if step == "parked":  # Redis unreachable: asked again later, the process waits
+            self.hub.call_later(RETRY, lambda: self._again(message, key, seq))
+        else:
+            self._decide(key, seq, step == "run")
+        return None
+
+    def cancel(self, key: Key, seq: int) -> None:
+        """Celery could not take the message (quarantined instead): no receipt."""
+        self._decide(key, seq, False)
+
+    def at_request(self, key: Key | None) -> bool:
+        """Celery made ``key``'s request: False if it must not run (its verdict came first,
+        and it was not "run"), else True."""
+        with self.inflight._lock:
+            if key not in self._handing:
+                return True
+            self._wrapped.add(key)
+            return key not in self._dropped
+
+    def handed(self, key: Key) -> None:
+        """After Celery's handler returned: a message Celery took without making a request
+        of it (revoked, expired) has no request to end it; a "run" verdict then finishes it."""
+        with self.inflight._lock:
+            self._handing.discard(key)
+            self._dropped.discard(key)
+            if key in self._wrapped:
+                self._wrapped.discard(key)
+                return
+            if key in self.inflight.speculating:
+                self._orphans.add(key)
+                return
+        if self.inflight.holds(key):
+            self.inflight.finish(key)
+
+    def settle(self, timeout: float) -> None:
+        """Wait (at most ``timeout``) for the receipts under way: the drain hands off only
+        what this worker holds, and a pending receipt may make it hold one more."""
+        deadline = time.monotonic() + timeout
+        while self.inflight.speculating and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def flush(self) -> None:
+        """Read every reply still awaited, waiting for them (a consumer restart: the event loop
+        that watched the socket may not watch it again)."""
+        self._unwatch()
+        while self._waiting:
+            self._read_one()
+
+    def _on_readable(self) -> None:
+        try:
+            while self._waiting and self.pipe.ready():
+                self._read_one()
+        finally:
+            if not self._waiting:
+                self._unwatch()
+
+    def _unwatch(self) -> None:
+        if self._watched is not None and self.hub is not None:
+            self.hub.remove_reader(self._watched)
+        self._watched = None
+
+    def _read_one(self) -> None:
+        step, key, seq, ask = self._waiting.popleft()
+        try:
+            got = self.pipe.read()
+        except StoreUnavailable as exc:
+            self._waiting.appendleft((step, key, seq, ask))
+            self._lose_all(exc)
+            return
+        if isinstance(got, NoScriptError):  # Redis lost the script: that call did not run
+            self._again(step.message, key, seq)
+            return
+        try:
+            # A further call (rare: the holder's count differed, nobody held it, the holder
+            # looked present): the rest of the receipt waits for its replies.
+            step.receipt = resume(self.inflight.store, ask, got)
+        except Exception as exc:
+            step.receipt = exc
+        self._conclude(step, key, seq)
+
+    def _lose_all(self, exc: StoreUnavailable) -> None:
+        """The connection is gone with every reply awaited: each call may have run."""
+        lost, self._waiting = list(self._waiting), deque()
+        self._unwatch()
+        for step, key, seq, _ in lost:
+            step.receipt = exc
+            self._conclude(step, key, seq)
+
+    def _again(self, message: Any, key: Key, seq: int) -> None:
+        """The whole receipt again, waiting for it (receipt.py)."""
+        step = self._prepare(message, key, seq)
+        if step is not None:
+            step.receipt = self.inflight._receipts([step])[0]
+            self._conclude(step, key, seq)
+
+    def _conclude(self, step: Any, key: Key, seq: int) -> None:
+        inflight = self.inflight
+        try:
+            verdict = inflight._finish(step)
+        except Exception as exc:
+            logger.error("relier: could not check a message", exc_info=exc)
+            gone = inflight.quarantine_message(step.message, "invalid_message", repr(exc))
+            verdict = "quarantined" if gone else "run"
+        if verdict == "parked":  # Redis unreachable: asked again later, the process waits
+            self.hub.call_later(RETRY, lambda: self._again(step.message, key, seq))
+        else:
+            self._decide(key, seq, verdict == "run")
+
+    def _decide(self, key: Key, seq: int, run: bool) -> None:
+        with self.inflight._lock:
+            self.inflight.speculating.pop(key, None)
+            orphan = key in self._orphans
+            self._orphans.discard(key)
+            if not run and key in self._handing:
+                self._dropped.add(key)
+        self.ring.decide(seq, run)
+        if not run:
+            self.pause()
+        elif orphan:
+            self.inflight.finish(key)
