@@ -242,3 +242,43 @@ def test_a_receipt_whose_reply_was_lost_is_asked_again_and_the_process_waits(
     hub.later.pop()()
     assert speculation.ring.verdict(seq) is True and inflight.holds(key)
     assert list(store.held("w1")) == ["t1#p1|0|0"]
+
+
+def test_a_pool_process_lost_before_the_verdict_gives_its_message_back(store: Store) -> None:
+    # Given a redelivery handed ahead, whose pool process died before the verdict came
+    speculation, inflight = _speculation(store)
+    message = _redelivery("t1")
+    _held_by(store, "w0", message)
+    hub = _Hub()
+    key, _ = _hand_ahead(speculation, message, hub)
+    assert speculation.lost(key)  # the request is rejected with requeue, not acked
+    # When the verdict "run" comes after all
+    hub.turn()
+    # Then the record is forgotten, not finished: the broker's next delivery of it runs
+    assert not inflight.holds(key) and store.held("w1") == {}
+    assert _inflight(store).receive(_redelivery("t1"), {"demo.add"}) == "run"
+    # (a process lost after its verdict is not this: lost() says so)
+    assert not speculation.lost(key)
+
+
+def test_a_stopping_loop_reads_the_awaited_replies_and_asks_again_for_the_parked(
+    store: Store,
+) -> None:
+    speculation, inflight = _speculation(store)
+    first, second = _redelivery("t1"), _redelivery("t2")
+    _held_by(store, "w0", first)
+    _held_by(store, "w0", second)
+    hub = _Hub()
+    # One receipt whose connection broke (parked, asked again later), one awaited
+    store.call(lambda c: c.execute_command("CLIENT", "PAUSE", 300, "ALL"))
+    _, parked = _hand_ahead(speculation, first, hub)
+    speculation.pipe._conn._sock.shutdown(socket.SHUT_RDWR)
+    hub.turn()
+    time.sleep(0.4)
+    _, awaited = _hand_ahead(speculation, second, hub)
+    # When the consumer stops (its loop will read nothing more, its timers may be cleared)
+    speculation.flush()
+    # Then both have their verdicts: no pool process is left waiting
+    assert speculation.ring.verdict(parked) is True
+    assert speculation.ring.verdict(awaited) is True
+    assert inflight.speculating == {}

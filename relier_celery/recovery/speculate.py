@@ -11,11 +11,10 @@ received the usual way. Anything else: the pool process stops itself before the 
 duplicate, a poison pill quarantined), and the request is acked as a lost one that relier
 does not resurrect (it holds no record of it).
 
-Only where stopping a pool process is the way to take a request back: prefork, acks_late
-(the broker keeps the message until the verdict), a message that runs now (no ETA, no rate
-limit) with this worker's schema, on py-amqp, one Redis server. After a "do not run" (a live
-holder whose channel closed: its whole burst would stop pool processes) and after a consumer
-restart (its own redeliveries come back), redeliveries take the usual path for a while.
+Only with prefork (stopping a pool process takes a request back), acks_late (the broker
+keeps the message until the verdict), a message that runs now (no ETA, no rate limit) with
+this worker's schema, py-amqp and one Redis server; not for a while after a "do not run" (a
+live holder's burst would stop as many processes) or a consumer restart (its own come back).
 """
 
 from __future__ import annotations
@@ -59,6 +58,9 @@ class Speculation:
         self._wrapped: set[Key] = set()
         self._dropped: set[Key] = set()
         self._orphans: set[Key] = set()
+        self._requeue_on_verdict: set[Key] = set()
+        # Receipts Redis did not answer, asked again later: key -> (message, number).
+        self._parked: dict[Key, tuple[Any, int]] = {}
         self.pipe = ReceiptPipe(inflight.store)
         self.hub: Any = None
         self.known: Any = None  # Celery's task strategies: the names it can run
@@ -151,11 +153,26 @@ class Speculation:
             step = "quarantined" if gone else "run"
         if not isinstance(step, str):
             return step
-        if step == "parked":  # Redis unreachable: asked again later, the process waits
-            self.hub.call_later(RETRY, lambda: self._again(message, key, seq))
+        if step == "parked":
+            self._park(message, key, seq)
         else:
             self._decide(key, seq, step == "run")
         return None
+
+    def _park(self, message: Any, key: Key, seq: int) -> None:
+        """Redis unreachable: asked again later; the pool process waits."""
+        self._parked[key] = (message, seq)
+        self.hub.call_later(RETRY, lambda: self._again(message, key, seq))
+
+    def lost(self, key: Key | None) -> bool:
+        """Its pool process was lost before the verdict: True if the message must go back to
+        the broker (acked, it would be lost), and a "run" verdict then forgets the record
+        without marking it finished, so that the broker's next delivery of it runs."""
+        with self.inflight._lock:
+            if key is None or key not in self.inflight.speculating:
+                return False
+            self._requeue_on_verdict.add(key)
+            return True
 
     def cancel(self, key: Key, seq: int) -> None:
         """Celery could not take the message (quarantined instead): no receipt."""
@@ -164,9 +181,9 @@ class Speculation:
     def at_request(self, key: Key | None) -> bool:
         """Celery made ``key``'s request: False if it must not run (its verdict came first,
         and it was not "run"), else True."""
+        if key not in self._handing:  # the consumer's own set: no lock for every request
+            return True
         with self.inflight._lock:
-            if key not in self._handing:
-                return True
             self._wrapped.add(key)
             return key not in self._dropped
 
@@ -193,11 +210,15 @@ class Speculation:
             time.sleep(0.01)
 
     def flush(self) -> None:
-        """Read every reply still awaited, waiting for them (a consumer restart: the event loop
-        that watched the socket may not watch it again)."""
+        """The event loop stops (a consumer restart, the worker's shutdown): read every reply
+        still awaited, waiting for them, and ask once more for the parked ones (their timers
+        may be cleared with the loop's). Still unanswered (Redis down), their pool processes
+        wait; one stopped by a cold shutdown gives its message back (:meth:`lost`)."""
         self._unwatch()
         while self._waiting:
             self._read_one()
+        for key, (message, seq) in list(self._parked.items()):
+            self._again(message, key, seq)
 
     def _on_readable(self) -> None:
         try:
@@ -241,6 +262,8 @@ class Speculation:
 
     def _again(self, message: Any, key: Key, seq: int) -> None:
         """The whole receipt again, waiting for it (receipt.py)."""
+        if self._parked.pop(key, None) is None and key not in self.inflight.speculating:
+            return  # decided meanwhile (flush)
         step = self._prepare(message, key, seq)
         if step is not None:
             step.receipt = self.inflight._receipts([step])[0]
@@ -254,8 +277,8 @@ class Speculation:
             logger.error("relier: could not check a message", exc_info=exc)
             gone = inflight.quarantine_message(step.message, "invalid_message", repr(exc))
             verdict = "quarantined" if gone else "run"
-        if verdict == "parked":  # Redis unreachable: asked again later, the process waits
-            self.hub.call_later(RETRY, lambda: self._again(step.message, key, seq))
+        if verdict == "parked":
+            self._park(step.message, key, seq)
         else:
             self._decide(key, seq, verdict == "run")
 
@@ -264,10 +287,14 @@ class Speculation:
             self.inflight.speculating.pop(key, None)
             orphan = key in self._orphans
             self._orphans.discard(key)
+            requeued = key in self._requeue_on_verdict
+            self._requeue_on_verdict.discard(key)
             if not run and key in self._handing:
                 self._dropped.add(key)
         self.ring.decide(seq, run)
         if not run:
             self.pause()
+        elif requeued:
+            self.inflight.requeued(key)
         elif orphan:
             self.inflight.finish(key)

@@ -80,8 +80,7 @@ class WorkerRuntime:
         self.pool_cls = pool_cls
         self.prefork = _is_prefork(pool_cls)
         if self.prefork:  # a redelivery may go to the pool ahead of its receipt's verdict
-            ring = VerdictRing()
-            attach_ring(app, ring)  # before the pool forks, as the clock
+            attach_ring(app, ring := VerdictRing())  # before the pool forks, as the clock
             self.inflight.speculation = Speculation(self.inflight, ring)
         self.drain = Drain(self)
         self.heartbeat: LoopHeartbeat | None = None
@@ -211,10 +210,18 @@ class RelierConsumer(bootsteps.StartStopStep):  # type: ignore[misc]
         # The consumer restarts or stops: its event loop stands still meanwhile.
         if self.runtime is not None and self.runtime.heartbeat is not None:
             self.runtime.heartbeat.loop_stopped()
+        self._settle_speculation()
 
     def shutdown(self, c: Any) -> None:
         if self.runtime is not None and self.runtime.heartbeat is not None:
             self.runtime.heartbeat.hand_to_thread()
+        self._settle_speculation()
+
+    def _settle_speculation(self) -> None:
+        """Pool processes wait for verdicts the stopped loop would have read."""
+        speculation = self.runtime.inflight.speculation if self.runtime is not None else None
+        if speculation is not None:
+            speculation.flush()
 
     def start(self, c: Any) -> None:
         if self.runtime is None:
@@ -227,7 +234,6 @@ class RelierConsumer(bootsteps.StartStopStep):  # type: ignore[misc]
         self.runtime.rearm_loop_timers()
         inflight = self.runtime.inflight
         if inflight.speculation is not None:  # its own redeliveries come back: no speculation
-            inflight.speculation.flush()
             inflight.speculation.pause()
         keys = (inflight.key_of(getattr(r, "message", None)) for r in worker_state.active_requests)
         count = inflight.recover_after_restart({k for k in keys if k is not None})
