@@ -76,7 +76,8 @@ def _hand_ahead(speculation: Speculation, message: _Message, hub: _Hub) -> tuple
     key, seq = opened
     assert speculation.at_request(key)  # Celery made its request
     speculation.handed(key)
-    speculation.send([(message, key, seq)], {"demo.add"}, hub)
+    speculation.attach(hub, {"demo.add"}, list)
+    speculation.send([(message, key, seq)])
     return key, seq
 
 
@@ -187,7 +188,8 @@ def test_a_verdict_before_celerys_request_keeps_it_from_running(store: Store) ->
     alive.open()
     try:
         key, seq = speculation.open(message)  # type: ignore[misc]
-        speculation.send([(message, key, seq)], {"demo.add"}, hub := _Hub())
+        speculation.attach(hub := _Hub(), {"demo.add"}, list)
+        speculation.send([(message, key, seq)])
         hub.turn()
     finally:
         alive.close()
@@ -204,7 +206,8 @@ def test_a_message_celery_took_without_a_request_leaves_no_record(store: Store) 
     _held_by(store, "w0", message)
     key, seq = speculation.open(message)  # type: ignore[misc]
     speculation.handed(key)  # Celery's handler returned, no request made
-    speculation.send([(message, key, seq)], {"demo.add"}, hub := _Hub())
+    speculation.attach(hub := _Hub(), {"demo.add"}, list)
+    speculation.send([(message, key, seq)])
     # When the verdict "run" comes
     hub.turn()
     # Then the record it took over is removed again: nothing runs it, nothing is left

@@ -1,20 +1,14 @@
 """Speculation: a broker's redelivery goes to the pool while its receipt is on its way.
 
-RabbitMQ gives a dead worker's messages back at once, and each must wait for its receipt (one
-Redis round trip: is the holder gone?) before it may run, so that a live holder's task never
-runs twice. At a kill, with the dying processes holding the CPUs, that round trip took about
-4 ms, and vanilla Celery, which needs none, started the same tasks sooner (docs/rabbitmq.md).
-Here the round trip runs beside the pool's own hand-over instead of before it: the consumer
-hands the message to Celery at once, a short-lived thread sends its receipt, and the pool
-process, before the task's body, waits for the verdict (verdicts.py). "Run": it runs, as if
-received the usual way. Anything else: the pool process stops itself before the body (a
-duplicate, a poison pill quarantined), and the request is acked as a lost one that relier
-does not resurrect (it holds no record of it).
-
-Only with prefork (stopping a pool process takes a request back), acks_late (the broker
-keeps the message until the verdict), a message that runs now (no ETA, no rate limit) with
-this worker's schema, py-amqp and one Redis server; not for a while after a "do not run" (a
-live holder's burst would stop as many processes) or a consumer restart (its own come back).
+RabbitMQ gives a dead worker's messages back at once; each must have its receipt (one Redis
+round trip: is the holder gone?) before it runs, so that a live holder's task never runs twice.
+At a kill that round trip, on CPUs the dying processes hold, kept relier behind vanilla Celery
+(docs/rabbitmq.md). So the consumer hands the message to Celery at once, sends its receipt
+after, reads the reply on the event loop, and the pool process waits for the verdict before
+the task's body (verdicts.py): "run", it runs as if received the usual way; anything else, it
+stops itself, and the request is acked as a lost one relier holds no record of. Only where
+safe (docs/rabbitmq.md says why each): prefork, acks_late, no ETA or rate limit, this worker's
+schema, py-amqp, one Redis; paused after a "do not run".
 """
 
 from __future__ import annotations
@@ -22,6 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from redis.exceptions import NoScriptError
@@ -51,9 +46,8 @@ class Speculation:
         self.inflight = inflight
         self.ring = ring
         self.paused_until = 0.0
-        # Under the registry's lock: keys between begin() and handed() (the consumer is in
-        # Celery's handler), those of them whose request Celery made, those decided "do not
-        # run" meanwhile (never handed to the pool), and those Celery took without a request.
+        # Keys in Celery's handler (open() to handed()); of them, those Celery made a request
+        # of, those decided "do not run" meanwhile; those Celery took without a request.
         self._handing: set[Key] = set()
         self._wrapped: set[Key] = set()
         self._dropped: set[Key] = set()
@@ -64,13 +58,13 @@ class Speculation:
         self.pipe = ReceiptPipe(inflight.store)
         self.hub: Any = None
         self.known: Any = None  # Celery's task strategies: the names it can run
+        self._unsent: Callable[[], list[Any]] = list
         self._watched: int | None = None
-        # Receipts sent, in order, their replies not read yet: (message's step, key, number,
-        # the receipt's generator, takeover.py).
+        # Receipts sent, their replies not read yet, in order: (step, key, number, ask).
         self._waiting: deque[tuple[Any, Key, int, Any]] = deque()
 
-    def pause(self, seconds: float = PAUSE) -> None:
-        self.paused_until = max(self.paused_until, time.monotonic() + seconds)
+    def pause(self) -> None:
+        self.paused_until = time.monotonic() + PAUSE
 
     def may(self, c: Any, message: Any) -> bool:
         """Whether ``message`` may go to the pool before its receipt's verdict."""
@@ -111,11 +105,19 @@ class Speculation:
             self._handing.add(key)
         return key, seq
 
-    def send(self, opened: list[tuple[Any, Key, int]], known: Any, hub: Any) -> None:
+    def attach(self, hub: Any, known: Any, unsent: Callable[[], list[Any]]) -> None:
+        """A consumer (re)started: its event loop, the tasks it knows, and how to take the
+        messages handed ahead whose receipts are not sent yet (the consumer's burst). The
+        parked receipts are asked again on this loop (a restart may have cleared its timers)."""
+        self.hub, self.known, self._unsent = hub, known, unsent
+        for key, (message, seq) in list(self._parked.items()):
+            self._park(message, key, seq)
+
+    def send(self, opened: list[tuple[Any, Key, int]]) -> None:
         """After Celery's handler (and those of the burst's other messages, burst.py: the
         pool gets them first): each message's checks and receipt (receipt.py), the receipts
-        sent without waiting, their replies read on ``hub``, Celery's event loop."""
-        self.hub, self.known = hub, known
+        sent without waiting, their replies read on Celery's event loop."""
+        hub = self.hub
         calls = []
         for message, key, seq in opened:
             step = self._prepare(message, key, seq)
@@ -134,10 +136,8 @@ class Speculation:
         try:
             self.pipe.send(calls)
         except Exception as exc:  # never the consumer's crash: asked again, as parked
-            if not isinstance(exc, StoreUnavailable):
-                logger.exception("relier: could not send receipts")
-                exc = StoreUnavailable(f"relier could not send receipts: {exc!r}")
-            self._lose_all(exc)
+            logger.warning("relier: could not send receipts: %r", exc)
+            self._lose_all(StoreUnavailable(f"relier could not send receipts: {exc!r}"))
             return
         if self._watched is None:
             self._watched = self.pipe.fileno()
@@ -148,9 +148,7 @@ class Speculation:
         try:
             step = self.inflight._prepare(message, self.known)
         except Exception as exc:
-            logger.error("relier: could not check a message", exc_info=exc)
-            gone = self.inflight.quarantine_message(message, "invalid_message", repr(exc))
-            step = "quarantined" if gone else "run"
+            step = self._check_failed(message, exc)
         if not isinstance(step, str):
             return step
         if step == "parked":
@@ -175,8 +173,7 @@ class Speculation:
             return True
 
     def cancel(self, key: Key, seq: int) -> None:
-        """Celery could not take the message (quarantined instead): no receipt."""
-        self._decide(key, seq, False)
+        self._decide(key, seq, False)  # Celery could not take it (quarantined): no receipt
 
     def at_request(self, key: Key | None) -> bool:
         """Celery made ``key``'s request: False if it must not run (its verdict came first,
@@ -203,8 +200,7 @@ class Speculation:
             self.inflight.finish(key)
 
     def settle(self, timeout: float) -> None:
-        """Wait (at most ``timeout``) for the receipts under way: the drain hands off only
-        what this worker holds, and a pending receipt may make it hold one more."""
+        """Wait (at most ``timeout``) for the receipts under way (a drain's start)."""
         deadline = time.monotonic() + timeout
         while self.inflight.speculating and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -214,6 +210,7 @@ class Speculation:
         still awaited, waiting for them, and ask once more for the parked ones (their timers
         may be cleared with the loop's). Still unanswered (Redis down), their pool processes
         wait; one stopped by a cold shutdown gives its message back (:meth:`lost`)."""
+        self.send(self._unsent())
         self._unwatch()
         while self._waiting:
             self._read_one()
@@ -221,15 +218,13 @@ class Speculation:
             self._again(message, key, seq)
 
     def _on_readable(self) -> None:
-        try:
-            while self._waiting and self.pipe.ready():
-                self._read_one()
-        finally:
-            if not self._waiting:
-                self._unwatch()
+        while self._waiting and self.pipe.ready():
+            self._read_one()
+        if not self._waiting:
+            self._unwatch()
 
     def _unwatch(self) -> None:
-        if self._watched is not None and self.hub is not None:
+        if self._watched is not None:
             self.hub.remove_reader(self._watched)
         self._watched = None
 
@@ -266,7 +261,7 @@ class Speculation:
             return  # decided meanwhile (flush)
         step = self._prepare(message, key, seq)
         if step is not None:
-            step.receipt = self.inflight._receipts([step])[0]
+            (step.receipt,) = self.inflight._receipts([step])
             self._conclude(step, key, seq)
 
     def _conclude(self, step: Any, key: Key, seq: int) -> None:
@@ -274,13 +269,18 @@ class Speculation:
         try:
             verdict = inflight._finish(step)
         except Exception as exc:
-            logger.error("relier: could not check a message", exc_info=exc)
-            gone = inflight.quarantine_message(step.message, "invalid_message", repr(exc))
-            verdict = "quarantined" if gone else "run"
+            verdict = self._check_failed(step.message, exc)
         if verdict == "parked":
             self._park(step.message, key, seq)
         else:
             self._decide(key, seq, verdict == "run")
+
+    def _check_failed(self, message: Any, exc: Exception) -> str:
+        """Relier's own checks choked on it: quarantined raw, or run if even that fails (as
+        consumer_hooks does for a message received the usual way)."""
+        logger.error("relier: could not check a message", exc_info=exc)
+        gone = self.inflight.quarantine_message(message, "invalid_message", repr(exc))
+        return "quarantined" if gone else "run"
 
     def _decide(self, key: Key, seq: int, run: bool) -> None:
         with self.inflight._lock:

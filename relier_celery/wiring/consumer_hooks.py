@@ -38,6 +38,8 @@ def wrap_consumer(c: Any, inflight: Inflight, clock: LeaseClock) -> None:
         burst = Burst(c)
         speculation = inflight.speculation
         ahead = Burst(c)  # redeliveries with Celery, their receipts not sent yet
+        if speculation is not None:
+            speculation.attach(c.hub, c.strategies, ahead.take)
 
         def on_task_received(message: Any) -> None:
             if speculation is not None and speculation.may(c, message):
@@ -65,7 +67,7 @@ def wrap_consumer(c: Any, inflight: Inflight, clock: LeaseClock) -> None:
                 send_receipts()
 
         def send_receipts() -> None:
-            speculation.send(ahead.take(), c.strategies, c.hub)
+            speculation.send(ahead.take())
 
         def receive_burst_of(message: Any) -> None:
             if not burst.keep(message, receive_burst):
