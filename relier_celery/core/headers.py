@@ -44,8 +44,6 @@ FETCH_EPOCH = "rl_fetch_epoch"
 # On a fetched message relier took over: relier, not Celery's ack, removes its record when
 # the task ends (FETCH_FIELD and FETCH_QUEUE say where it is held and came from).
 PROTECTED = "rl_protected"
-# On a broker's redelivery handed to the pool before its receipt's verdict (speculate.py).
-AHEAD = "rl_ahead"
 
 # -- request keys (the pool process reads them as ``task.request.<key>``) ----------------
 
@@ -53,6 +51,3 @@ AHEAD = "rl_ahead"
 # worker id and held field its completion drops (completion.py).
 EPOCH_KEY = "rl_epoch"
 HELD_KEY = "rl_held"
-# A broker redelivery handed to the pool before its receipt's verdict: the number the pool
-# process waits on before the body (speculate.py, verdicts.py).
-SPEC_KEY = "rl_spec"

@@ -13,7 +13,10 @@ import logging
 from typing import Any
 
 from relier_celery.core.errors import StoreUnavailable
-from relier_celery.core.headers import EPOCH_KEY, HELD_KEY, SPEC_KEY
+from relier_celery.core.headers import (
+    EPOCH_KEY,
+    HELD_KEY,
+)
 from relier_celery.core.record import Generation, TaskRecord, delivery_id
 from relier_celery.recovery.receipt import Receiving
 from relier_celery.recovery.registry import Key, Pending, Verdict
@@ -29,19 +32,14 @@ class Inflight(Receiving):
     # -- final states -------------------------------------------------------------------
     def to_pool(self, key: Key, request_dict: dict[str, Any], epoch: int) -> bool:
         """A request goes to the pool: False if this worker no longer holds it (given up when
-        its lease was lost, or handed off, or its receipt found a duplicate), else stamp what
-        the pool process checks; a redelivery whose receipt is still under way, the number
-        its verdict will have (speculate.py)."""
+        its lease was lost, or handed off), else stamp what the pool process checks."""
         with self._lock:
-            request_dict.pop(HELD_KEY, None)  # never one a message carried in
-            request_dict.pop(SPEC_KEY, None)
             record = self.local.get(key)
-            if record is None and key not in self.speculating:
-                return False
-            request_dict[EPOCH_KEY] = epoch
             if record is None:
-                request_dict[SPEC_KEY] = self.speculating[key]
-            elif record.field_name is not None:
+                return False
+            request_dict.pop(HELD_KEY, None)  # never one a message carried in
+            request_dict[EPOCH_KEY] = epoch
+            if record.field_name is not None:
                 request_dict[HELD_KEY] = [self.worker, record.field_name]
         return True
 

@@ -92,10 +92,6 @@ class Registry:
         # The worker's lease clock (set by the worker once its lease exists): a fetched message
         # whose fetch was sent under an older epoch is given back, not run (receipt.py).
         self.clock: Any = None
-        # Broker redeliveries handed to the pool before their receipt's verdict -> their
-        # sequence numbers (speculate.py, set up by a prefork worker); None elsewhere.
-        self.speculating: dict[Key, int] = {}
-        self.speculation: Any = None
 
     @staticmethod
     def key_of(message: Any) -> Key | None:

@@ -19,12 +19,12 @@ from typing import Any
 
 from relier_celery.core import events
 from relier_celery.core.errors import StoreUnavailable
-from relier_celery.core.headers import AHEAD, CRASHES_HEADER
+from relier_celery.core.headers import CRASHES_HEADER
 from relier_celery.core.record import TaskRecord, trace_context
 from relier_celery.store.client import Receipt, ReceiptCall, Store
 from relier_celery.store.presence import PresenceCache
 
-__all__ = ["Ask", "Takeover", "answer", "plain", "record_call", "resume"]
+__all__ = ["Ask", "Takeover", "answer", "plain", "record_call"]
 
 # One message's receipt: yields receipt.lua calls, is sent their answers, returns the receipt.
 Ask = Generator[ReceiptCall, Receipt, Receipt]
@@ -45,27 +45,6 @@ def answer(store: Store, asks: Sequence[Ask]) -> list[Receipt | Exception]:
     calls: dict[int, ReceiptCall] = {}
     for i, ask in enumerate(asks):
         _advance(ask, None, i, calls, out)
-    return _drive(store, asks, calls, out)
-
-
-def resume(store: Store, ask: Ask, got: Receipt | Exception) -> Receipt | Exception:
-    """Run to its receipt an ask whose current call Redis answered with ``got`` (sent
-    without waiting, speculate.py); an error, ``got``'s included, in its place."""
-    if isinstance(got, Exception):
-        return got
-    out: list[Receipt | Exception] = [StoreUnavailable("no answer")]
-    calls: dict[int, ReceiptCall] = {}
-    _advance(ask, got, 0, calls, out)
-    return _drive(store, [ask], calls, out)[0]
-
-
-def _drive(
-    store: Store,
-    asks: Sequence[Ask],
-    calls: dict[int, ReceiptCall],
-    out: list[Receipt | Exception],
-) -> list[Receipt | Exception]:
-    """Send the asks' pending ``calls``, step after step, until each has its receipt."""
     while calls:
         which = list(calls)
         try:
@@ -154,20 +133,15 @@ class Takeover:
         holder = receipt.detail
         record.headers[CRASHES_HEADER] = crashes + 1
         message.headers[CRASHES_HEADER] = crashes + 1  # what the task's context shows
-        ahead = bool((message.delivery_info or {}).get(AHEAD))
         events.emit(
             events.TASK_TAKEN_OVER,
             f"{record.task_name}[{record.task_id}] redelivered by the broker, and its holder "
             f"{holder} is gone (its presence connection closed): it runs now, not when that "
-            "worker's lease runs out"
-            + (
-                " (handed to the pool ahead of this check, it waited there for it)" if ahead else ""
-            ),
+            "worker's lease runs out",
             task_id=record.task_id,
             task_name=record.task_name,
             worker=self.worker,
             holder=holder,
-            ahead=ahead,
             **trace_context(record.headers),
         )
         return Receipt(True, "taken", holder)

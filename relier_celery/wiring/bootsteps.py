@@ -27,8 +27,6 @@ from relier_celery.recovery.lease import Lease, attach_clock
 from relier_celery.recovery.loop_heartbeat import LoopHeartbeat
 from relier_celery.recovery.resurrect import Resurrector
 from relier_celery.recovery.schema import check_migrations
-from relier_celery.recovery.speculate import Speculation
-from relier_celery.recovery.verdicts import VerdictRing, attach_ring
 from relier_celery.wiring import control as _control  # noqa: F401  (registers the relier_drain command)
 from relier_celery.wiring import kombu_guard
 from relier_celery.wiring.consumer_hooks import wrap_consumer
@@ -79,9 +77,6 @@ class WorkerRuntime:
         self.inflight.clock = self.lease.clock
         self.pool_cls = pool_cls
         self.prefork = _is_prefork(pool_cls)
-        if self.prefork:  # a redelivery may go to the pool ahead of its receipt's verdict
-            attach_ring(app, ring := VerdictRing())  # before the pool forks, as the clock
-            self.inflight.speculation = Speculation(self.inflight, ring)
         self.drain = Drain(self)
         self.heartbeat: LoopHeartbeat | None = None
         self.loop: Any = None  # a prefork worker's event loop (kombu's hub), once started
@@ -210,31 +205,19 @@ class RelierConsumer(bootsteps.StartStopStep):  # type: ignore[misc]
         # The consumer restarts or stops: its event loop stands still meanwhile.
         if self.runtime is not None and self.runtime.heartbeat is not None:
             self.runtime.heartbeat.loop_stopped()
-        self._settle_speculation()
 
     def shutdown(self, c: Any) -> None:
         if self.runtime is not None and self.runtime.heartbeat is not None:
             self.runtime.heartbeat.hand_to_thread()
-        self._settle_speculation()
-
-    def _settle_speculation(self) -> None:
-        """Pool processes wait for verdicts the stopped loop would have read."""
-        speculation = self.runtime.inflight.speculation if self.runtime is not None else None
-        if speculation is not None:
-            speculation.flush()
 
     def start(self, c: Any) -> None:
         if self.runtime is None:
             return
         if self.first_start:
             self.first_start = False
-            if self.runtime.inflight.speculation is not None:
-                self.runtime.inflight.speculation.pipe.open()
             return
         self.runtime.rearm_loop_timers()
         inflight = self.runtime.inflight
-        if inflight.speculation is not None:  # its own redeliveries come back: no speculation
-            inflight.speculation.pause()
         keys = (inflight.key_of(getattr(r, "message", None)) for r in worker_state.active_requests)
         count = inflight.recover_after_restart({k for k in keys if k is not None})
         if count:

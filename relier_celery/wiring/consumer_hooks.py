@@ -9,8 +9,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from celery.worker import state as worker_state
-
 from relier_celery.core import events
 from relier_celery.core.headers import EPOCH_KEY, HELD_KEY, PROTECTED
 from relier_celery.recovery.inflight import Inflight
@@ -36,40 +34,8 @@ def wrap_consumer(c: Any, inflight: Inflight, clock: LeaseClock) -> None:
         restart = c.restart_count
 
         burst = Burst(c)
-        speculation = inflight.speculation
-        ahead = Burst(c)  # redeliveries with Celery, their receipts not sent yet
-        if speculation is not None:
-            speculation.attach(c.hub, c.strategies, ahead.take)
 
         def on_task_received(message: Any) -> None:
-            if speculation is not None and speculation.may(c, message):
-                hand_ahead(message)
-            else:
-                receive_burst_of(message)
-
-        def hand_ahead(message: Any) -> None:
-            """A redelivery to the pool now, its receipt after (speculate.py)."""
-            opened = speculation.open(message)
-            if opened is None:
-                receive_burst_of(message)
-                return
-            key, seq = opened
-            try:
-                taken = take(message, "run")
-            finally:
-                speculation.handed(key)
-            if not taken:  # Celery could not take it, and it was quarantined: no receipt
-                speculation.cancel(key, seq)
-            # Its receipt once the burst's messages are all with Celery (burst.py): the pool
-            # gets them as soon as vanilla Celery's would, the verdicts before their
-            # processes start.
-            elif not ahead.keep((message, key, seq), send_receipts):
-                send_receipts()
-
-        def send_receipts() -> None:
-            speculation.send(ahead.take())
-
-        def receive_burst_of(message: Any) -> None:
             if not burst.keep(message, receive_burst):
                 receive_burst()
 
@@ -89,8 +55,7 @@ def wrap_consumer(c: Any, inflight: Inflight, clock: LeaseClock) -> None:
                     verdict = "quarantined" if _quarantine(message, verdict) else "run"
                 take(message, verdict)
 
-        def take(message: Any, verdict: str) -> bool:
-            """Act on ``message``'s verdict; False if Celery could not take it (quarantined)."""
+        def take(message: Any, verdict: str) -> None:
             if verdict == "run":
                 if FIELD in (message.delivery_info or {}) and inflight.holds(
                     inflight.key_of(message)
@@ -107,8 +72,8 @@ def wrap_consumer(c: Any, inflight: Inflight, clock: LeaseClock) -> None:
                     logger.exception("relier: Celery could not take a message")
                     if _quarantine(message, exc):
                         message.ack_log_error(logger, c.connection_errors)
-                        return False
-                    raise
+                    else:
+                        raise
             elif verdict == "duplicate" or verdict == "quarantined":
                 message.ack_log_error(logger, c.connection_errors)
             elif verdict == "given_back":
@@ -119,7 +84,6 @@ def wrap_consumer(c: Any, inflight: Inflight, clock: LeaseClock) -> None:
                 _defer(message)
             elif verdict == "parked":
                 _park(message)
-            return True
 
         def _defer(message: Any) -> None:
             """A message from a newer schema waits, then goes back to the queue."""
@@ -150,13 +114,7 @@ def wrap_consumer(c: Any, inflight: Inflight, clock: LeaseClock) -> None:
 
     def relier_on_task_request(req: Any) -> Any:
         key = inflight.key_of(req.message)
-        if inflight.speculation is not None and not inflight.speculation.at_request(key):
-            # Handed over ahead of its receipt, whose verdict came first: not to be run here
-            # (a duplicate, acked; or quarantined). Its receipt said why.
-            worker_state.task_ready(req)
-            req.message.ack_log_error(logger, c.connection_errors)
-            return None
-        if inflight.holds(key) or key in inflight.speculating:
+        if inflight.holds(key):
             assert key is not None
             wrap_request(req, key, inflight, clock)
             if key.generation.resurrections and _ahead_of_reserved(c, on_task_request, req):

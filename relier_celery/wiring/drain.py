@@ -145,8 +145,6 @@ class Drain:
         inflight = self.runtime.inflight
         worker = self.runtime.worker_id
         deadline = time.monotonic() + window
-        if inflight.speculation is not None:  # a receipt under way may add to what it holds
-            inflight.speculation.settle(min(window, 5.0))
         events.emit(
             events.DRAIN_STARTED,
             f"draining ({reason}); running tasks get {window} s",

@@ -93,11 +93,6 @@ def wrap_request(req: Any, key: Key, inflight: Inflight, clock: LeaseClock) -> N
             if not req.acknowledged:
                 req.acknowledge()
             return None
-        if lost and inflight.speculation is not None and inflight.speculation.lost(key):
-            # Lost while waiting for its receipt's verdict (speculate.py): not known to be
-            # this worker's, so not resurrected; the broker gets it back.
-            worker_state.task_ready(req)
-            return req.reject(requeue=True)
         if lost:
             try:
                 inflight.worker_lost(key)

@@ -62,9 +62,7 @@ def on_task_prerun(task: Any = None, **_: Any) -> None:
         return
     from relier_celery.features.timeouts import begin
     from relier_celery.recovery.lease import gate
-    from relier_celery.recovery.verdicts import await_verdict
 
-    await_verdict(task)  # a redelivery handed over before its receipt: only on "run"
     gate(task)  # only under a live lease, only what this lease received
     begin(task)
 
