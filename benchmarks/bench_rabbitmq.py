@@ -1,6 +1,6 @@
 """Recovery on RabbitMQ: vanilla Celery with acks_late against Celery + relier, same run.
 
-    python benchmarks/bench_rabbitmq.py [--kills 5] [--per-kill 4] [--amqp URL]
+    python benchmarks/bench_rabbitmq.py [--kills 5] [--per-kill 4] [--amqp URL] [--pin]
 
 RabbitMQ gives a dead consumer's unacknowledged messages back at once; vanilla Celery with
 ``task_acks_late`` runs them again as soon as another worker takes them. Relier must be no
@@ -19,6 +19,7 @@ figures.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import signal
 import statistics
@@ -40,6 +41,12 @@ from relier_celery.testing import RedisServer, WorkerProcess, wait_for
 HOLD = 20.0
 
 
+# --pin: the victim on one CPU, the survivor on another (None: both wherever the kernel puts
+# them). All on one machine, a dying victim takes CPU time its survivor needs; in a fleet it
+# dies on another machine. RabbitMQ and Redis are left where they are.
+PIN: dict[str, int] | None = None
+
+
 def worker(h: Harness, amqp: str, queue: str, relier: bool, name: str, n: int) -> WorkerProcess:
     return h.worker(
         relier,
@@ -49,6 +56,15 @@ def worker(h: Harness, amqp: str, queue: str, relier: bool, name: str, n: int) -
         conf={"task_acks_late": True},
         env={"BENCH_BROKER": amqp, "BENCH_QUEUE": queue},
     )
+
+
+def pin(w: WorkerProcess, role: str) -> None:
+    """With --pin, move a started worker (its main process and its pool's) to its CPU."""
+    if PIN is None:
+        return
+    children = Path(f"/proc/{w.pid}/task/{w.pid}/children").read_text().split()
+    for pid in [w.pid, *map(int, children)]:
+        os.sched_setaffinity(pid, {PIN[role]})
 
 
 def recovery(
@@ -74,6 +90,7 @@ def recovery(
             victim = worker(h, amqp, queue, relier, f"{side}-victim", per_kill)
             workers.append(victim)
             h.wait_reported([victim], 60)
+            pin(victim, "victim")
             ids = [k * 100 + i for i in range(per_kill)]
             for n in ids:
                 app.send_task("bench.hold", args=(n, HOLD))
@@ -81,6 +98,7 @@ def recovery(
             survivor = worker(h, amqp, queue, relier, f"{side}-survivor", per_kill)
             workers.append(survivor)
             h.wait_reported([survivor], 60)
+            pin(survivor, "survivor")
             killed = time.time()
             victim.kill(signal.SIGKILL)  # returns once the victim is reaped
             reaped = time.time()
@@ -116,7 +134,16 @@ def main() -> int:
     parser.add_argument("--kills", type=int, default=5)
     parser.add_argument("--per-kill", type=int, default=4)
     parser.add_argument("--amqp", default="amqp://guest:guest@127.0.0.1:5672//")
+    parser.add_argument(
+        "--pin", action="store_true", help="victim and survivor on different CPUs (a fleet)"
+    )
     args = parser.parse_args()
+    if args.pin:
+        global PIN
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            parser.error("--pin needs two CPUs")
+        PIN = {"victim": cpus[1], "survivor": cpus[0]}
     logs = tempfile.mkdtemp(prefix="bench-rmq-")
     with RedisServer() as url:
         h = Harness(url, Path(logs))
@@ -146,7 +173,12 @@ def main() -> int:
             f"p99 {pct(reaped, 99):.3f} s"
         )
     ratio = statistics.median(relier) / statistics.median(vanilla)
-    print(f"relier / vanilla p50: {ratio:.2f}x (goal: no slower)")
+    layout = (
+        f"victim on CPU {PIN['victim']}, survivor on CPU {PIN['survivor']}"
+        if PIN
+        else ("victim and survivor on any CPU")
+    )
+    print(f"relier / vanilla p50: {ratio:.2f}x (goal: no slower); {layout}")
     print(h.proof()["summary"])
     return 0
 
