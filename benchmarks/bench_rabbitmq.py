@@ -173,11 +173,9 @@ def main() -> int:
             f"p99 {pct(reaped, 99):.3f} s"
         )
     ratio = statistics.median(relier) / statistics.median(vanilla)
-    layout = (
-        f"victim on CPU {PIN['victim']}, survivor on CPU {PIN['survivor']}"
-        if PIN
-        else ("victim and survivor on any CPU")
-    )
+    layout = "victim and survivor on any CPU"
+    if PIN is not None:
+        layout = f"victim on CPU {PIN['victim']}, survivor on CPU {PIN['survivor']}"
     print(f"relier / vanilla p50: {ratio:.2f}x (goal: no slower); {layout}")
     print(h.proof()["summary"])
     return 0

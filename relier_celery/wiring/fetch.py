@@ -149,7 +149,7 @@ class RelierChannel(kombu_redis.Channel):  # type: ignore[misc]
     def _brpop_start(self, timeout: float | None = None) -> None:
         if not self.rl_active:
             return super()._brpop_start(timeout)  # type: ignore[no-any-return]
-        if timeout is None:  # kombu 5.6+ passes none and reads it here; 5.5 passes nothing
+        if timeout is None:  # kombu 5.6+ reads Channel.brpop_timeout; 5.5 has none (1 s)
             timeout = getattr(self, "brpop_timeout", 1)
         queues = self._queue_cycle.consume(len(self.active_queues))
         if not queues:
