@@ -110,3 +110,34 @@ def test_a_prefork_workers_main_process_runs_no_thread_of_reliers(
         10,
         what=f"one thread in the main process\n{fleet.logs()}",
     )
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("broker", ["rabbitmq"], indirect=True)
+def test_a_task_that_finished_does_not_run_again_when_its_worker_dies_before_the_ack(
+    broker, fleet, publisher, r
+) -> None:
+    # Given a worker running a task of 1 s (acks_late), and a second one idle
+    holder = fleet.start(concurrency=1, **LONG_LEASE)
+    send_work(publisher, range(1), seconds=1.0)
+    wait_for(lambda: _started(r, 0), 20, what="the task to start")
+    survivor = fleet.start(concurrency=1, **LONG_LEASE)
+    # When the holder's main process stops (its pool process runs the body to its end, but
+    # the main process never hears of it, nor acks the message), then is SIGKILLed
+    os.kill(holder.pid, signal.SIGSTOP)
+    wait_all_done(r, {0}, 20, fleet)
+    wait_for(
+        lambda: held_records(r) == 0,
+        10,
+        what=f"the pool process to record the completion itself\n{fleet.logs()}",
+    )
+    holder.kill(signal.SIGKILL)
+    # Then RabbitMQ's redelivery is dropped as a duplicate: the task ran once
+    wait_for(
+        lambda: "task.duplicate_dropped" in survivor.log(),
+        20,
+        what=f"the redelivery to be checked\n{fleet.logs()}",
+    )
+    assert int(r.get("test:runs:0") or 0) == 1
+    assert "task.taken_over" not in survivor.log()
+    assert broker.depth() == 0

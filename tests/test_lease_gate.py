@@ -179,6 +179,54 @@ def test_the_pool_process_drops_the_record_of_a_task_whose_body_succeeded(store:
     assert store.call(lambda c: c.hkeys(held)) == ["f2"]
 
 
+def test_the_pool_process_completes_a_delivery_kept_apart_from_the_broker(store: Store) -> None:
+    # Given a RabbitMQ delivery recorded by worker w1, handed to its pool
+    app = _App()
+    attach(app, Relier(app, RelierConfig.from_mapping({}, broker_url=store.url), store))
+    clock = LeaseClock(4.0)
+    attach_clock(app, clock)
+    clock.renewed(time.monotonic())
+    inflight = _inflight(store)
+    record = _record("t1", None)
+    assert store.record(record.delivery_id, "w1", record.generation, record.dumps()).recorded
+    key = Key.of_record(record)
+    inflight.local[key] = record
+    request: dict[str, Any] = {}
+    assert inflight.to_pool(key, request, clock.epoch)
+    # When its body succeeds in the pool process (the main process not told yet)
+    task = _task(app, clock.epoch)
+    setattr(task.request, HELD_KEY, request[HELD_KEY])
+    record_success(task)
+    # Then the record is gone, and a redelivery from the broker is a duplicate: the main
+    # process killed now would not have it run again
+    assert store.call(lambda c: c.hlen(store.keys.held("w1"))) == 0
+    assert store.call(lambda c: c.hget(store.keys.owners, "t1")) is None
+    again = store.record(record.delivery_id, "w2", record.generation, record.dumps())
+    assert not again.recorded and again.reason == "done"
+    # And the main process, told of the success, sends nothing then, and nothing at its
+    # heartbeat but one check
+    inflight.finish(key, in_pool=True)
+    inflight.flush()
+    assert store.call(lambda c: c.hlen(store.keys.held("w1"))) == 0
+
+
+def test_a_completion_the_pool_process_could_not_record_is_recorded_by_the_heartbeat(
+    store: Store,
+) -> None:
+    inflight = _inflight(store)
+    records = [_record("t1", None), _record("t2", None)]
+    for record in records:
+        store.record(record.delivery_id, "w1", record.generation, record.dumps())
+        inflight.local[Key.of_record(record)] = record
+    store.complete("t1", "w1", Generation(), 60.0)  # t1's pool process reached Redis, t2's not
+    for record in records:
+        inflight.finish(Key.of_record(record), in_pool=True)
+    assert store.call(lambda c: c.hkeys(store.keys.held("w1"))) == ["t2|0|0"]
+    inflight.flush()
+    assert store.call(lambda c: c.hlen(store.keys.held("w1"))) == 0
+    assert store.call(lambda c: c.get(store.keys.done("t2"))) == "0|0"
+
+
 def test_a_message_never_carries_the_pool_stamps_of_the_delivery_it_was_made_from() -> None:
     app = Celery("stamps", broker="redis://127.0.0.1:1/0", set_as_current=False)
     app.conf.imports = ("relier_celery",)
@@ -192,15 +240,15 @@ def test_a_message_never_carries_the_pool_stamps_of_the_delivery_it_was_made_fro
     assert EPOCH_KEY not in headers and HELD_KEY not in headers
 
 
-def test_a_delivery_recorded_without_the_fetch_drops_a_held_field_it_came_with(
+def test_a_delivery_recorded_without_the_fetch_replaces_a_held_field_it_came_with(
     store: Store,
 ) -> None:
     inflight = _inflight(store)
-    key = ("t1", Generation())
-    inflight.local[key] = _record("t1", None)  # the receipt path: completed by the main process
+    key = Key("t1", Generation())
+    inflight.local[key] = _record("t1", None)  # the receipt path (RabbitMQ, kombu's fetch)
     request: dict[str, Any] = {HELD_KEY: ["w0", "f9"]}
     assert inflight.to_pool(key, request, 5)
-    assert request == {EPOCH_KEY: 5}
+    assert request == {EPOCH_KEY: 5, HELD_KEY: ["w1", "t1|0|0", "t1", 0, 0]}
 
 
 def test_a_renewal_after_a_takeover_gives_up_what_was_held(store: Store, captured) -> None:

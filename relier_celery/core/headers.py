@@ -47,7 +47,9 @@ PROTECTED = "rl_protected"
 
 # -- request keys (the pool process reads them as ``task.request.<key>``) ----------------
 
-# The lease epoch a request was received under (lease.gate), and for a fetched delivery the
-# worker id and held field its completion drops (completion.py).
+# The lease epoch a request was received under (lease.gate), and the worker id and held field
+# its completion drops (completion.py): [worker, field] for a fetched delivery; for one kept
+# apart from the broker (RabbitMQ, kombu's fetch) also its delivery id, retries and
+# resurrections, [worker, field, delivery, retries, resurrections], for complete.lua.
 EPOCH_KEY = "rl_epoch"
 HELD_KEY = "rl_held"

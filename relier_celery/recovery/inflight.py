@@ -37,10 +37,19 @@ class Inflight(Receiving):
             record = self.local.get(key)
             if record is None:
                 return False
-            request_dict.pop(HELD_KEY, None)  # never one a message carried in
             request_dict[EPOCH_KEY] = epoch
+            # Replaces any a message carried in: the pool process records the completion.
             if record.field_name is not None:
                 request_dict[HELD_KEY] = [self.worker, record.field_name]
+            else:
+                gen = record.generation
+                request_dict[HELD_KEY] = [
+                    self.worker,
+                    record.held_field(),
+                    record.delivery_id,
+                    gen.retries,
+                    gen.resurrections,
+                ]
         return True
 
     def give_up(self, clock: Any) -> list[TaskRecord]:
@@ -61,8 +70,8 @@ class Inflight(Receiving):
                 return
             if self.draining:
                 self.drain_completed += 1
-            if in_pool and record.field_name is not None:
-                self._done_in_pool.append(record.field_name)
+            if in_pool:
+                self._done_in_pool.append(key)
                 return
         self._complete(Pending(key, True, record.field_name))
 
@@ -113,14 +122,21 @@ class Inflight(Receiving):
         """Retry completions that failed while Redis was unreachable, and drop again what pool
         processes dropped (in case one could not reach Redis): called by the heartbeat."""
         with self._lock:
-            fields, self._done_in_pool = self._done_in_pool, []
-        if fields:
-            try:
-                self.store.ack_many(self.worker, fields)
-            except Exception:
-                with self._lock:
-                    self._done_in_pool[:0] = fields
-                raise
+            done, self._done_in_pool = self._done_in_pool, []
+        try:
+            fetched = [k.field for k in done if k.field]
+            if fetched:
+                self.store.ack_many(self.worker, fetched)
+            # Kept apart from the broker: completed again (complete.lua) only if still held.
+            others = [k for k in done if not k.field]
+            fields = [k.generation.field(k.delivery) for k in others]
+            for k, held in zip(others, self.store.still_held(self.worker, fields), strict=True):
+                if held:
+                    self._pending.append(Pending(k, True, None))
+        except Exception:
+            with self._lock:
+                self._done_in_pool[:0] = done
+            raise
         while self._pending:
             self._store_completion(self._pending[0])
             self._pending.popleft()

@@ -82,9 +82,9 @@ class Registry:
         self.draining = False
         self.drain_completed = 0
         self.drain_stopped = 0  # running tasks the drain stopped, handed off as they ended
-        # Held fields of fetched deliveries whose pool process dropped the record itself when
-        # the task succeeded (completion.py); dropped again, in one batch, by the heartbeat.
-        self._done_in_pool: list[str] = []
+        # Deliveries whose pool process recorded the completion itself when the task
+        # succeeded (completion.py); checked again, in one batch, by the heartbeat.
+        self._done_in_pool: list[Key] = []
         # Deliveries whose receipt failed (Redis unreachable) -> until when a retry that finds
         # this worker's own record of it runs it (receipt.py).
         self._unsure_until: dict[Key, float] = {}

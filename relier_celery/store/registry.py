@@ -153,6 +153,13 @@ class RegistryCommands(Connection):
         """Drop many fetched records in one round trip (absent ones are no-ops)."""
         return int(self.call(lambda c: c.hdel(self.keys.held(worker), *fields)))
 
+    def still_held(self, worker: str, fields: list[str]) -> list[bool]:
+        """Whether each of ``fields`` is still in ``worker``'s held hash (one round trip)."""
+        if not fields:
+            return []
+        found = self.call(lambda c: c.hmget(self.keys.held(worker), fields))
+        return [value is not None for value in found]
+
     def requeue(self, worker: str, field: str, queue_key: str, envelope: str, head: bool) -> bool:
         """Move a fetched delivery back into its queue list (at the head, or the tail), in one
         step with dropping its record; False if the worker no longer held it."""

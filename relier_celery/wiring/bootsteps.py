@@ -29,7 +29,7 @@ from relier_celery.recovery.resurrect import Resurrector
 from relier_celery.recovery.schema import check_migrations
 from relier_celery.wiring import control as _control  # noqa: F401  (registers the relier_drain command)
 from relier_celery.wiring import kombu_guard
-from relier_celery.wiring.consumer_hooks import wrap_consumer
+from relier_celery.wiring.consumer_hooks import keep_running_jobs, wrap_consumer
 from relier_celery.wiring.drain import Drain
 from relier_celery.wiring.fence import give_up
 from relier_celery.wiring.fetch_transport import enable_for_consumer
@@ -198,6 +198,7 @@ class RelierConsumer(bootsteps.StartStopStep):  # type: ignore[misc]
         self.first_start = True
         if self.runtime is not None and not getattr(c, "_relier_wrapped", False):
             wrap_consumer(c, self.runtime.inflight, self.runtime.lease.clock)
+            keep_running_jobs(c)
             enable_for_consumer(c, self.runtime)
             c._relier_wrapped = True
 

@@ -17,7 +17,7 @@ from relier_celery.wiring.burst import Burst
 from relier_celery.wiring.fetch import FIELD
 from relier_celery.wiring.request_hooks import wrap_request
 
-__all__ = ["wrap_consumer"]
+__all__ = ["keep_running_jobs", "wrap_consumer"]
 
 logger = logging.getLogger("relier_celery")
 
@@ -177,3 +177,24 @@ def _ahead_of_reserved(c: Any, on_task_request: Any, req: Any) -> bool:
         return False  # a slot is free: it starts now anyway
     sem._waiting.appendleft((w._process_task, (req,), {}))
     return True
+
+
+def keep_running_jobs(c: Any) -> None:
+    """Celery 5.5's prefork pool forgets the jobs it runs when the consumer loses its broker
+    connection (``Consumer.on_close`` calls ``AsynPool.flush``, which clears the whole job
+    cache; 5.7 drops only the jobs no pool process accepted). Their results are then dropped:
+    their requests never end, so relier never removes their records. Put them back."""
+    on_close = c.on_close
+
+    def relier_on_close() -> Any:
+        cache = getattr(getattr(c.pool, "_pool", None), "_cache", None)
+        if not isinstance(cache, dict):
+            return on_close()  # not a prefork pool
+        running = {job: r for job, r in cache.items() if getattr(r, "_accepted", False)}
+        try:
+            return on_close()
+        finally:
+            for job, result in running.items():
+                cache.setdefault(job, result)
+
+    c.on_close = relier_on_close
