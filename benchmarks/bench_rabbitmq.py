@@ -30,7 +30,7 @@ from pathlib import Path
 
 from celery import Celery
 from kombu import Connection
-from stats import pct
+from stats import pct, ratio_interval
 
 from relier_celery.bench.harness import Harness
 from relier_celery.testing import RedisServer, WorkerProcess, wait_for
@@ -151,12 +151,14 @@ def main() -> int:
         vanilla_reaped: list[float] = []
         relier: list[float] = []
         relier_reaped: list[float] = []
+        rounds: dict[bool, list[list[float]]] = {False: [], True: []}  # each kill's delays
         try:
             # Alternating, the first side swapping each round.
             for k in range(args.kills):
                 for side in (False, True) if k % 2 == 0 else (True, False):
                     delays, reaped = recovery(h, args.amqp, side, 1, args.per_kill)
                     (relier if side else vanilla).extend(delays)
+                    rounds[side].append(delays)
                     (relier_reaped if side else vanilla_reaped).extend(reaped)
         except Exception:
             print(f"failed: the workers' logs are kept in {logs}")
@@ -176,7 +178,11 @@ def main() -> int:
     layout = "victim and survivor on any CPU"
     if PIN is not None:
         layout = f"victim on CPU {PIN['victim']}, survivor on CPU {PIN['survivor']}"
-    print(f"relier / vanilla p50: {ratio:.2f}x (goal: no slower); {layout}")
+    low, high = ratio_interval(rounds[True], rounds[False])
+    print(
+        f"relier / vanilla p50: {ratio:.2f}x (goal: no slower; 95% interval {low:.2f}x to "
+        f"{high:.2f}x, resampling the kills); {layout}"
+    )
     print(h.proof()["summary"])
     return 0
 

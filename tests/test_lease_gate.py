@@ -135,13 +135,13 @@ def _record(task_id: str, field: str | None) -> TaskRecord:
 
 def test_a_request_reaches_the_pool_stamped_only_while_its_delivery_is_held(store: Store) -> None:
     inflight = _inflight(store)
-    clock = LeaseClock(4.0)
+    inflight.clock = clock = LeaseClock(4.0)
     key = Key("t1", Generation(), "f7")
     inflight.local[key] = _record("t1", "f7")
     request: dict[str, Any] = {}
     assert inflight.to_pool(key, request, clock.epoch)
     assert request == {EPOCH_KEY: 0, HELD_KEY: ["w1", "f7"]}
-    given = inflight.give_up(clock)
+    given = inflight.give_up()
     assert [r.task_id for r in given] == ["t1"] and clock.epoch == 1
     assert not inflight.to_pool(key, {}, clock.epoch)
 

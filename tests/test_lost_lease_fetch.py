@@ -36,7 +36,7 @@ def test_a_fetch_sent_before_the_lease_was_lost_is_given_back_not_run(store: Sto
     # Given a fetch sent under the lease's first epoch
     before = _fetched("f1", clock.epoch)
     # When the lease is lost (everything held given up) before its reply is read
-    inflight.give_up(clock)
+    inflight.give_up()
     # Then the message is given back, not recorded as this worker's, not run
     assert inflight.receive(before, {"demo.add"}) == "given_back"
     assert not inflight.holds(inflight.key_of(before))
@@ -85,7 +85,7 @@ def test_a_fetched_message_given_up_before_its_request_does_not_reach_the_pool(
     message = _fetched("f1", clock.epoch)
     assert inflight.receive(message, {"demo.add"}) == "run"
     # When the lease is lost before Celery makes its request
-    inflight.give_up(clock)
+    inflight.give_up()
     acked = _Acked(message)
     message.ack_log_error = acked.ack_log_error  # type: ignore[attr-defined]
     request = SimpleNamespace(

@@ -52,11 +52,14 @@ class Inflight(Receiving):
                 ]
         return True
 
-    def give_up(self, clock: Any) -> list[TaskRecord]:
-        """The lease was lost: raise the clock's epoch and forget every held delivery, in one
-        step with :meth:`to_pool`, so none of them reaches a pool process as this lease's."""
+    def give_up(self) -> list[TaskRecord]:
+        """The lease was lost: raise the lease clock's epoch and forget every held delivery,
+        in one step with :meth:`to_pool`, so none of them reaches a pool process as this
+        lease's."""
+        if self.clock is None:
+            raise RuntimeError("give_up needs the worker's lease clock (Registry.clock)")
         with self._lock:
-            clock.lost()
+            self.clock.lost()
             records = list(self.local.values())
             self.local.clear()
         return records

@@ -89,8 +89,10 @@ class Registry:
         # this worker's own record of it runs it (receipt.py).
         self._unsure_until: dict[Key, float] = {}
         self.accept = envelope.accepted(resurrector.app)
-        # The worker's lease clock (set by the worker once its lease exists): a fetched message
-        # whose fetch was sent under an older epoch is given back, not run (receipt.py).
+        # The worker's lease clock, set by the worker once its lease exists (the lease is made
+        # after this registry: its loss gives up what this registry holds). give_up raises its
+        # epoch; a fetched message whose fetch was sent under an older one is given back, not
+        # run (receipt.py).
         self.clock: Any = None
 
     @staticmethod

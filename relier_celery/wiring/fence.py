@@ -70,7 +70,7 @@ def _alive(pid: int) -> bool:
 def give_up(runtime: WorkerRuntime) -> None:
     """Called by the heartbeat when a renewal found the lease lost (see the module doc)."""
     inflight = runtime.inflight
-    records = inflight.give_up(runtime.lease.clock)
+    records = inflight.give_up()
     if not records:
         events.emit(
             events.LEASE_GIVEN_UP,
