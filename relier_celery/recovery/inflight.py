@@ -38,7 +38,8 @@ class Inflight(Receiving):
             if record is None:
                 return False
             request_dict[EPOCH_KEY] = epoch
-            # Replaces any a message carried in: the pool process records the completion.
+            # Replaces any HELD_KEY a message carried in. The pool process records the
+            # completion: a fetched delivery by its held field, any other by complete.lua.
             if record.field_name is not None:
                 request_dict[HELD_KEY] = [self.worker, record.field_name]
             else:
