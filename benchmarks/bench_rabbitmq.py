@@ -1,6 +1,6 @@
 """Recovery on RabbitMQ: vanilla Celery with acks_late against Celery + relier, same run.
 
-    python benchmarks/bench_rabbitmq.py [--kills 5] [--per-kill 4] [--amqp URL] [--pin]
+    python benchmarks/bench_rabbitmq.py [--kills 5] [--per-kill 4] [--amqp URL] [--pin] [--warm]
 
 RabbitMQ gives a dead consumer's unacknowledged messages back at once; vanilla Celery with
 ``task_acks_late`` runs them again as soon as another worker takes them. Relier must be no
@@ -46,6 +46,12 @@ HOLD = 20.0
 # dies on another machine. RabbitMQ and Redis are left where they are.
 PIN: dict[str, int] | None = None
 
+# --warm: before the kill, the survivor runs this many short tasks of its own (sent to its
+# direct queue, Celery's worker_direct), as a worker of a fleet has done before one of its
+# peers dies. 0: the survivor is fresh, and the first task each of its pool processes runs is
+# also its first ever (several ms of CPU a process, on both sides: docs/rabbitmq.md).
+WARM = 0
+
 
 def worker(h: Harness, amqp: str, queue: str, relier: bool, name: str, n: int) -> WorkerProcess:
     return h.worker(
@@ -53,7 +59,7 @@ def worker(h: Harness, amqp: str, queue: str, relier: bool, name: str, n: int) -
         name,
         concurrency=n,
         quiet=False,
-        conf={"task_acks_late": True},
+        conf={"task_acks_late": True, "worker_direct": WARM > 0},
         env={"BENCH_BROKER": amqp, "BENCH_QUEUE": queue},
     )
 
@@ -65,6 +71,19 @@ def pin(w: WorkerProcess, role: str) -> None:
     children = Path(f"/proc/{w.pid}/task/{w.pid}/children").read_text().split()
     for pid in [w.pid, *map(int, children)]:
         os.sched_setaffinity(pid, {PIN[role]})
+
+
+def warm(h: Harness, app: Celery, w: WorkerProcess) -> None:
+    """With --warm, have ``w`` run WARM short tasks, each pool process some, and wait until
+    it ran them all."""
+    if not WARM:
+        return
+    r = h.client()
+    for _ in range(WARM):
+        app.send_task("bench.noop", exchange="C.dq2", routing_key=w.hostname)
+    wait_for(lambda: int(r.get("bench:count") or 0) >= WARM, 60, what="the warm-up tasks")
+    r.delete("bench:count", "bench:first", "bench:last")
+    time.sleep(0.2)  # its pool processes back to waiting for work
 
 
 def recovery(
@@ -99,6 +118,7 @@ def recovery(
             workers.append(survivor)
             h.wait_reported([survivor], 60)
             pin(survivor, "survivor")
+            warm(h, app, survivor)
             killed = time.time()
             victim.kill(signal.SIGKILL)  # returns once the victim is reaped
             reaped = time.time()
@@ -137,9 +157,17 @@ def main() -> int:
     parser.add_argument(
         "--pin", action="store_true", help="victim and survivor on different CPUs (a fleet)"
     )
+    parser.add_argument(
+        "--warm",
+        type=int,
+        default=0,
+        metavar="N",
+        help="the survivor runs N short tasks before the kill (a fleet's workers are warm)",
+    )
     args = parser.parse_args()
+    global PIN, WARM
+    WARM = args.warm
     if args.pin:
-        global PIN
         cpus = sorted(os.sched_getaffinity(0))
         if len(cpus) < 2:
             parser.error("--pin needs two CPUs")
@@ -178,6 +206,7 @@ def main() -> int:
     layout = "victim and survivor on any CPU"
     if PIN is not None:
         layout = f"victim on CPU {PIN['victim']}, survivor on CPU {PIN['survivor']}"
+    layout += f"; survivor warmed by {WARM} tasks" if WARM else "; survivor fresh"
     low, high = ratio_interval(rounds[True], rounds[False])
     print(
         f"relier / vanilla p50: {ratio:.2f}x (goal: no slower; 95% interval {low:.2f}x to "
