@@ -102,6 +102,18 @@ def held_open(n: int, limit: float = 120.0) -> int:
     return n
 
 
+@app.task(name="chaos.done_then_wait")
+def done_then_wait(n: int, path: str, limit: float = 60.0) -> int:
+    """Record one completed execution of ``n`` at once, then return once the file ``path``
+    exists (``limit`` seconds at most): its end needs Redis no more, so a test can cut its
+    pool process off Redis before it ends."""
+    r().pipeline(transaction=False).incr(f"test:started:{n}").incr(f"test:runs:{n}").execute()
+    deadline = time.monotonic() + limit
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return n
+
+
 @app.task(name="chaos.traced", bind=True)
 def traced(self, n: int, seconds: float) -> int:
     """Like work, and every start and end is written down with its worker and time."""

@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+import struct
 import time
+from pathlib import Path
 
 import pytest
 from fleet import close_amqp_connections, done, held_records, send_work, wait_all_done
 
+from relier_celery.core.keys import Keys
 from relier_celery.testing import wait_for
 
 pytestmark = pytest.mark.integration
@@ -141,3 +145,72 @@ def test_a_task_that_finished_does_not_run_again_when_its_worker_dies_before_the
     assert int(r.get("test:runs:0") or 0) == 1
     assert "task.taken_over" not in survivor.log()
     assert broker.depth() == 0
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("broker", ["rabbitmq"], indirect=True)
+def test_a_completion_the_pool_process_could_not_record_is_recorded_by_its_worker(
+    broker, fleet, publisher, r, redis_url, tmp_path
+) -> None:
+    # Given a worker running a task whose body needs Redis no more
+    worker = fleet.start(concurrency=1, **LONG_LEASE)
+    release = tmp_path / "release"
+    publisher.send_task("chaos.done_then_wait", args=(0, str(release)))
+    wait_for(lambda: _started(r, 0), 20, what="the task to start")
+    (field,) = r.hkeys(Keys("rl").held(_worker_id(r)))
+    done_key = Keys("rl").done(field.rsplit("|", 2)[0])
+    # When its pool process cannot reach Redis as the task ends: Redis takes no new
+    # connection, and the pool process's own are closed (the worker's main process keeps its)
+    (pool,) = Path(f"/proc/{worker.pid}/task/{worker.pid}/children").read_text().split()
+    port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    r.config_set("maxclients", 1)
+    try:
+        for addr in _connections_to(int(pool), port, but_not=worker.pid):
+            r.client_kill_filter(addr=addr)
+        release.touch()
+        wait_for(
+            lambda: "could not record the completion of chaos.done_then_wait" in worker.log(),
+            30,
+            what=f"the pool process to fail to record the completion\n{fleet.logs()}",
+        )
+        # Then the worker's heartbeat records it: no record is left for a scanner to run the
+        # finished task again, and a later redelivery finds the done marker
+        wait_for(
+            lambda: held_records(r) == 0,
+            10,
+            what=f"the worker to record the completion\n{fleet.logs()}",
+        )
+    finally:
+        r.config_set("maxclients", 10000)
+    assert r.exists(done_key)
+    assert int(r.get("test:runs:0") or 0) == 1
+
+
+def _worker_id(r) -> str:
+    """The one worker holding a lease (its id, as in its held hash's key)."""
+    keys = Keys("rl")
+    (key,) = r.scan_iter(keys.held("*"))
+    return str(key)[len(keys.held("")) :]
+
+
+def _connections_to(pid: int, port: int, but_not: int) -> list[str]:
+    """The client side addresses (ip:port) of ``pid``'s TCP connections to ``port`` on
+    loopback that process ``but_not`` does not share (a forked child inherits its parent's
+    sockets), read from /proc: what CLIENT KILL ADDR names."""
+    inodes = _sockets(pid) - _sockets(but_not)
+    addrs = []
+    for line in Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote, inode = fields[1], fields[2], fields[9]
+        if inode in inodes and int(remote.split(":")[1], 16) == port:
+            ip, local_port = local.split(":")
+            addrs.append(
+                f"{socket.inet_ntoa(struct.pack('<I', int(ip, 16)))}:{int(local_port, 16)}"
+            )
+    return addrs
+
+
+def _sockets(pid: int) -> set[str]:
+    """The inodes of the sockets ``pid`` has open."""
+    targets = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+    return {t[len("socket:[") : -1] for t in targets if t.startswith("socket:[")}
