@@ -1,6 +1,6 @@
 """Recovery on RabbitMQ: vanilla Celery with acks_late against Celery + relier, same run.
 
-    python benchmarks/bench_rabbitmq.py [--kills 5] [--per-kill 4] [--amqp URL] [--pin] [--warm]
+    python benchmarks/bench_rabbitmq.py [--kills 5] [--per-kill 4] [--amqp URL] [--pin] [--warm N]
 
 RabbitMQ gives a dead consumer's unacknowledged messages back at once; vanilla Celery with
 ``task_acks_late`` runs them again as soon as another worker takes them. Relier must be no
