@@ -49,7 +49,7 @@ PIN: dict[str, int] | None = None
 # --warm: before the kill, the survivor runs this many short tasks of its own (sent to its
 # direct queue, Celery's worker_direct), as a worker of a fleet has done before one of its
 # peers dies. 0: the survivor is fresh, and the first task each of its pool processes runs is
-# also its first ever (several ms of CPU a process, on both sides: docs/rabbitmq.md).
+# also its first ever (several ms of CPU a process, on both sides: docs/rabbitmq-recovery.md).
 WARM = 0
 
 

@@ -10,7 +10,7 @@ per round, each task's start after the kill and the CPU time each process used i
 window (the survivor's main process, its pool processes, the victim, relier's Redis, the
 rest by name); ``--timeline`` adds every run of 50 us or more on the survivor's CPU. Tracing
 slows every process down: its figures explain a gap, bench_rabbitmq.py measures it
-(docs/rabbitmq.md, "Where relier's two milliseconds go").
+(docs/rabbitmq-recovery.md, "Where relier's two milliseconds go").
 """
 
 from __future__ import annotations

@@ -108,7 +108,7 @@ def test_a_prefork_workers_main_process_runs_no_thread_of_reliers(
     # Then its main process has one thread, as a vanilla worker's: the heartbeat, the scanner
     # and the counters run on Celery's event loop (the heartbeat thread that started with the
     # lease ends once the loop turns). A SIGKILLed process with more threads dies slower, and
-    # RabbitMQ redelivers only once its sockets are closed (docs/rabbitmq.md)
+    # RabbitMQ redelivers only once its sockets are closed (docs/rabbitmq-recovery.md)
     wait_for(
         lambda: len(os.listdir(f"/proc/{worker.pid}/task")) == 1,
         10,

@@ -1,7 +1,7 @@
 """A fetched message that reaches the worker after its lease was lost is not run there.
 
 Two windows of a frozen worker (SIGSTOP past its lease), found by reading the loop-driven
-heartbeat's failure (docs/rabbitmq.md): Redis took a message into the held hash, the worker
+heartbeat's failure (docs/rabbitmq-recovery.md): Redis took a message into the held hash, the worker
 froze before its loop read the fetch's reply, a scanner resurrected the message elsewhere, and
 on the thaw the renewal gave everything up before the loop read the reply (the receipt); or the
 renewal gave it up between the receipt and Celery's request for it. Either way the copy must

@@ -78,7 +78,7 @@ class Counters:
 
     def start(self, timer: Any) -> None:
         """Flush every ``interval`` on ``timer`` (a prefork worker's event loop, kombu's hub:
-        no thread of relier's there, see docs/rabbitmq.md) from now on, instead of in a
+        no thread of relier's there, see docs/rabbitmq-recovery.md) from now on, instead of in a
         thread started by the first counted event."""
         with self._lock:
             if self._thread is None and self._timer_entry is None:

@@ -6,7 +6,7 @@ slower: SIGKILL to reaped, a worker running 4 tasks, on 2 vCPUs (p50, 30-40 kill
 Celery 4.1-4.6 ms, relier with its heartbeat thread 6.6-9.2 ms, relier without it 4.4-6.2 ms;
 with the whole worker pinned to one CPU the thread made no difference (3.1 against 3.2 ms), so
 the cost is waking the sleeping thread on the other CPU. On this loop: 3.8 ms against vanilla's
-3.9 (docs/rabbitmq.md).
+3.9 (docs/rabbitmq-recovery.md).
 
 How: the loop renews from a kombu hub timer every quarter of ``heartbeat_interval`` (when a
 renewal is due). A loop that stands still (the broker reconnecting, the shutdown waiting for

@@ -52,7 +52,7 @@ class Receiving(Registry):
         """Decide what happens to messages the broker delivered together, in their order;
         an error relier's checks raised for one of them in its place. Their receipts go to
         Redis in one round trip: a dead worker's burst of redeliveries costs about one, not
-        one each (docs/rabbitmq.md)."""
+        one each (docs/rabbitmq-recovery.md)."""
         steps: list[Verdict | Exception | _Receiving] = []
         for message in messages:
             try:

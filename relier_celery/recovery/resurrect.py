@@ -248,7 +248,7 @@ class Resurrector:
     # -- every scan_interval --------------------------------------------------------------
     def start(self, timer: Any = None) -> None:
         """Scan every ``scan_interval``: on ``timer`` (a prefork worker's event loop, kombu's
-        hub: no thread of relier's there, see docs/rabbitmq.md), else in a thread."""
+        hub: no thread of relier's there, see docs/rabbitmq-recovery.md), else in a thread."""
         if timer is not None:
             self._timer_entry = timer.call_repeatedly(self.config.scan_interval, self._scan)
             return

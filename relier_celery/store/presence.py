@@ -43,7 +43,7 @@ ABSENT_FOR = 0.5
 SETTLE = 0.3
 # The waits between two askings: short first, since a dead holder's connection is often
 # closed a moment after the broker redelivered (its process was still closing its sockets),
-# then doubling up to SETTLE_STEP (a fixed 50 ms step: docs/rabbitmq.md).
+# then doubling up to SETTLE_STEP (a fixed 50 ms step: docs/rabbitmq-recovery.md).
 SETTLE_FIRST = 0.002
 SETTLE_STEP = 0.05
 

@@ -103,8 +103,8 @@ class WorkerRuntime:
         # A prefork worker's main process runs no thread of relier's while its event loop
         # (``hub``) turns: the heartbeat, the scanner and the counters run on it. A SIGKILLed
         # process with more threads was measured to die slower, and RabbitMQ redelivers its
-        # messages only once its sockets are closed (docs/rabbitmq.md). While the loop stands
-        # still, the heartbeat runs in a thread (loop_heartbeat.py).
+        # messages only once its sockets are closed (docs/rabbitmq-recovery.md). While the loop
+        # stands still, the heartbeat runs in a thread (loop_heartbeat.py).
         loop = self.loop = hub if self.prefork else None
         if loop is not None:
             if threading.current_thread() is threading.main_thread():  # SIGALRM's
