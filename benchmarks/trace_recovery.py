@@ -19,6 +19,7 @@ import argparse
 import collections
 import os
 import re
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -95,6 +96,8 @@ def one_round(h: Harness, amqp: str, relier: bool, data: Path) -> dict:
         app.close()
         with Connection(amqp) as conn:
             conn.default_channel.queue_delete(queue)
+            for exchange in (queue, f"{queue}.control.pidbox"):  # Celery declared them
+                conn.default_channel.exchange_delete(exchange)
 
 
 def _children(pid: int) -> list[int]:
@@ -144,6 +147,8 @@ def main() -> int:
     parser.add_argument("--timeline", action="store_true")
     parser.add_argument("--amqp", default="amqp://guest:guest@127.0.0.1:5672//")
     args = parser.parse_args()
+    if shutil.which("perf") is None:
+        parser.error("needs Linux perf (perf sched record)")
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2:
         parser.error("needs two CPUs")
