@@ -64,12 +64,16 @@ def worker(h: Harness, amqp: str, queue: str, relier: bool, name: str, n: int) -
     )
 
 
+def children(pid: int) -> list[int]:
+    """The pids of a process's children (a worker's pool processes)."""
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
 def pin(w: WorkerProcess, role: str) -> None:
     """With --pin, move a started worker (its main process and its pool's) to its CPU."""
     if PIN is None:
         return
-    children = Path(f"/proc/{w.pid}/task/{w.pid}/children").read_text().split()
-    for pid in [w.pid, *map(int, children)]:
+    for pid in [w.pid, *children(w.pid)]:
         os.sched_setaffinity(pid, {PIN[role]})
 
 
@@ -86,6 +90,43 @@ def warm(h: Harness, app: Celery, w: WorkerProcess) -> None:
     time.sleep(0.2)  # its pool processes back to waiting for work
 
 
+def start_round(
+    h: Harness, app: Celery, amqp: str, queue: str, relier: bool, ids: list[int]
+) -> tuple[WorkerProcess, WorkerProcess]:
+    """A victim running one ``bench.hold`` task per id, and an idle survivor (pinned and
+    warmed as the options say), both ready: the moment before the kill."""
+    side = "relier" if relier else "vanilla"
+    r = h.client()
+    victim = worker(h, amqp, queue, relier, f"{side}-victim", len(ids))
+    try:
+        h.wait_reported([victim], 60)
+        pin(victim, "victim")
+        for n in ids:
+            app.send_task("bench.hold", args=(n, HOLD))
+        wait_for(lambda: all(r.llen(f"bench:starts:{n}") for n in ids), 60)
+        survivor = worker(h, amqp, queue, relier, f"{side}-survivor", len(ids))
+    except BaseException:
+        victim.stop(timeout=0)
+        raise
+    try:
+        h.wait_reported([survivor], 60)
+        pin(survivor, "survivor")
+        warm(h, app, survivor)
+    except BaseException:
+        victim.stop(timeout=0)
+        survivor.stop(timeout=0)
+        raise
+    return victim, survivor
+
+
+def drop_queue(amqp: str, queue: str) -> None:
+    """Delete a run's queue, and the exchanges Celery declared for it."""
+    with Connection(amqp) as conn:
+        conn.default_channel.queue_delete(queue)
+        for exchange in (queue, f"{queue}.control.pidbox"):
+            conn.default_channel.exchange_delete(exchange)
+
+
 def recovery(
     h: Harness, amqp: str, relier: bool, kills: int, per_kill: int
 ) -> tuple[list[float], list[float]]:
@@ -98,7 +139,6 @@ def recovery(
     app.conf.task_default_queue = queue
     delays: list[float] = []
     after_reap: list[float] = []
-    side = "relier" if relier else "vanilla"
     workers: list[WorkerProcess] = []
 
     def starts(n: int) -> list[float]:
@@ -106,19 +146,9 @@ def recovery(
 
     try:
         for k in range(kills):
-            victim = worker(h, amqp, queue, relier, f"{side}-victim", per_kill)
-            workers.append(victim)
-            h.wait_reported([victim], 60)
-            pin(victim, "victim")
             ids = [k * 100 + i for i in range(per_kill)]
-            for n in ids:
-                app.send_task("bench.hold", args=(n, HOLD))
-            wait_for(lambda ids=ids: all(starts(n) for n in ids), 60)
-            survivor = worker(h, amqp, queue, relier, f"{side}-survivor", per_kill)
-            workers.append(survivor)
-            h.wait_reported([survivor], 60)
-            pin(survivor, "survivor")
-            warm(h, app, survivor)
+            victim, survivor = start_round(h, app, amqp, queue, relier, ids)
+            workers += [victim, survivor]
             killed = time.time()
             victim.kill(signal.SIGKILL)  # returns once the victim is reaped
             reaped = time.time()
@@ -143,10 +173,7 @@ def recovery(
         for w in workers:  # a failed round leaves none behind
             w.stop(timeout=0)
         app.close()
-        with Connection(amqp) as conn:
-            conn.default_channel.queue_delete(queue)
-            for exchange in (queue, f"{queue}.control.pidbox"):  # Celery declared them
-                conn.default_channel.exchange_delete(exchange)
+        drop_queue(amqp, queue)
 
 
 def main() -> int:

@@ -29,7 +29,6 @@ from pathlib import Path
 
 import bench_rabbitmq as bench
 from celery import Celery
-from kombu import Connection
 
 from relier_celery.bench.harness import Harness
 from relier_celery.testing import RedisServer, wait_for
@@ -49,19 +48,10 @@ def one_round(h: Harness, amqp: str, relier: bool, data: Path) -> dict:
     side = "relier" if relier else "vanilla"
     victim = survivor = None
     try:
-        victim = bench.worker(h, amqp, queue, relier, f"{side}-victim", 4)
-        h.wait_reported([victim], 60)
-        bench.pin(victim, "victim")
-        ids = range(4)
-        for n in ids:
-            app.send_task("bench.hold", args=(n, bench.HOLD))
-        wait_for(lambda: all(r.llen(f"bench:starts:{n}") for n in ids), 60)
-        survivor = bench.worker(h, amqp, queue, relier, f"{side}-survivor", 4)
-        h.wait_reported([survivor], 60)
-        bench.pin(survivor, "survivor")
-        bench.warm(h, app, survivor)
-        pool = _children(survivor.pid)
-        dying = _children(victim.pid)
+        ids = [0, 1, 2, 3]
+        victim, survivor = bench.start_round(h, app, amqp, queue, relier, ids)
+        pool = bench.children(survivor.pid)
+        dying = bench.children(victim.pid)
         perf = subprocess.Popen(
             ["perf", "sched", "record", "-k", "CLOCK_MONOTONIC", "-o", str(data)],
             stdout=subprocess.DEVNULL,
@@ -94,14 +84,7 @@ def one_round(h: Harness, amqp: str, relier: bool, data: Path) -> dict:
             if w is not None:
                 w.stop(timeout=0)
         app.close()
-        with Connection(amqp) as conn:
-            conn.default_channel.queue_delete(queue)
-            for exchange in (queue, f"{queue}.control.pidbox"):  # Celery declared them
-                conn.default_channel.exchange_delete(exchange)
-
-
-def _children(pid: int) -> list[int]:
-    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+        bench.drop_queue(amqp, queue)
 
 
 def report(round_: dict, redis_pid: int, timeline: bool) -> None:
