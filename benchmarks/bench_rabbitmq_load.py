@@ -11,8 +11,12 @@ backlog is done. Then it waits until every task ended, or nothing moved for ``ST
 Printed per side: the time from the first publish to the last task's end, lost tasks (never
 ended), tasks that ended twice (a task that ran to its end but whose ack the SIGKILL beat is
 run again by RabbitMQ's redelivery: vanilla does that; relier's completion record must stop
-it) and the kills done. The two sides alternate run by run. The vanilla side is checked as in
-bench_core.py (no relier log line, bootstep or key). A benchmark, not a test: it prints figures.
+it), the kills done, and the time from each kill to each task the killed worker was running
+starting again (recovery under load: RabbitMQ puts those messages back at the head of the
+queue, and the survivors have newer work prefetched; use longer tasks, ``--seconds 0.1``, for
+that figure: a 5 ms task mostly ends before its pool process is killed). The two sides
+alternate run by run. The vanilla side is checked as in bench_core.py (no relier log line,
+bootstep or key). A benchmark, not a test: it prints figures.
 """
 
 from __future__ import annotations
@@ -31,8 +35,9 @@ from typing import Any
 from bench_rabbitmq import worker
 from celery import Celery
 from kombu import Connection
+from stats import pct, ratio_interval
 
-from relier_celery.bench.delivery import kill_each_second
+from relier_celery.bench.delivery import kill_each_second, restarts
 from relier_celery.bench.harness import Harness, kill_all
 from relier_celery.testing import RedisServer
 
@@ -58,7 +63,8 @@ def run(
         with app.producer_or_acquire() as producer:
             for n in range(tasks):
                 app.send_task("bench.job", args=(n, rng.uniform(0, seconds)), producer=producer)
-        done = kill_each_second(r, fleet, tasks, kills, rng, replace)
+        killed: dict[str, float] = {}
+        done = kill_each_second(r, fleet, tasks, kills, rng, replace, killed)
         last, since, finished = -1, time.monotonic(), time.time()
         while (ended := int(r.scard("bench:ended"))) < tasks and time.monotonic() - since < STILL:
             if ended != last:
@@ -67,6 +73,7 @@ def run(
         if ended >= tasks:
             finished = time.time()
         twice = sum(1 for n in range(tasks) if int(r.get(f"bench:runs:{n}") or 0) > 1)
+        delays = restarts(r, tasks, killed)
         dlq = int(r.hlen("rl:{rl}:dlq")) if relier else 0
     finally:
         kill_all(fleet)
@@ -83,6 +90,7 @@ def run(
         "in_dlq": dlq,
         "ended_twice": twice,
         "kills": done,
+        "restarts": delays,
     }
 
 
@@ -102,7 +110,8 @@ def main() -> int:
             for k in range(args.runs):
                 for side in (False, True) if k % 2 == 0 else (True, False):
                     out = run(h, args.amqp, side, args.tasks, args.seconds, args.kills)
-                    print(f"{'relier' if side else 'vanilla'} run {k}: {out}", flush=True)
+                    shown = {**out, "restarts": sum(len(k) for k in out["restarts"])}
+                    print(f"{'relier' if side else 'vanilla'} run {k}: {shown}", flush=True)
                     results[side].append(out)
         except Exception:
             print(f"failed: the workers' logs are kept in {logs}")
@@ -117,10 +126,28 @@ def main() -> int:
             f"ended twice {sum(x['ended_twice'] for x in rs)}, "
             f"in the DLQ {sum(x['in_dlq'] for x in rs)}, kills {sum(x['kills'] for x in rs)}"
         )
+    for side, name in ((False, "vanilla acks_late"), (True, "relier")):
+        delays = [d for x in results[side] for kill in x["restarts"] for d in kill]
+        if delays:
+            print(
+                f"{name:>17}: kill -> a task it was running started again, p50 "
+                f"{statistics.median(delays) * 1000:.0f} ms, p99 {pct(delays, 99) * 1000:.0f} ms "
+                f"({len(delays)} tasks)"
+            )
     ratio = statistics.median(x["seconds"] for x in results[True]) / statistics.median(
         x["seconds"] for x in results[False]
     )
     print(f"relier / vanilla time to drain the backlog: {ratio:.2f}x")
+    per_kill = {side: [k for x in results[side] for k in x["restarts"]] for side in results}
+    if per_kill[True] and per_kill[False]:
+        low, high = ratio_interval(per_kill[True], per_kill[False])
+        p50 = statistics.median(d for k in per_kill[True] for d in k) / statistics.median(
+            d for k in per_kill[False] for d in k
+        )
+        print(
+            f"relier / vanilla p50 from a kill to a restart under load: {p50:.2f}x "
+            f"(95% interval {low:.2f}x to {high:.2f}x, resampling the kills)"
+        )
     print(h.proof()["summary"])
     return 0
 

@@ -54,6 +54,30 @@ def test_a_dead_holders_redelivered_tasks_run_at_once_not_after_its_lease(
     assert broker.depth() == 0
 
 
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("broker", RABBITS, indirect=True)
+def test_a_taken_over_task_runs_before_the_newer_work_its_new_worker_prefetched(
+    broker, fleet, publisher, r
+) -> None:
+    # Given a worker running task 0 (acks_late), prefetching nothing more
+    victim = fleet.start(concurrency=1, RELIER_TEST_PREFETCH="1", **LONG_LEASE)
+    publisher.send_task("chaos.until", args=(0, time.time() + 20))
+    wait_for(lambda: _started(r, 0), 20, what="task 0 to start")
+    # And a second worker whose one pool process runs task 1 for 3 s, with the newer tasks 2 to
+    # 4 prefetched, waiting for it, and room for one more message
+    fleet.start(concurrency=1, RELIER_TEST_PREFETCH="5", **LONG_LEASE)
+    send_work(publisher, range(1, 2), seconds=3.0)
+    send_work(publisher, range(2, 5), seconds=0.1)
+    wait_for(lambda: _started(r, 1) and broker.depth() == 0, 20, what="tasks 2-4 prefetched")
+    # When the first worker is SIGKILLed: RabbitMQ gives task 0 back, to the second worker
+    victim.kill(signal.SIGKILL)
+    # Then task 0, taken over, runs there next, before the newer tasks (as RabbitMQ put it back
+    # at the head of the queue); vanilla Celery runs it last
+    wait_all_done(r, set(range(5)), 40, fleet)
+    assert [int(n) for n in r.lrange("test:order", 0, -1)] == [0, 1, 0, 2, 3, 4], fleet.logs()
+    assert "task.taken_over" in fleet.logs()
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("broker", ["rabbitmq"], indirect=True)
 def test_a_live_holder_whose_connection_closed_keeps_its_tasks(broker, fleet, publisher, r):

@@ -312,27 +312,32 @@ def test_a_resurrected_request_waits_first_for_a_pool_slot() -> None:
 
     from relier_celery.wiring.consumer_hooks import _ahead_of_reserved
 
+    class Req:  # a request, as weakly referable as Celery's
+        def __init__(self, name: str) -> None:
+            self.name = name
+
     class Worker:
         def __init__(self) -> None:
             self.semaphore = LaxBoundedSemaphore(1)
             self.ran: list[str] = []
 
-        def _process_task(self, req: str) -> None:
-            self.ran.append(req)
+        def _process_task(self, req: Req) -> None:
+            self.ran.append(req.name)
 
-        def _process_task_sem(self, req: str) -> bool:
+        def _process_task_sem(self, req: Req) -> bool:
             return bool(self.semaphore.acquire(self._process_task, req))
 
     w = Worker()
     c = SimpleNamespace(controller=w)
-    w._process_task_sem("running")  # takes the one slot
-    w._process_task_sem("reserved-1")
-    w._process_task_sem("reserved-2")
-    # A resurrected request goes first among the waiting ones
-    assert _ahead_of_reserved(c, w._process_task_sem, "resurrected")
-    for _ in range(4):  # three hand the slot on to a waiter, the fourth frees it
+    w._process_task_sem(Req("running"))  # takes the one slot
+    w._process_task_sem(Req("reserved-1"))
+    w._process_task_sem(Req("reserved-2"))
+    # Requests given back go first among the waiting ones, in the order they came
+    assert _ahead_of_reserved(c, w._process_task_sem, Req("given-back-1"))
+    assert _ahead_of_reserved(c, w._process_task_sem, Req("given-back-2"))
+    for _ in range(5):  # four hand the slot on to a waiter, the fifth frees it
         w.semaphore.release()
-    assert w.ran == ["running", "resurrected", "reserved-1", "reserved-2"]
+    assert w.ran == ["running", "given-back-1", "given-back-2", "reserved-1", "reserved-2"]
     # With a free slot, or another pool, it takes the usual path
-    assert not _ahead_of_reserved(c, w._process_task_sem, "x")  # a slot is free now
-    assert not _ahead_of_reserved(c, lambda req: None, "x")
+    assert not _ahead_of_reserved(c, w._process_task_sem, Req("x"))  # a slot is free now
+    assert not _ahead_of_reserved(c, lambda req: None, Req("x"))

@@ -18,7 +18,16 @@ from relier_celery.bench.harness import Harness, kill_all, pcts, running, termin
 from relier_celery.bench.timing import wait_until
 from relier_celery.testing import WorkerProcess
 
-__all__ = ["DLQ", "chaos_loss", "kill_each_second", "quiescent", "recovery", "settle", "starts"]
+__all__ = [
+    "DLQ",
+    "chaos_loss",
+    "kill_each_second",
+    "quiescent",
+    "recovery",
+    "restarts",
+    "settle",
+    "starts",
+]
 
 # relier's keys at default settings (bench_app sets no relier_prefix): the DLQ, and the hash
 # of what each worker holds.
@@ -44,6 +53,27 @@ def starts(r: redis.Redis, n: int) -> list[tuple[float, str]]:
     return out
 
 
+def restarts(r: redis.Redis, tasks: int, killed: dict[str, float]) -> list[list[float]]:
+    """Seconds from each SIGKILL to each task its worker was running starting again, kill by
+    kill (those of one kill are not independent of each other). A run
+    that ended all the same (``bench:ends``: before the kill, its ack lost, or in a pool
+    process that outlived its main process for a moment) is not one: running it again is a
+    second run, not a recovery."""
+    delays: dict[str, list[float]] = {host: [] for host in killed}
+    for n in range(tasks):
+        raw = cast(list[str], r.lrange(f"bench:starts:{n}", 0, -1))
+        ended = set(cast(list[str], r.lrange(f"bench:ends:{n}", 0, -1)))
+        runs = starts(r, n)
+        for (at, host), start in zip(runs, raw, strict=True):
+            kill = killed.get(host)
+            if kill is None or at > kill or start in ended:
+                continue
+            later = [t for t, _ in runs if t > kill]
+            if later:
+                delays[host].append(min(later) - kill)
+    return [d for d in delays.values() if d]
+
+
 def kill_each_second(
     r: redis.Redis,
     fleet: list[WorkerProcess],
@@ -51,15 +81,20 @@ def kill_each_second(
     kills: int,
     rng: random.Random,
     replace: Callable[[], WorkerProcess],
+    killed: dict[str, float] | None = None,
 ) -> int:
     """SIGKILL a random live worker of ``fleet`` every second and add ``replace()`` to it,
-    until ``kills`` kills or all ``tasks`` ended (``bench:ended``); return the kills done."""
+    until ``kills`` kills or all ``tasks`` ended (``bench:ended``); return the kills done.
+    ``killed``: filled with each killed worker's hostname and the time of its SIGKILL."""
     done = 0
     for _ in range(kills):
         time.sleep(1.0)
         if r.scard("bench:ended") >= tasks:
             break
-        rng.choice(alive(fleet)).kill(signal.SIGKILL)
+        victim = rng.choice(alive(fleet))
+        if killed is not None:
+            killed[victim.hostname] = time.time()
+        victim.kill(signal.SIGKILL)
         done += 1
         fleet.append(replace())
     return done

@@ -7,6 +7,7 @@ it, or quarantines it: request_hooks.py).
 from __future__ import annotations
 
 import logging
+import weakref
 from typing import Any
 
 from relier_celery.core import events
@@ -20,6 +21,9 @@ from relier_celery.wiring.request_hooks import wrap_request
 __all__ = ["keep_running_jobs", "wrap_consumer"]
 
 logger = logging.getLogger("relier_celery")
+
+# The requests _ahead_of_reserved put first (forgotten with them).
+_GIVEN_BACK: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 def wrap_consumer(c: Any, inflight: Inflight, clock: LeaseClock) -> None:
@@ -117,7 +121,8 @@ def wrap_consumer(c: Any, inflight: Inflight, clock: LeaseClock) -> None:
         if inflight.holds(key):
             assert key is not None
             wrap_request(req, key, inflight, clock)
-            if key.generation.resurrections and _ahead_of_reserved(c, on_task_request, req):
+            given_back = key.generation.resurrections or _redelivered(req.message)
+            if given_back and _ahead_of_reserved(c, on_task_request, req):
                 return None
         elif FIELD in (req.message.delivery_info or {}):
             # Fetched and received, then given up before Celery made its request (the lease
@@ -164,10 +169,21 @@ def wrap_consumer(c: Any, inflight: Inflight, clock: LeaseClock) -> None:
     c.on_unknown_message = relier_on_unknown_message
 
 
+def _redelivered(message: Any) -> bool:
+    """Whether the broker gave this message back: RabbitMQ puts a message whose consumer died
+    or closed its channel back at the head of its queue (a takeover runs it). Not one relier's
+    reliable fetch took (a Redis queue): one a task rejected with requeue went to the tail."""
+    info = message.delivery_info or {}
+    return bool(info.get("redelivered")) and FIELD not in info
+
+
 def _ahead_of_reserved(c: Any, on_task_request: Any, req: Any) -> bool:
-    """Put a task relier gave back (resurrected, handed off) first among the requests waiting
-    for a pool slot, ahead of what this worker prefetched after it was first delivered; False
-    when it needs no wait or the pool has no such queue (only prefork's semaphore has one)."""
+    """Put a task given back (resurrected, handed off, redelivered by the broker) first among
+    the requests waiting for a pool slot, ahead of what this worker prefetched after it was
+    first delivered: the broker put it at the head of its queue, and a worker that prefetched
+    newer work would otherwise run all of that first; after the ones given back before it, in
+    the order they came. False when it needs no wait or the pool has no such queue (only
+    prefork's semaphore has one)."""
     w = c.controller
     sem = getattr(w, "semaphore", None)
     process = getattr(type(w), "_process_task_sem", None)
@@ -175,7 +191,12 @@ def _ahead_of_reserved(c: Any, on_task_request: Any, req: Any) -> bool:
         return False
     if sem.value > 0:
         return False  # a slot is free: it starts now anyway
-    sem._waiting.appendleft((w._process_task, (req,), {}))
+    waiting = sem._waiting
+    first = 0
+    while first < len(waiting) and waiting[first][1][:1] and waiting[first][1][0] in _GIVEN_BACK:
+        first += 1
+    waiting.insert(first, (w._process_task, (req,), {}))
+    _GIVEN_BACK.add(req)
     return True
 
 

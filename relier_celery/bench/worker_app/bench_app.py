@@ -78,11 +78,14 @@ def hold(self: Any, n: int, seconds: float) -> None:
 
 @app.task(name="bench.job", bind=True)  # type: ignore[untyped-decorator]
 def job(self: Any, n: int, seconds: float) -> None:
-    """A unit of a backlog: record each start (time, worker), work, record the end."""
-    _r.rpush(f"bench:starts:{n}", f"{time.time()}|{self.request.hostname}")
+    """A unit of a backlog: record each start (time, worker), work, record the end (with the
+    start it ends)."""
+    started = f"{time.time()}|{self.request.hostname}"
+    _r.rpush(f"bench:starts:{n}", started)
     time.sleep(seconds)
     pipe = _r.pipeline(transaction=False)
     pipe.sadd("bench:ended", n)
+    pipe.rpush(f"bench:ends:{n}", started)
     pipe.incr(f"bench:runs:{n}")
     pipe.execute()
 
