@@ -25,6 +25,11 @@ TASKS = 150
 FREEZES = 3
 FROZEN_FOR = 15.0
 BETWEEN = 4.0
+# A run whose body ended this little before a freeze may not have been recorded as complete
+# when it froze (the task's last Redis calls, Celery's result, then the pool process's
+# completion: docs/guarantees.md, "Body done, completion not yet in Redis", a few ms, longer
+# on a loaded machine): it counts as caught by the freeze, it may run again.
+COMPLETING = 0.5
 
 
 def _freeze(worker: Any, sig: int) -> None:
@@ -65,7 +70,8 @@ def test_a_worker_frozen_past_its_lease_runs_nothing_it_no_longer_owns(fleet, pu
     def host(e: dict[str, Any]) -> str:
         return str(e["host"]).split("@")[0]
 
-    # Deliveries running on a worker when it froze: the only ones that may have run twice.
+    # Deliveries running on a worker when it froze, or completing: the only ones that may have
+    # run twice.
     # n -> (its start, the freeze's SIGSTOP sent by, SIGCONT sent at)
     caught: dict[int, tuple[dict[str, Any], float, float]] = {}
     for e in trace:
@@ -75,7 +81,7 @@ def test_a_worker_frozen_past_its_lease_runs_nothing_it_no_longer_owns(fleet, pu
                     x["event"] == "end"
                     and x["pid"] == e["pid"]
                     and x["n"] == e["n"]
-                    and x["t"] <= frozen
+                    and x["t"] <= frozen - COMPLETING
                     for x in trace
                 )
                 if not ended:
@@ -93,7 +99,13 @@ def test_a_worker_frozen_past_its_lease_runs_nothing_it_no_longer_owns(fleet, pu
     # What had not started on a frozen worker ran exactly once: never started there after it
     # woke (the lease gate), never finished twice.
     extra = {n: starts[n] for n in range(TASKS) if n not in caught and starts[n] != 1}
-    assert not extra, f"started more than once though not running at a freeze: {extra}\n{logs}"
+    runs = {
+        n: [(e["event"], host(e), e["pid"], e["t"]) for e in trace if e["n"] == n] for n in extra
+    }
+    assert not extra, (
+        f"started more than once though not running at a freeze: {extra}\nfreezes (host, "
+        f"SIGSTOP sent by, SIGCONT sent at): {freezes}\ntheir runs: {runs}\n{logs}"
+    )
     # A frozen worker's running tasks were stopped when it woke: none ended there later.
     late = [
         (n, e["t"] - woken)
