@@ -145,11 +145,14 @@ def test_a_prefork_workers_main_process_runs_no_thread_of_reliers(
 def test_a_task_that_finished_does_not_run_again_when_its_worker_dies_before_the_ack(
     broker, fleet, publisher, r
 ) -> None:
-    # Given a worker running a task of 1 s (acks_late), and a second one idle
+    # Given a worker running a task of 5 s (acks_late), and a second one idle (5 s: longer than
+    # the second worker takes to start on a loaded machine; with 1 s the task once ended, and
+    # was acked, before the first one was stopped)
     holder = fleet.start(concurrency=1, **LONG_LEASE)
-    send_work(publisher, range(1), seconds=1.0)
+    send_work(publisher, range(1), seconds=5.0)
     wait_for(lambda: _started(r, 0), 20, what="the task to start")
     survivor = fleet.start(concurrency=1, **LONG_LEASE)
+    assert 0 not in done(r), "the task ended before its worker could be stopped"
     # When the holder's main process stops (its pool process runs the body to its end, but
     # the main process never hears of it, nor acks the message), then is SIGKILLed
     os.kill(holder.pid, signal.SIGSTOP)
