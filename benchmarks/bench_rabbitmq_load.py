@@ -110,7 +110,7 @@ def main() -> int:
             for k in range(args.runs):
                 for side in (False, True) if k % 2 == 0 else (True, False):
                     out = run(h, args.amqp, side, args.tasks, args.seconds, args.kills)
-                    shown = {**out, "restarts": sum(len(k) for k in out["restarts"])}
+                    shown = {**out, "restarts": sum(map(len, out["restarts"]))}
                     print(f"{'relier' if side else 'vanilla'} run {k}: {shown}", flush=True)
                     results[side].append(out)
         except Exception:

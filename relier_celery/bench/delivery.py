@@ -46,24 +46,24 @@ def alive(fleet: list[WorkerProcess]) -> list[WorkerProcess]:
 
 def starts(r: redis.Redis, n: int) -> list[tuple[float, str]]:
     """Each start of task ``n``: (time, worker hostname)."""
-    out = []
-    for x in cast(list[str], r.lrange(f"bench:starts:{n}", 0, -1)):
-        at, host = x.split("|", 1)
-        out.append((float(at), host))
-    return out
+    return [_start(x) for x in cast(list[str], r.lrange(f"bench:starts:{n}", 0, -1))]
+
+
+def _start(raw: str) -> tuple[float, str]:
+    at, host = raw.split("|", 1)
+    return float(at), host
 
 
 def restarts(r: redis.Redis, tasks: int, killed: dict[str, float]) -> list[list[float]]:
     """Seconds from each SIGKILL to each task its worker was running starting again, kill by
-    kill (those of one kill are not independent of each other). A run
-    that ended all the same (``bench:ends``: before the kill, its ack lost, or in a pool
-    process that outlived its main process for a moment) is not one: running it again is a
-    second run, not a recovery."""
+    kill (those of one kill are not independent of each other). A run that ended all the same
+    (``bench:ends``: before the kill, its ack lost, or in a pool process that outlived its main
+    process for a moment) is not one: running it again is a second run, not a recovery."""
     delays: dict[str, list[float]] = {host: [] for host in killed}
     for n in range(tasks):
         raw = cast(list[str], r.lrange(f"bench:starts:{n}", 0, -1))
         ended = set(cast(list[str], r.lrange(f"bench:ends:{n}", 0, -1)))
-        runs = starts(r, n)
+        runs = [_start(x) for x in raw]
         for (at, host), start in zip(runs, raw, strict=True):
             kill = killed.get(host)
             if kill is None or at > kill or start in ended:
