@@ -200,9 +200,11 @@ def test_a_prefork_workers_scanner_keeps_scanning_after_its_consumer_restarted(
     wait_for(
         lambda: "Connection to broker lost" in survivor.log(), 20, what="its consumer to restart"
     )
-    # When a second worker holds tasks and is SIGKILLed mid-task
+    # When a second worker holds tasks and is SIGKILLed mid-task (8 tasks: the first worker
+    # takes at most 4, two running, acked at their start, and two prefetched; with 4 it once
+    # took them all and the second worker held none)
     victim = fleet.start(concurrency=2, RELIER_TEST_PREFETCH="1")
-    send_work(publisher, range(4), seconds=3.0)
+    send_work(publisher, range(8), seconds=3.0)
 
     def victim_holds() -> int:  # its worker id starts with its hostname, w2@<host>
         return sum(int(r.hlen(k)) for k in r.scan_iter(Keys("rl").held("w2@*")))
@@ -210,7 +212,7 @@ def test_a_prefork_workers_scanner_keeps_scanning_after_its_consumer_restarted(
     wait_for(victim_holds, 20, what="the second worker to hold tasks")
     victim.kill(signal.SIGKILL)
     # Then the survivor's scanner, on the restarted loop, brings them back: all complete
-    wait_all_done(r, set(range(4)), 45, fleet)
+    wait_all_done(r, set(range(8)), 45, fleet)
     assert "task.resurrected" in survivor.log()
 
 
