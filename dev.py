@@ -76,6 +76,9 @@ def main() -> None:
             # 20 min 48 s (at 6d477dd), -n 3 12 min 2 s (at 86efd78, 4 fewer Celery subset
             # tests and 2 more cluster tests), every test passing. -n 0 runs serially.
             # loadgroup: the RabbitMQ quorum-queue tests (one xdist group) share a lock.
+            # --max-worker-restart 0: a test process that dies ends the run, failed, at once.
+            # With loadgroup, xdist 3.8 replaced one and then waited for ever (6 December 2026:
+            # a stray SIGALRM killed one, 4 tests never ran, CI would have stopped at 90 min).
             run(
                 PY,
                 "-m",
@@ -84,6 +87,8 @@ def main() -> None:
                 "3",
                 "--dist",
                 "loadgroup",
+                "--max-worker-restart",
+                "0",
                 "tests",
                 "integration",
                 *args[1:],

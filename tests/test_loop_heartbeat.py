@@ -100,6 +100,28 @@ def test_another_sigalrm_handler_leaves_the_heartbeat_to_a_thread_for_good(
     before = store.leases()["w1"]
     time.sleep(3 * INTERVAL)
     assert store.leases()["w1"] > before
+    # And relier's timer is off: no alarm for their handler, nor for the default one restored
+    # after it (which would terminate the process: a test worker died of it once)
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+
+
+def test_another_sigalrm_owners_own_timer_is_left_alone(store: Store, driven, captured) -> None:
+    lease, _, hub = driven
+    _turn(hub, 2 * INTERVAL)
+    # When someone else installs a SIGALRM handler and arms a timer of their own
+    alarms: list[int] = []
+    signal.signal(signal.SIGALRM, lambda *_: alarms.append(1))
+    signal.setitimer(signal.ITIMER_REAL, 0.3, 0.3)
+    try:
+        _turn(hub, 2 * INTERVAL)
+        # Then relier hands the heartbeat to its thread and leaves their timer as it is
+        assert [e for e in captured if "SIGALRM" in e.message]
+        assert lease.thread_running
+        assert signal.getitimer(signal.ITIMER_REAL)[1] == pytest.approx(0.3)
+        time.sleep(0.7)
+        assert alarms
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
 
 
 def test_with_redis_unreachable_the_loop_waits_out_one_timeout_not_one_each_turn(

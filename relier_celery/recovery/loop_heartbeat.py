@@ -20,7 +20,9 @@ runs only once the main thread runs Python code, which a system call the kernel 
 consumer restart, a drain, the shutdown), the thread is started there, and the watchdog is the
 net for the rest. The thread also takes over while Redis is unreachable, so that the loop does
 not wait out one timeout after another. A SIGALRM handler installed by someone else later
-ends this: the thread then runs for good, with a warning.
+ends this: the thread then runs for good, with a warning, and relier's timer stops (unless they
+armed their own since), so that neither their handler nor a default one restored after it (the
+process would terminate) gets relier's alarms.
 """
 
 from __future__ import annotations
@@ -100,6 +102,12 @@ class LoopHeartbeat:
         self.lease.loop_turning = None
         self.lease.start_thread()
 
+    def _timer_is_ours(self) -> bool:
+        """Whether the process's ITIMER_REAL still repeats at this watchdog's step (another
+        owner of SIGALRM that armed a timer of its own replaced ours: setitimer keeps one)."""
+        _remaining, interval = signal.getitimer(signal.ITIMER_REAL)
+        return abs(interval - self.step) < 1e-4
+
     def turning(self) -> bool:
         return self._on and time.monotonic() - self._turned < self.stall
 
@@ -114,7 +122,10 @@ class LoopHeartbeat:
                 "heartbeat runs in a thread of the main process from now on",
                 worker=self.lease.worker,
             )
-            self.hand_to_thread(alarm_off=False)  # the timer may be theirs now
+            # Their handler would get relier's alarm every step for good, and the handler
+            # restored after theirs (the default: terminate) would get it next: relier's timer
+            # goes, unless they armed one of their own since.
+            self.hand_to_thread(alarm_off=self._timer_is_ours())
             return
         if self.lease.thread_running:
             if self.lease.down:
