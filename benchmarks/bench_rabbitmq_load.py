@@ -4,9 +4,12 @@
 
 bench_rabbitmq.py measures one kill of a worker holding a few tasks, with an idle survivor.
 This one measures what a busy fleet sees: a backlog of ``--tasks`` short tasks (0 to
-``--seconds`` each) much deeper than the fleet (two workers of two processes, prefetch 4 each),
-one whole worker SIGKILLed every second and replaced at once, until ``--kills`` kills or the
-backlog is done. Then it waits until every task ended, or nothing moved for ``STILL`` s.
+``--seconds`` each) much deeper than the fleet (``--workers`` workers of two processes, prefetch
+4 each), one whole worker SIGKILLed every second and replaced at once, until ``--kills`` kills or
+the backlog is done. Three workers by default: a worker takes about 1.4 s to start on a 2-vCPU
+machine, so with two the other one was often the replacement of the last kill, still starting,
+and both sides waited for its start (about 500 ms a kill), not for a recovery. Then it waits
+until every task ended, or nothing moved for ``STILL`` s.
 
 Printed per side: the time from the first publish to the last task's end, lost tasks (never
 ended), tasks that ended twice (a task that ran to its end but whose ack the SIGKILL beat is
@@ -46,7 +49,7 @@ STILL = 20.0
 
 
 def run(
-    h: Harness, amqp: str, relier: bool, tasks: int, seconds: float, kills: int
+    h: Harness, amqp: str, relier: bool, tasks: int, seconds: float, kills: int, workers: int
 ) -> dict[str, Any]:
     r = h.reset()
     queue = f"load-{uuid.uuid4().hex[:8]}"
@@ -55,7 +58,7 @@ def run(
     rng = random.Random(5)
     side = "relier" if relier else "vanilla"
     replace = partial(worker, h, amqp, queue, relier, f"{side}-load", 2)
-    fleet = [replace() for _ in range(2)]
+    fleet = [replace() for _ in range(workers)]
     done = 0
     try:
         h.wait_reported(fleet, 60)
@@ -100,6 +103,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=0.005)
     parser.add_argument("--kills", type=int, default=10)
     parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=3, help="the fleet (2 processes each)")
     parser.add_argument("--amqp", default="amqp://guest:guest@127.0.0.1:5672//")
     args = parser.parse_args()
     logs = tempfile.mkdtemp(prefix="bench-rmq-load-")
@@ -109,7 +113,9 @@ def main() -> int:
         try:
             for k in range(args.runs):
                 for side in (False, True) if k % 2 == 0 else (True, False):
-                    out = run(h, args.amqp, side, args.tasks, args.seconds, args.kills)
+                    out = run(
+                        h, args.amqp, side, args.tasks, args.seconds, args.kills, args.workers
+                    )
                     shown = {**out, "restarts": sum(map(len, out["restarts"]))}
                     print(f"{'relier' if side else 'vanilla'} run {k}: {shown}", flush=True)
                     results[side].append(out)
