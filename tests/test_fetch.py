@@ -312,9 +312,11 @@ def test_a_resurrected_request_waits_first_for_a_pool_slot() -> None:
 
     from relier_celery.wiring.consumer_hooks import _ahead_of_reserved
 
-    class Req:  # a request, as weakly referable as Celery's
+    class Req:  # a request and its message (given back: the broker redelivered it)
         def __init__(self, name: str) -> None:
             self.name = name
+            info = {"redelivered": name.startswith("given-back")}
+            self.message = SimpleNamespace(headers={}, delivery_info=info)
 
     class Worker:
         def __init__(self) -> None:

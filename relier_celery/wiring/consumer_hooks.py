@@ -7,12 +7,11 @@ it, or quarantines it: request_hooks.py).
 from __future__ import annotations
 
 import logging
-import weakref
 from typing import Any
 
 from relier_celery.core import events
 from relier_celery.core.headers import EPOCH_KEY, HELD_KEY, PROTECTED
-from relier_celery.recovery.inflight import Inflight
+from relier_celery.recovery.inflight import Inflight, Key
 from relier_celery.recovery.lease import LeaseClock
 from relier_celery.wiring.burst import Burst
 from relier_celery.wiring.fetch import FIELD
@@ -21,9 +20,6 @@ from relier_celery.wiring.request_hooks import wrap_request
 __all__ = ["keep_running_jobs", "wrap_consumer"]
 
 logger = logging.getLogger("relier_celery")
-
-# The requests _ahead_of_reserved put first (forgotten with them).
-_GIVEN_BACK: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 def wrap_consumer(c: Any, inflight: Inflight, clock: LeaseClock) -> None:
@@ -121,8 +117,7 @@ def wrap_consumer(c: Any, inflight: Inflight, clock: LeaseClock) -> None:
         if inflight.holds(key):
             assert key is not None
             wrap_request(req, key, inflight, clock)
-            given_back = key.generation.resurrections or _redelivered(req.message)
-            if given_back and _ahead_of_reserved(c, on_task_request, req):
+            if _given_back(key, req.message) and _ahead_of_reserved(c, on_task_request, req):
                 return None
         elif FIELD in (req.message.delivery_info or {}):
             # Fetched and received, then given up before Celery made its request (the lease
@@ -169,11 +164,17 @@ def wrap_consumer(c: Any, inflight: Inflight, clock: LeaseClock) -> None:
     c.on_unknown_message = relier_on_unknown_message
 
 
+def _given_back(key: Key | None, message: Any) -> bool:
+    """Whether a delivery (``key``, of ``message``) was given back: resurrected or handed off
+    (its generation says so), or redelivered by the broker."""
+    return bool(key is not None and key.generation.resurrections) or _redelivered(message)
+
+
 def _redelivered(message: Any) -> bool:
     """Whether the broker gave this message back: RabbitMQ puts a message whose consumer died
     or closed its channel back at the head of its queue (a takeover runs it). Not one relier's
     reliable fetch took (a Redis queue): one a task rejected with requeue went to the tail."""
-    info = message.delivery_info or {}
+    info = getattr(message, "delivery_info", None) or {}
     return bool(info.get("redelivered")) and FIELD not in info
 
 
@@ -193,11 +194,18 @@ def _ahead_of_reserved(c: Any, on_task_request: Any, req: Any) -> bool:
         return False  # a slot is free: it starts now anyway
     waiting = sem._waiting
     first = 0
-    while first < len(waiting) and waiting[first][1][:1] and waiting[first][1][0] in _GIVEN_BACK:
+    while first < len(waiting) and _waiter_given_back(waiting[first]):
         first += 1
     waiting.insert(first, (w._process_task, (req,), {}))
-    _GIVEN_BACK.add(req)
     return True
+
+
+def _waiter_given_back(entry: tuple[Any, tuple[Any, ...], dict[str, Any]]) -> bool:
+    """Whether a waiter of the semaphore, (function, args, kwargs), starts a request that
+    was given back."""
+    args = entry[1]
+    message = getattr(args[0], "message", None) if args else None
+    return message is not None and _given_back(Inflight.key_of(message), message)
 
 
 def keep_running_jobs(c: Any) -> None:
