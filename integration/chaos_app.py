@@ -11,11 +11,12 @@ import json
 import os
 import signal
 import time
+from typing import Any
 
 import redis
 import redis.asyncio as aredis
 from celery import Celery
-from celery.signals import task_success
+from celery.signals import task_postrun, task_success
 from kombu import Exchange, Queue
 
 from relier_celery import TaskContext
@@ -302,6 +303,18 @@ def charge(order: int, seconds: float = 0.5) -> dict:
 def _record_result(sender: object = None, result: object = None, **_: object) -> None:
     if getattr(sender, "name", None) == "chaos.charge":
         r().rpush("test:results", json.dumps(result))
+
+
+@task_postrun.connect
+def _record_completed(
+    sender: object = None, args: Any = None, state: object = None, **_: object
+) -> None:
+    """After a chaos.traced run succeeded and relier recorded its completion (on task_success,
+    before this signal): written down, so a test tells a run that was complete in Redis at a
+    freeze from one that was not."""
+    if getattr(sender, "name", None) == "chaos.traced" and state == "SUCCESS" and args:
+        done = {"n": args[0], "pid": os.getpid(), "t": time.time()}
+        r().rpush("test:recorded", json.dumps(done))
 
 
 @app.task(name="chaos.fenced", idempotent=True)
