@@ -343,3 +343,6 @@ def test_a_resurrected_request_waits_first_for_a_pool_slot() -> None:
     # With a free slot, or another pool, it takes the usual path
     assert not _ahead_of_reserved(c, w._process_task_sem, Req("x"))  # a slot is free now
     assert not _ahead_of_reserved(c, lambda req: None, Req("x"))
+    # A kombu whose semaphore keeps no deque of waiters: its own order, no error
+    w.semaphore = SimpleNamespace(value=0)  # type: ignore[assignment]
+    assert not _ahead_of_reserved(c, w._process_task_sem, Req("given-back-3"))

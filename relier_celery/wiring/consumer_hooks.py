@@ -7,6 +7,7 @@ it, or quarantines it: request_hooks.py).
 from __future__ import annotations
 
 import logging
+from collections import deque
 from typing import Any
 
 from relier_celery.core import events
@@ -192,7 +193,9 @@ def _ahead_of_reserved(c: Any, on_task_request: Any, req: Any) -> bool:
         return False
     if sem.value > 0:
         return False  # a slot is free: it starts now anyway
-    waiting = sem._waiting
+    waiting = getattr(sem, "_waiting", None)  # kombu's LaxBoundedSemaphore keeps a deque
+    if not isinstance(waiting, deque):
+        return False  # another kombu: the request waits in the semaphore's own order
     first = 0
     while first < len(waiting) and _waiter_given_back(waiting[first]):
         first += 1
