@@ -222,3 +222,16 @@ def test_bad_options_are_usage_errors(args: list[str], message: str) -> None:
     assert result.exit_code == 2
     assert message in result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_restarts_counts_each_killed_run_once_from_its_kill(client: redis.Redis) -> None:
+    from relier_celery.bench.delivery import restarts
+
+    # Task 0 ran on a, killed at 10.2, and started again on b at 10.5
+    client.rpush("bench:starts:0", "10.0|a", "10.5|b")
+    # Task 1 had ended on a before the kill: its second start is not a recovery
+    client.rpush("bench:starts:1", "9.0|a", "10.9|b")
+    client.rpush("bench:ends:1", "9.0|a")
+    # Task 2 ran on c, which was not killed
+    client.rpush("bench:starts:2", "11.0|c", "11.1|b")
+    assert restarts(client, 3, {"a": 10.2}) == [[pytest.approx(0.3)]]

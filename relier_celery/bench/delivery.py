@@ -60,9 +60,13 @@ def restarts(r: redis.Redis, tasks: int, killed: dict[str, float]) -> list[list[
     (``bench:ends``: before the kill, its ack lost, or in a pool process that outlived its main
     process for a moment) is not one: running it again is a second run, not a recovery."""
     delays: dict[str, list[float]] = {host: [] for host in killed}
+    pipe = r.pipeline(transaction=False)  # every task's two lists in one round trip
     for n in range(tasks):
-        raw = cast(list[str], r.lrange(f"bench:starts:{n}", 0, -1))
-        ended = set(cast(list[str], r.lrange(f"bench:ends:{n}", 0, -1)))
+        pipe.lrange(f"bench:starts:{n}", 0, -1)
+        pipe.lrange(f"bench:ends:{n}", 0, -1)
+    lists = cast(list[list[str]], pipe.execute())
+    for raw, ends in zip(lists[::2], lists[1::2], strict=True):
+        ended = set(ends)
         runs = [_start(x) for x in raw]
         for (at, host), start in zip(runs, raw, strict=True):
             kill = killed.get(host)
