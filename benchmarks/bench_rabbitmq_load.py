@@ -106,6 +106,10 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=3, help="the fleet (2 processes each)")
     parser.add_argument("--amqp", default="amqp://guest:guest@127.0.0.1:5672//")
     args = parser.parse_args()
+    if args.workers < 2:
+        parser.error("--workers must be at least 2: a killed worker's tasks need a survivor")
+    if args.tasks < 1 or args.runs < 1 or args.kills < 0 or args.seconds < 0:
+        parser.error("--tasks and --runs must be at least 1, --kills and --seconds not negative")
     logs = tempfile.mkdtemp(prefix="bench-rmq-load-")
     results: dict[bool, list[dict[str, Any]]] = {False: [], True: []}
     with RedisServer() as url:

@@ -235,3 +235,26 @@ def test_restarts_counts_each_killed_run_once_from_its_kill(client: redis.Redis)
     # Task 2 ran on c, which was not killed
     client.rpush("bench:starts:2", "11.0|c", "11.1|b")
     assert restarts(client, 3, {"a": 10.2}) == [[pytest.approx(0.3)]]
+
+
+LOAD_BENCH = Path(__file__).parent.parent / "benchmarks" / "bench_rabbitmq_load.py"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--workers", "1"], "--workers must be at least 2"),
+        (["--tasks", "0"], "--tasks and --runs must be at least 1"),
+        (["--kills", "-1"], "--kills and --seconds not negative"),
+    ],
+)
+def test_the_rabbitmq_load_benchmark_refuses_a_run_it_cannot_measure(
+    args: list[str], message: str
+) -> None:
+    # Refused before any worker, Redis or broker connection is started
+    done = subprocess.run(
+        [sys.executable, str(LOAD_BENCH), *args], capture_output=True, text=True, timeout=50
+    )
+    assert done.returncode == 2
+    assert message in done.stderr
