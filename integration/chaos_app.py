@@ -69,6 +69,10 @@ if os.environ.get("RELIER_TEST_NO_SCANNER") == "1":
     app.conf.relier_scanner_enabled = False
 # Any further settings a test needs, including deliberately bad ones.
 app.conf.update(json.loads(os.environ.get("RELIER_TEST_CONF", "{}")))
+if os.environ.get("RELIER_TEST_HUGE_RECHECK"):  # integration/test_huge_pages_worker.py: not 30 s
+    from relier_celery.wiring import huge_pages
+
+    huge_pages.RECHECK = float(os.environ["RELIER_TEST_HUGE_RECHECK"])
 
 _r: redis.Redis | None = None
 

@@ -44,6 +44,7 @@ def test_unknown_key_names_the_key_and_suggests_the_fix() -> None:
         ("relier_max_resurrections", 2.5),
         ("relier_max_resurrections", True),
         ("relier_scanner_enabled", "yes"),
+        ("relier_huge_pages", 1),
         ("relier_prefix", ""),
         ("relier_redis_url", 42),
     ],

@@ -13,6 +13,7 @@ finished its tasks: that is where the lease is retired.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from celery import signals
@@ -55,6 +56,27 @@ def on_worker_shutdown(sender: Any = None, **_: Any) -> None:
     worker = getattr(sender, "relier", None)
     if worker is not None:
         worker.stop()
+
+
+def on_worker_ready(sender: Any = None, **_: Any) -> None:
+    """Once the worker is ready (its pool processes forked): its heap in 2 MB pages, so that
+    it dies faster when killed, and again after its pool's processes changed (huge_pages.py)."""
+    app = getattr(sender, "app", None)
+    if not enabled(app):
+        return
+    worker = _worker_of(app)
+    if worker is None or not worker.config.huge_pages:
+        return
+    from relier_celery.wiring import huge_pages
+
+    heap = huge_pages.HugeHeap()
+    done = heap.refresh()
+    logging.getLogger("relier_celery").info(
+        "relier: %.0f MiB of this worker's heap in 2 MB pages (relier_huge_pages)", done / 2**20
+    )
+    timer = getattr(sender, "timer", None)
+    if timer is not None:  # again after a pool process was replaced
+        timer.call_repeatedly(huge_pages.RECHECK, heap.refresh)
 
 
 def on_task_prerun(task: Any = None, **_: Any) -> None:
@@ -151,6 +173,7 @@ def connect() -> None:
         return
     _connected = True
     signals.worker_init.connect(on_worker_init, weak=False)
+    signals.worker_ready.connect(on_worker_ready, weak=False)
     signals.worker_shutdown.connect(on_worker_shutdown, weak=False)
     signals.task_revoked.connect(on_task_revoked, weak=False)
     signals.worker_shutting_down.connect(on_worker_shutting_down, weak=False)
