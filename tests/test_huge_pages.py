@@ -10,7 +10,8 @@ import textwrap
 
 import pytest
 
-from relier_celery.wiring.huge_pages import HUGE_PAGE, collapsible
+from relier_celery.wiring import huge_pages
+from relier_celery.wiring.huge_pages import HUGE_PAGE, HugeHeap, collapsible
 
 MB2 = HUGE_PAGE
 
@@ -72,3 +73,21 @@ def test_a_python_heap_ends_up_in_huge_pages() -> None:
     # Then at least 16 MB of it, as the kernel reports, is in 2 MB pages
     assert done >= 16 * 2**20, out
     assert huge_kb >= 16 * 1024, out
+
+
+def test_the_heartbeat_looks_at_the_pool_at_most_every_recheck_seconds(monkeypatch) -> None:
+    # Given a worker's heap, collapsed when it was ready
+    heap = HugeHeap()
+    looks: list[int] = []
+    monkeypatch.setattr(heap, "refresh", lambda: looks.append(1) or 0)
+    # When heartbeats come before RECHECK seconds have passed
+    heap.tick()
+    heap.tick()
+    # Then none looks at the pool (a collapse copies tens of MB)
+    assert looks == []
+    # When RECHECK seconds have passed, Then the next heartbeat looks, and the one after waits
+    later = heap._next_look + 0.001
+    monkeypatch.setattr(huge_pages.time, "monotonic", lambda: later)
+    heap.tick()
+    heap.tick()
+    assert looks == [1]

@@ -33,6 +33,7 @@ from relier_celery.wiring.consumer_hooks import keep_running_jobs, wrap_consumer
 from relier_celery.wiring.drain import Drain
 from relier_celery.wiring.fence import give_up
 from relier_celery.wiring.fetch_transport import enable_for_consumer
+from relier_celery.wiring.huge_pages import HugeHeap
 from relier_celery.wiring.install import install, new_worker_id
 from relier_celery.wiring.task_options import validate_task_options
 
@@ -80,6 +81,7 @@ class WorkerRuntime:
         self.drain = Drain(self)
         self.heartbeat: LoopHeartbeat | None = None
         self.loop: Any = None  # a prefork worker's event loop (kombu's hub), once started
+        self.huge_heap: HugeHeap | None = None  # once the worker is ready (huge_pages.py)
         self.started = False
 
     def rearm_loop_timers(self) -> None:
@@ -95,6 +97,8 @@ class WorkerRuntime:
     def _on_heartbeat(self) -> None:
         self.inflight.flush()
         self.running.publish()
+        if self.huge_heap is not None:
+            self.huge_heap.tick()
 
     def start(self, hub: Any = None) -> None:
         for warning in self.store.self_check():

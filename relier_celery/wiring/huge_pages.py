@@ -3,18 +3,18 @@
 RabbitMQ gives a dead consumer's messages back, and relier takes over a dead holder's tasks,
 once the kernel has closed the dead process's sockets. The kernel frees a SIGKILLed process's
 memory first (``exit_mm`` before ``exit_files``): for a Celery worker's main process, about
-60 MB in 4 KB pages, that took 3-5 ms on the 2-vCPU VMs measured, most of the time from a
-SIGKILL to the broker noticing. The same heap in 2 MB pages is freed in a fraction of that
+60 MB in 4 KB pages, that took 3-5 ms on the 2-vCPU VM measured, most of the time from a
+SIGKILL to the broker noticing; with most of its heap in 2 MB pages, about 2 ms less
 (docs/rabbitmq-recovery.md, "A faster death").
 
 Done when the worker is ready, after its pool processes were forked: done before, each of the
 main process's writes to a page it shares with them would map that page in 4 KB pieces again.
 For the same reason a pool process forked later (``worker_max_tasks_per_child``, a replaced
-process) undoes it; :class:`HugeHeap` looks every :data:`RECHECK` seconds and collapses again
-when the pool's processes changed. ``MADV_COLLAPSE`` needs Linux 6.1 and transparent huge pages
-not set to ``never``; elsewhere nothing changes. The price is memory: the collapsed pages are
-the main process's own, no longer shared with its pool processes (about 26 MB a worker,
-measured). Off with ``relier_huge_pages = False``.
+process) undoes it; :class:`HugeHeap` looks at the pool on the lease's heartbeat, at most every
+:data:`RECHECK` seconds, and collapses again when its processes changed. ``MADV_COLLAPSE``
+needs Linux 6.1 and transparent huge pages not set to ``never``; elsewhere nothing changes.
+The price is memory: the collapsed pages are the main process's own, no longer shared with its
+pool processes (about 26 MB a worker, measured). Off with ``relier_huge_pages = False``.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import errno
 import logging
 import os
 import sys
+import time
 
 __all__ = ["HUGE_PAGE", "MADV_COLLAPSE", "RECHECK", "HugeHeap", "collapse", "collapsible"]
 
@@ -94,11 +95,21 @@ def pool_processes() -> frozenset[int]:
 
 
 class HugeHeap:
-    """A worker's heap in 2 MB pages: collapsed when the worker is ready, and again whenever
-    its pool's processes changed since (:meth:`refresh`, on a timer)."""
+    """A worker's heap in 2 MB pages: collapsed when the worker is ready (:meth:`refresh`),
+    and again whenever its pool's processes changed since (:meth:`tick`, on the heartbeat)."""
 
     def __init__(self) -> None:
         self.pool: frozenset[int] | None = None
+        self._next_look = time.monotonic() + RECHECK
+
+    def tick(self) -> int:
+        """:meth:`refresh`, at most once every :data:`RECHECK` seconds (a worker replacing a
+        pool process after every task would otherwise copy its heap every heartbeat)."""
+        now = time.monotonic()
+        if now < self._next_look:
+            return 0
+        self._next_look = now + RECHECK
+        return self.refresh()
 
     def refresh(self) -> int:
         """Collapse unless the pool's processes are those of the last collapse; return the

@@ -71,12 +71,10 @@ def on_worker_ready(sender: Any = None, **_: Any) -> None:
 
     heap = huge_pages.HugeHeap()
     done = heap.refresh()
+    worker.huge_heap = heap  # its heartbeat collapses again after the pool changed
     logging.getLogger("relier_celery").info(
         "relier: %.0f MiB of this worker's heap in 2 MB pages (relier_huge_pages)", done / 2**20
     )
-    timer = getattr(sender, "timer", None)
-    if timer is not None:  # again after a pool process was replaced
-        timer.call_repeatedly(huge_pages.RECHECK, heap.refresh)
 
 
 def on_task_prerun(task: Any = None, **_: Any) -> None:
