@@ -5,25 +5,14 @@ that a SIGKILL frees it faster and the broker sees its sockets close sooner; off
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 from fleet import done, send_work
 
 from relier_celery.testing import wait_for
+from relier_celery.wiring.huge_pages import supported
 
 LINE = "of this worker's heap in 2 MB pages"
-
-
-def huge_pages_supported() -> bool:
-    """Linux 6.1+ (MADV_COLLAPSE) with transparent huge pages not turned off."""
-    try:
-        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
-            mode = f.read()
-    except OSError:
-        return False
-    major, minor = (int(x) for x in os.uname().release.split(".")[:2])
-    return "[never]" not in mode and (major, minor) >= (6, 1)
 
 
 def madvise_only() -> bool:
@@ -41,7 +30,7 @@ def anon_huge_kb(pid: int) -> int:
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.skipif(not huge_pages_supported(), reason="needs Linux 6.1+ and huge pages on")
+@pytest.mark.skipif(not supported(), reason="needs Linux 6.1+ and huge pages on")
 def test_a_ready_worker_keeps_its_heap_in_huge_pages_while_it_works(fleet, publisher, r) -> None:
     # Given a relier worker with two pool processes, ready
     w = fleet.start(concurrency=2)
@@ -62,17 +51,12 @@ def test_relier_huge_pages_false_leaves_the_heap_alone(fleet) -> None:
     # Then it left its heap as it was
     assert "ready." in w.log()
     assert LINE not in w.log()
-    if huge_pages_supported() and madvise_only():  # the kernel makes none on its own
+    if supported() and madvise_only():  # the kernel makes none on its own
         assert anon_huge_kb(w.pid) == 0
 
 
-def children(pid: int) -> set[int]:
-    with open(f"/proc/{pid}/task/{pid}/children") as f:
-        return {int(p) for p in f.read().split()}
-
-
 @pytest.mark.timeout(120)
-@pytest.mark.skipif(not huge_pages_supported(), reason="needs Linux 6.1+ and huge pages on")
+@pytest.mark.skipif(not supported(), reason="needs Linux 6.1+ and huge pages on")
 def test_the_heap_is_collapsed_again_after_pool_processes_were_replaced(
     fleet, publisher, r
 ) -> None:
@@ -83,11 +67,11 @@ def test_the_heap_is_collapsed_again_after_pool_processes_were_replaced(
         RELIER_TEST_CONF=json.dumps({"worker_max_tasks_per_child": 1}),
         RELIER_TEST_HUGE_RECHECK="1",
     )
-    first = children(w.pid)
+    first = set(w.children())
     # When its pool processes were all replaced (each new one shares the main process's heap,
     # whose next writes map it in 4 KB pieces again)
     send_work(publisher, range(6))
     wait_for(lambda: len(done(r)) == 6, 30, what="6 tasks")
-    wait_for(lambda: not (children(w.pid) & first), 30, what="the pool processes replaced")
+    wait_for(lambda: not (set(w.children()) & first), 30, what="the pool processes replaced")
     # Then the main process maps its heap in 2 MB pages again within a few seconds
     wait_for(lambda: anon_huge_kb(w.pid) >= 8 * 1024, 15, what="the heap collapsed again")

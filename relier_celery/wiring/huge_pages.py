@@ -27,7 +27,17 @@ import os
 import sys
 import time
 
-__all__ = ["HUGE_PAGE", "MADV_COLLAPSE", "RECHECK", "HugeHeap", "collapse", "collapsible"]
+from relier_celery.core.proc import children
+
+__all__ = [
+    "HUGE_PAGE",
+    "MADV_COLLAPSE",
+    "RECHECK",
+    "HugeHeap",
+    "collapse",
+    "collapsible",
+    "supported",
+]
 
 logger = logging.getLogger("relier_celery")
 
@@ -56,10 +66,24 @@ def collapsible(maps: str) -> list[tuple[int, int]]:
     return ranges
 
 
+def supported() -> bool:
+    """Whether this kernel can collapse memory into huge pages: Linux 6.1+ (MADV_COLLAPSE),
+    transparent huge pages not ``never``."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            mode = f.read()
+        major, minor = (int(x) for x in os.uname().release.split(".")[:2])
+    except (OSError, ValueError):
+        return False
+    return "[never]" not in mode and (major, minor) >= (6, 1)
+
+
 def collapse() -> int:
     """Map this process's heap with 2 MB pages now; return how many bytes are (0 where the
     kernel cannot). Never raises: a faster death is a gain, not a guarantee."""
-    if not sys.platform.startswith("linux"):
+    if not supported():
         return 0
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
@@ -85,15 +109,6 @@ def collapse() -> int:
     return done
 
 
-def pool_processes() -> frozenset[int]:
-    """The pids of this process's children (a prefork worker's pool processes)."""
-    try:
-        with open(f"/proc/self/task/{os.getpid()}/children") as f:
-            return frozenset(int(pid) for pid in f.read().split())
-    except OSError:
-        return frozenset()
-
-
 class HugeHeap:
     """A worker's heap in 2 MB pages: collapsed when the worker is ready (:meth:`refresh`),
     and again whenever its pool's processes changed since (:meth:`tick`, on the heartbeat)."""
@@ -114,7 +129,7 @@ class HugeHeap:
     def refresh(self) -> int:
         """Collapse unless the pool's processes are those of the last collapse; return the
         bytes collapsed now (0 when nothing changed)."""
-        pool = pool_processes()
+        pool = frozenset(children(os.getpid()))
         if pool == self.pool:
             return 0
         self.pool = pool
